@@ -1,0 +1,79 @@
+"""Byte accounting from real tensors (works on ``device="meta"``: bytes come from shapes).
+
+``memory_report(model, optimizer)`` gives, for every table of every rectables collection
+in ``model``: weight bytes, optimizer-state bytes and buffer bytes (seeds, salts, maps);
+the fused storage's own bookkeeping; the dense rest of the model and the torch
+optimizer's state.  ``total`` equals the bytes of every tensor the model and optimizer
+hold, counted once.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _collections(model: nn.Module) -> list[nn.Module]:
+    from rectables.collection import _Collection
+
+    return [m for m in model.modules() if isinstance(m, _Collection)]
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.nbytes for t in tensors)
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters a torch optimizer should own: everything outside fused storages."""
+    fused = {id(p) for c in _collections(model) for p in c.storage.parameters()}
+    return [p for p in model.parameters() if id(p) not in fused]
+
+
+def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Bytes held by ``model`` (and ``optimizer``), per table and in total."""
+    tables: dict[str, dict] = {}
+    overhead = 0
+    in_collections: set[int] = set()
+    for c in _collections(model):
+        st = c.storage
+        accounted = 0
+        for t, base in zip(c.tables, c._base):
+            ks = range(base, base + len(t.physical_shapes()))
+            entry = {
+                "method": t.method,
+                "rows": sum(st.shapes[k][0] for k in ks),
+                "weights": sum(st.weight(k).nbytes for k in ks),
+                "optimizer": sum(s.nbytes for k in ks for s in st.optimizer_state(k).values()),
+                "buffers": _tensor_bytes(t.buffers()),
+            }
+            entry["total"] = entry["weights"] + entry["optimizer"] + entry["buffers"]
+            tables[t.name] = entry
+            accounted += entry["weights"] + entry["optimizer"]
+        overhead += _tensor_bytes(list(st.parameters()) + list(st.buffers())) - accounted
+        in_collections |= {id(x) for x in list(c.parameters()) + list(c.buffers())}
+    dense_params = [p for p in model.parameters() if id(p) not in in_collections]
+    dense_bufs = [b for b in model.buffers() if id(b) not in in_collections]
+    opt_bytes = 0
+    if optimizer is not None:
+        opt_bytes = _tensor_bytes(
+            v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+        )
+    dense = {
+        "parameters": _tensor_bytes(dense_params),
+        "buffers": _tensor_bytes(dense_bufs),
+        "optimizer": opt_bytes,
+    }
+    total = sum(e["total"] for e in tables.values()) + overhead + sum(dense.values())
+    return {"tables": tables, "storage_overhead": overhead, "dense": dense, "total": total}
+
+
+def real_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes of every distinct tensor of ``model`` and ``optimizer`` (the ground truth)."""
+    seen: dict[int, torch.Tensor] = {}
+    for x in list(model.parameters()) + list(model.buffers()):
+        seen[id(x)] = x
+    if optimizer is not None:
+        for s in optimizer.state.values():
+            for v in s.values():
+                if isinstance(v, torch.Tensor):
+                    seen[id(v)] = v
+    return _tensor_bytes(seen.values())

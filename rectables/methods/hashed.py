@@ -1,0 +1,133 @@
+"""``hash`` (the hashing trick) and ``multihash`` (k hashes per id).
+
+Hashing trick: Weinberger et al., "Feature Hashing for Large Scale Multitask Learning",
+ICML 2009.  Multiple hashes per id: Svenstrup et al., "Hash Embeddings for Efficient
+Word Representations", NeurIPS 2017 (sum of k rows); Zhang et al., "Model Size
+Reduction Using Frequency Based Double Hashing for Recommender Systems", RecSys 2020
+(concatenation of k chunks).
+"""
+from __future__ import annotations
+
+import torch
+
+from rectables import hashing
+from rectables.presets import rows_for
+from rectables.registry import register
+from rectables.table import Table
+
+
+class _Hashed(Table):
+    """Shared machinery: one int64 key per (feature, hash), derived from ``seed``."""
+
+    size_arg = "num_buckets"
+
+    def _init_keys(self, seed: int, num_hashes: int) -> None:
+        keys = [[hashing.salt_key(seed, f, j) for j in range(num_hashes)] for f in range(len(self.feature_names))]
+        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
+        self.register_buffer("keys", torch.tensor(keys, dtype=torch.int64))  # [F, K]
+
+    def _bucket(self, values: torch.Tensor, counts: list[int], j: int, num_buckets: int) -> torch.Tensor:
+        if not self.mix:
+            return values % num_buckets
+        key = self.keys[:, j]
+        if len(counts) == 1:
+            key = key[0]
+        else:
+            key = key.repeat_interleave(torch.tensor(counts), output_size=values.numel())
+        return hashing.bucket(values, key, num_buckets)
+
+
+@register
+class HashTable(_Hashed):
+    """Hashing trick: id x of feature f reads row bucket(x, key_f, M) of an [M, D] table.
+
+    ``shared=True``: all F features read one table; ``False``: one table per feature.
+    ``mix=False`` uses x mod M (no mixing): with M >= ids this is exactly ``full``.
+    """
+
+    method = "hash"
+
+    def __init__(
+        self,
+        name: str,
+        embedding_dim: int,
+        feature_names: list[str],
+        num_buckets: int,
+        seed: int = 0,
+        shared: bool = True,
+        mix: bool = True,
+        pooling: str = "sum",
+    ) -> None:
+        super().__init__(name, embedding_dim, feature_names, pooling)
+        if num_buckets <= 0:
+            raise ValueError(f"table {name!r}: num_buckets must be > 0, got {num_buckets}")
+        self.num_buckets = int(num_buckets)
+        self.shared = shared
+        self.mix = mix
+        self._init_keys(seed, 1)
+
+    def physical_shapes(self) -> list[tuple[int, int]]:
+        n = 1 if self.shared else len(self.feature_names)
+        return [(self.num_buckets, self.embedding_dim)] * n
+
+    @classmethod
+    def for_budget(cls, name, embedding_dim, feature_names, num_ids, fraction, seed=0):
+        return cls(name, embedding_dim, feature_names, rows_for(num_ids, fraction), seed=seed)
+
+    def lane_table(self, lane: int, feature: int) -> int:
+        return 0 if self.shared else feature
+
+    def remap(self, values: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return self._bucket(values, counts, 0, self.num_buckets).unsqueeze(0)
+
+
+@register
+class MultiHashTable(_Hashed):
+    """k seeded hashes of each id into one shared [M, d] table.
+
+    ``combine="sum"``: d = D and the k rows are summed.  ``combine="concat"``:
+    d = D / k and row j fills chunk j of the output.  ``mix=False`` with one hash and
+    M >= ids is exactly ``full``.
+    """
+
+    method = "multihash"
+
+    def __init__(
+        self,
+        name: str,
+        embedding_dim: int,
+        feature_names: list[str],
+        num_buckets: int,
+        num_hashes: int = 2,
+        combine: str = "sum",
+        seed: int = 0,
+        mix: bool = True,
+        pooling: str = "sum",
+    ) -> None:
+        super().__init__(name, embedding_dim, feature_names, pooling)
+        if num_buckets <= 0 or num_hashes <= 0:
+            raise ValueError(f"table {name!r}: num_buckets and num_hashes must be > 0")
+        if combine not in ("sum", "concat"):
+            raise ValueError(f"table {name!r}: combine must be 'sum' or 'concat', got {combine!r}")
+        if combine == "concat" and embedding_dim % num_hashes:
+            raise ValueError(f"table {name!r}: embedding_dim {embedding_dim} not divisible by num_hashes {num_hashes}")
+        self.num_buckets = int(num_buckets)
+        self.num_hashes = int(num_hashes)
+        self.combine = combine
+        self.mix = mix
+        self._init_keys(seed, num_hashes)
+
+    @classmethod
+    def for_budget(cls, name, embedding_dim, feature_names, num_ids, fraction, seed=0):
+        """Two hashes summed into a table of ``fraction`` of the rows."""
+        return cls(name, embedding_dim, feature_names, rows_for(num_ids, fraction), seed=seed)
+
+    def physical_shapes(self) -> list[tuple[int, int]]:
+        d = self.embedding_dim // self.num_hashes if self.combine == "concat" else self.embedding_dim
+        return [(self.num_buckets, d)]
+
+    def lane_tables(self) -> list[int]:
+        return [0] * self.num_hashes
+
+    def remap(self, values: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return torch.stack([self._bucket(values, counts, j, self.num_buckets) for j in range(self.num_hashes)])

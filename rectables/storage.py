@@ -1,0 +1,184 @@
+"""Fused physical storage: every physical table of a collection in one fbgemm TBE.
+
+fbgemm's ``SplitTableBatchedEmbeddingBagsCodegen`` (HOST placement, CPU compute) holds
+the rows of all physical tables in one flat buffer and applies SGD / Adagrad /
+row-wise Adagrad inside its backward, so no table gradient is ever materialised.
+Adam runs through :func:`rectables.optim.sparse_adam_step` on the touched rows only.
+
+Shapes: T lanes (one TBE "feature" each, several lanes may read one physical table),
+B bags per lane, N ids in all, D_t the dim of lane t, M_k rows of physical table k.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rectables.optim import SparseOptimizer, sparse_adam_step
+
+_FBGEMM_OPT = {
+    "sgd": "EXACT_SGD",
+    "adagrad": "EXACT_ADAGRAD",
+    "rowwise_adagrad": "EXACT_ROWWISE_ADAGRAD",
+    "adam": "EXACT_SGD",  # weights only; the update is ours
+}
+
+
+class FusedStorage(nn.Module):
+    """Physical tables [M_k, D_k] in one fused TBE; lookups by lane.
+
+    ``forward(indices [N], offsets [T*B+1])`` returns pooled sums [B, sum_t D_t] when
+    ``pooled`` else one row per id [N, D] (then all tables share one D).
+    """
+
+    def __init__(
+        self,
+        shapes: list[tuple[int, int]],
+        lane_tables: list[int],
+        optimizer: SparseOptimizer,
+        pooled: bool = True,
+        device: str | torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
+            BoundsCheckMode,
+            EmbeddingLocation,
+            PoolingMode,
+        )
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
+
+        device = torch.device(device or "cpu")
+        if device.type not in ("cpu", "meta"):
+            raise ValueError(f"fused storage runs on cpu or meta, not {device}")
+        odd = [d for _, d in shapes if d % 4]
+        if odd:
+            raise ValueError(f"fbgemm stores rows of a multiple of 4 floats; physical dims {odd} are not")
+        if not pooled and len({d for _, d in shapes}) > 1:
+            raise ValueError(f"unpooled lookups need one dim for all tables, got {shapes}")
+        self.shapes = [(int(m), int(d)) for m, d in shapes]
+        self.lane_tables = list(lane_tables)
+        self.optimizer = optimizer
+        self.pooled = pooled
+        self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
+            [(m, d, EmbeddingLocation.HOST, ComputeDevice.CPU) for m, d in self.shapes],
+            feature_table_map=self.lane_tables,
+            optimizer=getattr(EmbOptimType, _FBGEMM_OPT[optimizer.name]),
+            learning_rate=optimizer.lr,
+            eps=optimizer.eps,
+            pooling_mode=PoolingMode.SUM if pooled else PoolingMode.NONE,
+            # ids are validated (or in range by construction) before they get here;
+            # fbgemm's own check costs ~25% of the forward.
+            bounds_check_mode=BoundsCheckMode.NONE,
+            device=device,
+        )
+        self._w_off = [int(o) for o in self.tbe.weights_physical_offsets]
+        dims = [self.shapes[t][1] for t in self.lane_tables]
+        self._col = [0]
+        for d in dims:
+            self._col.append(self._col[-1] + d)
+        if optimizer.name == "adam":
+            rows = sum(m for m, _ in self.shapes)
+            self.register_buffer("adam_exp_avg", torch.zeros(self.tbe.weights_host.numel(), device=device))
+            self.register_buffer("adam_exp_avg_sq", torch.zeros(rows, device=device))
+            self.register_buffer("adam_step", torch.zeros((), dtype=torch.int64, device=device))
+            self._row_off = [0]
+            for m, _ in self.shapes:
+                self._row_off.append(self._row_off[-1] + m)
+            self._anchor = torch.zeros(0, requires_grad=True)
+
+    # ---- views ---------------------------------------------------------------------
+    def weight(self, k: int) -> torch.Tensor:
+        """View [M_k, D_k] of physical table k (writes go to the fused buffer)."""
+        m, d = self.shapes[k]
+        o = self._w_off[k]
+        return self.tbe.weights_host.detach()[o : o + m * d].view(m, d)
+
+    def optimizer_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Views of the optimizer state of physical table k (empty for SGD)."""
+        m, d = self.shapes[k]
+        name = self.optimizer.name
+        if name in ("adagrad", "rowwise_adagrad"):
+            o = int(self.tbe.momentum1_physical_offsets[k])
+            n = m * d if name == "adagrad" else m
+            flat = self.tbe.momentum1_host[o : o + n]
+            return {"sum": flat.view(m, d) if name == "adagrad" else flat}
+        if name == "adam":
+            o, r = self._w_off[k], self._row_off[k]
+            return {
+                "exp_avg": self.adam_exp_avg[o : o + m * d].view(m, d),
+                "exp_avg_sq": self.adam_exp_avg_sq[r : r + m],
+            }
+        return {}
+
+    def init_uniform_(self, k: int, bound: float) -> None:
+        """Fill physical table k with U(-bound, bound)."""
+        if self.tbe.weights_host.device.type != "meta":
+            self.weight(k).uniform_(-bound, bound)
+
+    @torch.no_grad()
+    def reset_rows(self, k: int, rows: torch.Tensor, bound: float) -> None:
+        """Re-initialise rows [R] of table k to U(-bound, bound) and zero their optimizer state."""
+        w = self.weight(k)
+        w.index_copy_(0, rows, torch.empty(len(rows), w.shape[1]).uniform_(-bound, bound))
+        for s in self.optimizer_state(k).values():
+            s.index_fill_(0, rows, 0.0)
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.optimizer = SparseOptimizer(**{**self.optimizer.__dict__, "lr": lr})
+        self.tbe.set_learning_rate(lr)
+
+    # ---- lookup --------------------------------------------------------------------
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if self.optimizer.name == "adam" and torch.is_grad_enabled():
+            return _AdamLookup.apply(self, indices, offsets, self._anchor)
+        return self.tbe(indices, offsets)
+
+    @torch.no_grad()
+    def adam_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor) -> None:
+        """Sum the gradient per touched row and apply row-wise Adam, table by table."""
+        self.adam_step += 1
+        step = int(self.adam_step)
+        T = len(self.lane_tables)
+        B = (offsets.numel() - 1) // T
+        bounds = offsets[::B].tolist()
+        per_table: dict[int, tuple[list, list]] = {}
+        for lane, k in enumerate(self.lane_tables):
+            s, e = bounds[lane], bounds[lane + 1]
+            if e == s:
+                continue
+            ids = indices[s:e]
+            if self.pooled:
+                bag = torch.repeat_interleave(
+                    torch.arange(B), offsets[lane * B : (lane + 1) * B + 1].diff(), output_size=e - s
+                )
+                g = grad[:, self._col[lane] : self._col[lane + 1]].index_select(0, bag)
+            else:
+                g = grad[s:e]
+            acc = per_table.setdefault(k, ([], []))
+            acc[0].append(ids)
+            acc[1].append(g)
+        for k, (ids, gs) in per_table.items():
+            rows, inv = torch.unique(torch.cat(ids), return_inverse=True)
+            g = torch.zeros(len(rows), self.shapes[k][1]).index_add_(0, inv, torch.cat(gs))
+            st = self.optimizer_state(k)
+            sparse_adam_step(self.weight(k), st["exp_avg"], st["exp_avg_sq"], rows, g, step, self.optimizer)
+
+
+class _AdamLookup(torch.autograd.Function):
+    """TBE lookup whose backward applies sparse Adam instead of returning a gradient."""
+
+    @staticmethod
+    def forward(ctx, storage, indices, offsets, anchor):  # type: ignore[override]
+        ctx.storage = storage
+        ctx.save_for_backward(indices, offsets)
+        with torch.no_grad():
+            return storage.tbe(indices, offsets)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        indices, offsets = ctx.saved_tensors
+        ctx.storage.adam_update(indices, offsets, grad.contiguous())
+        return None, None, None, None

@@ -1,0 +1,96 @@
+"""The table contract: a remap of ids onto rows of plain physical tables + a combine.
+
+A :class:`Table` owns no weights.  It says which physical tables it needs
+(``physical_shapes``), which physical table each of its K lanes reads
+(``lane_tables``), how ids become rows (``remap``), and how the K looked-up lanes
+become one vector per id or bag (``combine``: ``"concat"`` or ``"sum"``).  The
+collection puts the physical tables of all its tables into one fused storage.
+
+Shapes: F features served by the table, B batch, N ids of those features,
+K lanes, D output dim per feature, M rows of a physical table.
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+POOLINGS = ("sum", "mean")
+
+
+class Table(nn.Module):
+    """Base of every method.  Subclasses set ``method`` and implement the remap.
+
+    State a method needs to resume (seeds, salts, maps, counters) lives in buffers.
+    """
+
+    method: ClassVar[str] = ""
+    #: argument filled by torchrec's ``num_embeddings`` when built from a config
+    size_arg: ClassVar[str] = ""
+    #: True if ids are raw 64-bit values (hashed); False if they must be in [0, n)
+    raw_ids: ClassVar[bool] = True
+    #: True if ``remap`` only validates and returns the ids unchanged (K = 1)
+    passthrough: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        name: str,
+        embedding_dim: int,
+        feature_names: list[str],
+        pooling: str = "sum",
+    ) -> None:
+        super().__init__()
+        if embedding_dim <= 0:
+            raise ValueError(f"table {name!r}: embedding_dim must be > 0, got {embedding_dim}")
+        if not feature_names:
+            raise ValueError(f"table {name!r}: needs at least one feature name")
+        if pooling not in POOLINGS:
+            raise ValueError(f"table {name!r}: pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.name = name
+        self.embedding_dim = int(embedding_dim)
+        self.feature_names = list(feature_names)
+        self.pooling = pooling
+        self.combine = "concat"
+
+    # ---- what a method declares -----------------------------------------------------
+    def physical_shapes(self) -> list[tuple[int, int]]:
+        """(M, dim) of each physical table this table needs."""
+        raise NotImplementedError
+
+    def lane_tables(self) -> list[int]:
+        """For each of the K lanes, the index of the physical table it reads."""
+        return [0]
+
+    def lane_table(self, lane: int, feature: int) -> int:
+        """Physical table read by ``lane`` for the table's ``feature``-th feature."""
+        return self.lane_tables()[lane]
+
+    def remap(self, values: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Ids [N] of the F features (``counts[f]`` ids each, in order) -> rows [K, N]."""
+        raise NotImplementedError
+
+    @classmethod
+    def for_budget(
+        cls, name: str, embedding_dim: int, feature_names: list[str], num_ids: int, fraction: float, seed: int = 0
+    ) -> "Table":
+        """A table for ``num_ids`` ids whose weights are about ``fraction`` of ``full``'s."""
+        raise NotImplementedError(f"method {cls.method!r} does not size itself for a budget")
+
+    def init_bound(self, k: int) -> float:
+        """Physical table k starts U(-bound, bound); torchrec's default sqrt(1/M)."""
+        return math.sqrt(1.0 / self.physical_shapes()[k][0])
+
+    # ---- hooks the training loop calls -----------------------------------------------
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def on_step_end(self, step: int) -> None:
+        return None
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, dim={self.embedding_dim}, features={self.feature_names}, "
+            f"pooling={self.pooling!r}, physical={self.physical_shapes()}"
+        )

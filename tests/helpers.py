@@ -1,0 +1,46 @@
+"""Small builders shared by the tests."""
+from __future__ import annotations
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+import rectables
+from rectables.registry import table_class
+
+NUM_IDS = 50
+DIM = 8
+
+#: the setting of each method that must equal ``full`` exactly (every method needs one)
+DEGENERATE = {
+    "full": {"num_ids": NUM_IDS},
+    "hash": {"num_buckets": NUM_IDS, "mix": False},
+    "multihash": {"num_buckets": NUM_IDS, "num_hashes": 1, "mix": False},
+}
+
+
+def random_kjt(features: list[str], batch: int, max_len: int, num_ids: int = NUM_IDS, gen=None, high=None):
+    """KJT with lengths in [0, max_len] and ids in [0, num_ids) (or [-high, high) raw)."""
+    gen = gen or torch.Generator().manual_seed(0)
+    lengths = torch.randint(0, max_len + 1, (len(features) * batch,), generator=gen)
+    n = int(lengths.sum())
+    if high is None:
+        values = torch.randint(0, num_ids, (n,), generator=gen)
+    else:
+        values = torch.randint(-high, high, (n,), generator=gen)
+    return KeyedJaggedTensor.from_lengths_sync(keys=features, values=values, lengths=lengths)
+
+
+def small_table(method: str, features: list[str], name: str = "t", pooling: str = "sum", fraction: float = 0.5, dim=DIM):
+    t = table_class(method).for_budget(name, dim, features, NUM_IDS, fraction, seed=3)
+    t.pooling = pooling
+    return t
+
+
+def collection(method: str, features=("a", "b"), optimizer="sgd", lr=0.1, pooled=True, **kw):
+    cls = rectables.EmbeddingBagCollection if pooled else rectables.EmbeddingCollection
+    tables = [small_table(method, [f], name=f"t_{f}", **kw) for f in features]
+    return cls(tables, rectables.SparseOptimizer(optimizer, lr=lr))
+
+
+def weights(ebc) -> torch.Tensor:
+    return ebc.storage.tbe.weights_host.detach().clone()

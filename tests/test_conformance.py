@@ -1,0 +1,157 @@
+"""One contract, run against every registered method (a new method is tested for free)."""
+import pytest
+import torch
+
+import rectables
+from rectables.memory import real_bytes
+from tests.helpers import DEGENERATE, DIM, NUM_IDS, collection, random_kjt, small_table, weights
+
+METHODS = rectables.list_tables()
+FEATS = ["a", "b", "c"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_pooled_shapes(method, pooling):
+    ebc = collection(method, FEATS, pooling=pooling)
+    kt = ebc(random_kjt(FEATS, batch=5, max_len=3))
+    assert kt.keys() == FEATS and kt.length_per_key() == [DIM] * 3
+    assert kt.values().shape == (5, 3 * DIM) and kt.values().dtype == torch.float32
+    assert torch.isfinite(kt.values()).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sequence_shapes(method):
+    ec = collection(method, FEATS, pooled=False)
+    kjt = random_kjt(FEATS, batch=4, max_len=3)
+    out = ec(kjt)
+    assert list(out) == FEATS
+    for f in FEATS:
+        jt = out[f]
+        assert torch.equal(jt.lengths(), kjt[f].lengths())
+        assert jt.values().shape == (int(kjt[f].lengths().sum()), DIM)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+def test_update_touches_exactly_the_looked_up_rows(method, optimizer):
+    ebc = collection(method, FEATS, optimizer=optimizer)
+    kjt = random_kjt(FEATS, batch=6, max_len=2)
+    w0 = weights(ebc)
+    out = ebc(kjt).values()
+    (out * torch.randn_like(out)).sum().backward()
+    changed = (weights(ebc) != w0).view(-1, 1)
+    # rows the remap sent ids to, by physical table
+    touched = torch.zeros_like(w0, dtype=torch.bool)
+    st, f0 = ebc.storage, 0
+    for t, base in zip(ebc.tables, ebc._base):
+        ids = kjt[t.feature_names[0]].values()
+        rows = t.remap(ids, [ids.numel()])
+        for lane, r in enumerate(rows):
+            k = base + t.lane_table(lane, 0)
+            view = touched[st._w_off[k] : st._w_off[k] + st.shapes[k][0] * st.shapes[k][1]]
+            view.view(st.shapes[k])[r] = True
+    assert changed.view(-1).any()
+    assert not (changed.view(-1) & ~touched).any(), "an untouched row changed"
+    assert changed.view(-1)[touched].float().mean() > 0.99, "a touched row did not change"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_same_seed_same_output(method):
+    kjt = random_kjt(FEATS, batch=4, max_len=3)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        outs.append(collection(method, FEATS)(kjt).values())
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+def test_state_dict_round_trip(method, optimizer, tmp_path):
+    kjt = random_kjt(FEATS, batch=4, max_len=3)
+    a = collection(method, FEATS, optimizer=optimizer)
+    a(kjt).values().sum().backward()  # non-trivial optimizer state
+    torch.save(a.state_dict(), tmp_path / "s.pt")
+    torch.manual_seed(99)
+    b = collection(method, FEATS, optimizer=optimizer)
+    b.load_state_dict(torch.load(tmp_path / "s.pt"))
+    assert torch.equal(a(kjt).values(), b(kjt).values())
+    for x, y in [(a, b)]:  # one more step from the same state gives the same weights
+        x(kjt).values().sum().backward()
+        y(kjt).values().sum().backward()
+        assert torch.equal(weights(x), weights(y))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+def test_memory_report_equals_real_bytes(method, device, optimizer):
+    tables = [small_table(method, [f], name=f"t_{f}") for f in FEATS]
+    ebc = rectables.EmbeddingBagCollection(tables, rectables.SparseOptimizer(optimizer), device)
+    rep = rectables.memory_report(ebc)
+    assert rep["total"] == real_bytes(ebc)
+    for t, base in zip(ebc.tables, ebc._base):
+        shapes = t.physical_shapes()
+        assert rep["tables"][t.name]["weights"] == 4 * sum(m * d for m, d in shapes)
+        want_opt = 4 * sum(ebc.storage.optimizer.state_floats(m, d) for m, d in shapes)
+        assert rep["tables"][t.name]["optimizer"] == want_opt
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_bags_and_empty_batch(method):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    ebc = collection(method, FEATS)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=FEATS, values=torch.tensor([1, 2]), lengths=torch.tensor([0, 2, 0, 0, 0, 0])
+    )
+    out = ebc(kjt).values()
+    assert out.shape == (2, 3 * DIM)
+    assert (out[:, DIM:] == 0).all() and (out[0, :DIM] == 0).all() and (out[1, :DIM] != 0).any()
+    empty = KeyedJaggedTensor.from_lengths_sync(keys=FEATS, values=torch.tensor([], dtype=torch.int64), lengths=torch.zeros(6, dtype=torch.int64))
+    e = ebc(empty).values()
+    assert e.shape == (2, 3 * DIM) and (e == 0).all()
+    e.sum().backward()  # no rows, no update, no error
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_of_one(method):
+    ebc = collection(method, FEATS)
+    assert ebc(random_kjt(FEATS, batch=1, max_len=4)).values().shape == (1, 3 * DIM)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if rectables.registry.table_class(m).raw_ids])
+def test_raw_ids_near_int64_limits(method):
+    ebc = collection(method, FEATS)
+    kjt = random_kjt(FEATS, batch=3, max_len=3, high=2**63 - 1)
+    extreme = torch.tensor([2**63 - 1, -(2**63), 2**63 - 2])
+    kjt = type(kjt).from_lengths_sync(keys=FEATS, values=torch.cat([extreme, kjt.values()[3:]]), lengths=kjt.lengths())
+    out = ebc(kjt).values()
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_degenerate_setting_equals_full(method):
+    assert method in DEGENERATE, f"method {method!r} needs a degenerate setting in tests/helpers.py"
+    kjt = random_kjt(FEATS, batch=5, max_len=3)
+    torch.manual_seed(0)
+    full = rectables.EmbeddingBagCollection(
+        [rectables.create_table("full", name=f"t_{f}", embedding_dim=DIM, feature_names=[f], num_ids=NUM_IDS) for f in FEATS],
+        rectables.SparseOptimizer("sgd", lr=0.1),
+    )
+    other = rectables.EmbeddingBagCollection(
+        [rectables.create_table(method, name=f"t_{f}", embedding_dim=DIM, feature_names=[f], **DEGENERATE[method]) for f in FEATS],
+        rectables.SparseOptimizer("sgd", lr=0.1),
+    )
+    with torch.no_grad():
+        other.storage.tbe.weights_host.copy_(full.storage.tbe.weights_host)
+    for ebc in (full, other):
+        ebc(kjt).values().pow(2).sum().backward()
+    assert torch.equal(full(kjt).values(), other(kjt).values())
