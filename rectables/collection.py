@@ -63,6 +63,10 @@ class _Collection(nn.Module):
             for k in range(len(t.physical_shapes())):
                 self.storage.init_uniform_(base + k, t.init_bound(k))
         self._all_passthrough = all(t.passthrough for t in tables)
+        self._first = [0]  # index of each table's first feature
+        for t in tables:
+            self._first.append(self._first[-1] + len(t.feature_names))
+        self._limits = torch.tensor([t.physical_shapes()[0][0] for t in tables])
         # per table: dims of its K lanes (lane l reads table lane_table(l, f), same dim for every f)
         self._lane_dims = [
             [shapes[base + t.lane_table(lane, 0)][1] for lane in range(len(t.lane_tables()))]
@@ -112,7 +116,7 @@ class _Collection(nn.Module):
         return kjt.permute([keys.index(f) for f in self.feature_names])
 
     def _lookup(self, kjt):
-        """Remap every table and run the fused lookup.  Returns (kjt, output, bounds)."""
+        """Remap every table and run the fused lookup.  Returns (kjt, output, ids per feature)."""
         kjt = self._align(kjt)
         if kjt.variable_stride_per_key():
             raise ValueError("variable batch size per feature is not supported")
@@ -122,6 +126,9 @@ class _Collection(nn.Module):
             values, offsets = values.long(), offsets.long()
         bounds = offsets[::B].tolist() if B else [0] * (len(self.feature_names) + 1)
         counts = [bounds[i + 1] - bounds[i] for i in range(len(self.feature_names))]
+        if self._all_passthrough:
+            self._check_ids(values, bounds)
+            return kjt, self.storage(values, offsets), counts
         parts, lens, f0 = [], [], 0
         for t in self.tables:
             nf = len(t.feature_names)
@@ -130,14 +137,23 @@ class _Collection(nn.Module):
             seg = lengths[f0 * B : (f0 + nf) * B]
             lens.append(seg if rows.shape[0] == 1 else seg.repeat(rows.shape[0]))
             f0 += nf
-        if self._all_passthrough:
-            indices, tbe_offsets = values, offsets
-        else:
-            indices = torch.cat(parts) if len(parts) > 1 else parts[0]
-            lens_all = torch.cat(lens) if len(lens) > 1 else lens[0]
-            tbe_offsets = torch.zeros(lens_all.numel() + 1, dtype=torch.int64)
-            torch.cumsum(lens_all, 0, out=tbe_offsets[1:])
+        indices = torch.cat(parts) if len(parts) > 1 else parts[0]
+        lens_all = torch.cat(lens) if len(lens) > 1 else lens[0]
+        tbe_offsets = torch.zeros(lens_all.numel() + 1, dtype=torch.int64)
+        torch.cumsum(lens_all, 0, out=tbe_offsets[1:])
         return kjt, self.storage(indices, tbe_offsets), counts
+
+    def _check_ids(self, values: torch.Tensor, bounds: list[int]) -> None:
+        """All tables pass ids through: one fused max per table, one min overall."""
+        segs = [values[bounds[self._first[i]] : bounds[self._first[i + 1]]] for i in range(len(self.tables))]
+        nonempty = [i for i, x in enumerate(segs) if x.numel()]
+        if not nonempty:
+            return
+        maxes = torch.stack(torch._foreach_max([segs[i] for i in nonempty]))
+        if bool(values.min() < 0) or bool((maxes >= self._limits[nonempty]).any()):
+            for i in nonempty:  # slow path: let the table name the feature
+                t = self.tables[i]
+                t.remap(segs[i], [bounds[j + 1] - bounds[j] for j in range(self._first[i], self._first[i + 1])])
 
     # ---- hooks ---------------------------------------------------------------------
     def extra_loss(self) -> torch.Tensor | None:

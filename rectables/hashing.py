@@ -45,28 +45,38 @@ def salt_key(seed: int, *salt: int) -> int:
     return _signed(k)
 
 
-def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
 def mix64(x: torch.Tensor) -> torch.Tensor:
     """SplitMix64 finaliser on an int64 tensor [N] -> int64 tensor [N] (same bits as C)."""
-    x = x ^ _shr(x, 30)
-    x = x * _signed(_M1)
-    x = x ^ _shr(x, 27)
-    x = x * _signed(_M2)
-    return x ^ _shr(x, 31)
+    return _mix64_(x.clone())
+
+
+def _mix64_(y: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
+    """In-place SplitMix64 finaliser of ``y``; ``tmp`` is scratch of y's shape."""
+    tmp = torch.empty_like(y) if tmp is None else tmp
+    for shift, mult in ((30, _M1), (27, _M2), (31, None)):
+        torch.bitwise_right_shift(y, shift, out=tmp)
+        tmp &= (1 << (64 - shift)) - 1
+        y ^= tmp
+        if mult is not None:
+            y *= _signed(mult)
+    return y
 
 
 def hash_ids(ids: torch.Tensor, key: torch.Tensor | int) -> torch.Tensor:
     """Hash raw ids [N] (any int64, negative allowed) with an int64 key (scalar or [N])."""
-    return mix64(ids ^ key)
+    return _mix64_(ids ^ key)
 
 
 def bucket(ids: torch.Tensor, key: torch.Tensor | int, num_buckets: int) -> torch.Tensor:
     """Rows in [0, num_buckets) for raw ids [N]."""
-    return _shr(hash_ids(ids, key), 1) % num_buckets
+    y = ids ^ key
+    tmp = torch.empty_like(y)
+    _mix64_(y, tmp)
+    torch.bitwise_right_shift(y, 1, out=tmp)
+    tmp &= (1 << 63) - 1
+    if num_buckets & (num_buckets - 1) == 0:  # power of two: same result as %, 7x cheaper
+        return tmp.bitwise_and_(num_buckets - 1)
+    return tmp.remainder_(num_buckets)
 
 
 def bucket_int(x: int, key: int, num_buckets: int) -> int:

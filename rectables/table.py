@@ -31,7 +31,7 @@ class Table(nn.Module):
     size_arg: ClassVar[str] = ""
     #: True if ids are raw 64-bit values (hashed); False if they must be in [0, n)
     raw_ids: ClassVar[bool] = True
-    #: True if ``remap`` only validates and returns the ids unchanged (K = 1)
+    #: True if ``remap`` only checks ids lie in [0, rows of physical table 0) and returns them (K = 1)
     passthrough: ClassVar[bool] = False
 
     def __init__(

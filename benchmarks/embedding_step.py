@@ -1,0 +1,123 @@
+"""Embedding train step (forward + backward + update, fixed upstream gradient).
+
+Criteo Kaggle cardinalities, 26 features with one id each, Zipf(1.05) ids, dim 16,
+batch 4096.  Run one configuration per process so peak RSS is that configuration's:
+
+    python benchmarks/embedding_step.py CONFIG  ->  one JSON line
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+
+from rectables.presets import CRITEO_FEATURES, CRITEO_KAGGLE
+
+DIM, BATCH, WARMUP, STEPS = 16, 4096, 3, 20
+CONFIGS = ["tbe", "full", "hash_1m", "nn_embeddingbag", "torchrec_ebc"]
+
+
+def zipf_batches(n_batches: int, seed: int = 0) -> list[torch.Tensor]:
+    """[F*B] ids per batch, feature-major; Zipf(1.05) ranks scattered over [0, n_f)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        cols = []
+        for n in CRITEO_KAGGLE:
+            rank = (rng.zipf(1.05, BATCH) - 1) % n
+            cols.append((rank * 2654435761) % n)  # hot ids spread over the table
+        out.append(torch.from_numpy(np.concatenate(cols)).long())
+    return out
+
+
+def build(config: str):
+    """Returns step(ids) for a configuration."""
+    import rectables
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    F = len(CRITEO_KAGGLE)
+    lengths = torch.ones(F * BATCH, dtype=torch.int64)
+    offsets = torch.arange(F * BATCH + 1, dtype=torch.int64)
+    grad = torch.randn(BATCH, F * DIM, generator=torch.Generator().manual_seed(0))
+    opt = rectables.SparseOptimizer("sgd", lr=0.01)
+
+    if config in ("full", "hash_1m"):
+        if config == "full":
+            tables = [rectables.create_table("full", name=f"t_{f}", embedding_dim=DIM, feature_names=[f], num_ids=n)
+                      for f, n in zip(CRITEO_FEATURES, CRITEO_KAGGLE)]
+        else:
+            tables = [rectables.create_table("hash", name="shared", embedding_dim=DIM, feature_names=CRITEO_FEATURES, num_buckets=1 << 20)]
+        ebc = rectables.EmbeddingBagCollection(tables, opt)
+
+        def step(ids):
+            kjt = KeyedJaggedTensor(keys=CRITEO_FEATURES, values=ids, lengths=lengths, offsets=offsets, stride=BATCH)
+            ebc(kjt).values().backward(grad)
+        return step
+
+    if config == "tbe":
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode, EmbeddingLocation
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen
+
+        tbe = SplitTableBatchedEmbeddingBagsCodegen(
+            [(n, DIM, EmbeddingLocation.HOST, ComputeDevice.CPU) for n in CRITEO_KAGGLE],
+            optimizer=EmbOptimType.EXACT_SGD, learning_rate=0.01, bounds_check_mode=BoundsCheckMode.NONE)
+        for w in tbe.split_embedding_weights():
+            w.detach().uniform_(-0.01, 0.01)
+
+        def step(ids):
+            tbe(ids, offsets).backward(grad)
+        return step
+
+    if config == "nn_embeddingbag":
+        bags = torch.nn.ModuleList(torch.nn.EmbeddingBag(n, DIM, mode="sum", sparse=True) for n in CRITEO_KAGGLE)
+        sgd = torch.optim.SGD(bags.parameters(), lr=0.01)
+        per = torch.arange(BATCH)
+
+        def step(ids):
+            sgd.zero_grad()
+            out = torch.cat([b(x, per) for b, x in zip(bags, ids.split(BATCH))], 1)
+            out.backward(grad)
+            sgd.step()
+        return step
+
+    if config == "torchrec_ebc":
+        from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+
+        ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name=f"t_{f}", embedding_dim=DIM, num_embeddings=n, feature_names=[f])
+            for f, n in zip(CRITEO_FEATURES, CRITEO_KAGGLE)])
+        sgd = torch.optim.SGD(ebc.parameters(), lr=0.01)
+
+        def step(ids):
+            sgd.zero_grad()
+            kjt = KeyedJaggedTensor(keys=CRITEO_FEATURES, values=ids, lengths=lengths, offsets=offsets, stride=BATCH)
+            ebc(kjt).values().backward(grad)
+            sgd.step()
+        return step
+    raise ValueError(config)
+
+
+def run(config: str) -> dict:
+    torch.manual_seed(0)
+    batches = zipf_batches(8)
+    step = build(config)
+    steps = 3 if config == "torchrec_ebc" else STEPS  # dense updates of 2.2 GB: seconds each
+    for i in range(WARMUP):
+        step(batches[i % len(batches)])
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    dt = (time.perf_counter() - t0) / steps
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"config": config, "ms_per_step": dt * 1e3, "samples_per_s": BATCH / dt,
+            "lookups_per_s": BATCH * len(CRITEO_KAGGLE) / dt, "peak_rss_bytes": rss}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    print(json.dumps(run(sys.argv[1])))
