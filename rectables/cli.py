@@ -1,4 +1,4 @@
-"""``rectables`` command line: ``rectables memory`` (more subcommands join as they land)."""
+"""rectables command line: synth | preprocess | train | eval | compare | memory."""
 from __future__ import annotations
 
 import argparse
@@ -48,9 +48,111 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    from data.synth import synth
+
+    facts = synth(args.rows, args.out, seed=args.seed, scale=args.scale)
+    print(f"wrote {facts['rows']:,} rows to {facts['path']}: positive rate {facts['positive_rate']:.3f}, "
+          f"Bayes AUC {facts['bayes_auc']:.4f}")
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from data.preprocess import preprocess
+
+    meta = preprocess(args.src, args.out, mode=args.mode, min_count=args.min_count, seed=args.seed,
+                      skip_bad_lines=args.skip_bad_lines)
+    print(f"{meta['rows']:,} rows ({meta['skipped_lines']} bad lines skipped), mode {meta['mode']}, "
+          f"splits {meta['splits']}, {sum(meta['cardinalities']):,} ids -> {args.out}")
+    return 0
+
+
+def _spec(args) -> dict:
+    return {
+        "data": str(args.data), "method": getattr(args, "method", "full"), "budget": parse_fraction(getattr(args, "budget", "1")),
+        "dim": args.dim, "model": args.model,
+        "dense_arch": [int(x) for x in args.dense_arch.split(",")], "over_arch": [int(x) for x in args.over_arch.split(",")],
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "sparse_optimizer": args.optimizer,
+                  "sparse_lr": args.sparse_lr, "dense_lr": args.dense_lr, "seed": args.seed,
+                  "max_steps_per_epoch": args.max_steps, "progress": not args.quiet},
+    }
+
+
+def cmd_train(args) -> int:
+    from rectables.experiment import run_training
+
+    s = run_training(_spec(args), args.run, resume=args.resume)
+    print(f"best val AUC {s['best_val_auc']:.4f}; test AUC {s['test']['auc']:.4f}, logloss {s['test']['logloss']:.4f} -> {args.run}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rectables.experiment import score_file
+
+    r = score_file(args.run, args.data)
+    print(f"{args.data}: AUC {r['auc']:.4f}, logloss {r['logloss']:.4f} over {r['n']:,} rows")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from rectables.compare import compare
+    from rectables.registry import list_tables
+
+    methods = args.methods.split(",") if args.methods else list_tables()
+    compare(_spec(args), methods, [parse_fraction(b) for b in args.budgets.split(",")], args.out)
+    return 0
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="preprocessed directory")
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--model", choices=["dlrm", "deepfm"], default="dlrm")
+    p.add_argument("--dense-arch", default="64,16", help="DLRM bottom MLP (last = dim)")
+    p.add_argument("--over-arch", default="64,1", help="DLRM top MLP / DeepFM hidden + 1")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--optimizer", default="rowwise_adagrad", help="sparse optimizer of the tables")
+    p.add_argument("--sparse-lr", type=float, default=0.05)
+    p.add_argument("--dense-lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=0, help="cap on steps per epoch (0: all)")
+    p.add_argument("--quiet", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rectables", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("synth", help="generate Criteo-format data with a planted signal")
+    s.add_argument("--rows", type=int, required=True)
+    s.add_argument("--out", required=True, help="FILE.tsv or FILE.tsv.gz")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scale", type=float, default=1.0, help="multiplies the Criteo Kaggle cardinalities")
+    s.set_defaults(func=cmd_synth)
+    pp = sub.add_parser("preprocess", help="Criteo TSV -> memmapped npy + meta.json")
+    pp.add_argument("src")
+    pp.add_argument("--out", required=True)
+    pp.add_argument("--mode", choices=["vocab", "raw"], default="vocab")
+    pp.add_argument("--min-count", type=int, default=1)
+    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--skip-bad-lines", action="store_true")
+    pp.set_defaults(func=cmd_preprocess)
+    t = sub.add_parser("train", help="train one method on preprocessed data")
+    _train_args(t)
+    t.add_argument("--method", default="full")
+    t.add_argument("--budget", default="1", help="fraction of full bytes, e.g. 1/4")
+    t.add_argument("--run", required=True, help="run directory")
+    t.add_argument("--resume", action="store_true")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="score a Criteo-format file with a trained run")
+    e.add_argument("--run", required=True)
+    e.add_argument("--data", required=True, help="Criteo-format TSV (.gz)")
+    e.set_defaults(func=cmd_eval)
+    c = sub.add_parser("compare", help="every method at every budget: comparison.md + pareto.png")
+    _train_args(c)
+    c.add_argument("--methods", default="", help="comma list; default every registered method")
+    c.add_argument("--budgets", default="1/4,1/16")
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_compare)
     m = sub.add_parser("memory", help="bytes of every method at a preset's cardinalities (meta device)")
     m.add_argument("--preset", choices=sorted(PRESETS), default="criteo-kaggle")
     m.add_argument("--dim", type=int, default=16)

@@ -1,0 +1,57 @@
+"""Train every method at every byte budget on the same data and seeds; write a table and a plot."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rectables.experiment import run_training
+
+
+def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str | Path) -> list[dict]:
+    out = Path(out_dir)
+    rows = []
+    for method in methods:
+        for budget in [1.0] if method == "full" else budgets:
+            s = run_training({**spec, "method": method, "budget": budget}, out / f"{method}_{budget:g}")
+            tables = s["memory"]["tables"].values()
+            rows.append({
+                "method": method, "budget": budget,
+                "rows": sum(t["rows"] for t in tables),
+                "bytes": sum(t["weights"] + t["optimizer"] for t in tables),
+                "auc": s["test"]["auc"], "logloss": s["test"]["logloss"],
+                "samples_per_s": s["history"][-1]["samples_per_s"],
+            })
+            print(f"{method} @ {budget:g}: test AUC {rows[-1]['auc']:.4f}", flush=True)
+    write_report(rows, out)
+    return rows
+
+
+def write_report(rows: list[dict], out: Path) -> None:
+    full = next((r for r in rows if r["method"] == "full"), rows[0])
+    lines = ["| method | budget | rows | table bytes | vs full | test AUC | ΔAUC | logloss | train samples/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['budget']:g} | {r['rows']:,} | {r['bytes'] / 1e6:,.1f} MB | "
+            f"{full['bytes'] / r['bytes']:.1f}x | {r['auc']:.4f} | {r['auc'] - full['auc']:+.4f} | "
+            f"{r['logloss']:.4f} | {r['samples_per_s']:,.0f} |"
+        )
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["bytes"], r["auc"]) for r in rows if r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("table bytes (weights + optimizer state)")
+    ax.set_ylabel("test AUC")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+    print("\n".join(lines))
+    print(f"plot: {out / 'pareto.png'}")

@@ -1,0 +1,90 @@
+"""One training run from a plain, JSON-able spec: build, fit, test, score files.
+
+``spec`` = {data, method, budget, dim, model, dense_arch, over_arch, train: TrainConfig fields}.
+It is written to ``config.json`` in the run directory with the id mode and versions, and
+is all ``rectables eval`` needs to rebuild the model.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rectables.optim import SparseOptimizer
+from rectables.registry import table_class
+from rectables.runs import write_json
+from rectables.train import TrainConfig, evaluate, fit
+
+DEFAULT_SPEC = {"method": "full", "budget": 1.0, "dim": 16, "model": "dlrm",
+                "dense_arch": [64, 16], "over_arch": [64, 1]}
+
+
+def build_model(spec: dict, meta: dict):
+    from models.deepfm import DeepFM
+    from models.dlrm import DLRM
+    from rectables.collection import EmbeddingBagCollection
+
+    cls, tcfg = table_class(spec["method"]), TrainConfig(**spec.get("train", {}))
+    tables = [cls.for_budget(f"t_{f}", spec["dim"], [f], n, spec["budget"], seed=i)
+              for i, (f, n) in enumerate(zip(meta["features"], meta["cardinalities"]))]
+    ebc = EmbeddingBagCollection(tables, SparseOptimizer(tcfg.sparse_optimizer, lr=tcfg.sparse_lr))
+    if spec["model"] == "dlrm":
+        return DLRM(ebc, 13, spec["dense_arch"], spec["over_arch"])
+    if spec["model"] == "deepfm":
+        return DeepFM(ebc, 13, spec["over_arch"][:-1])
+    raise ValueError(f"unknown model {spec['model']!r}")
+
+
+def run_training(spec: dict, run_dir: str | Path, resume: bool = False) -> dict:
+    from data.loader import CriteoBatches
+
+    spec = {**DEFAULT_SPEC, **spec}
+    run = Path(run_dir)
+    meta = json.loads((Path(spec["data"]) / "meta.json").read_text())
+    cfg = TrainConfig(**spec.get("train", {}))
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec, meta)
+    write_json(run / "config.json", {**spec, "train": asdict(cfg), "id_mode": meta["mode"],
+                                     "versions": {"torch": torch.__version__, "python": platform.python_version()}})
+    train = CriteoBatches(spec["data"], "train", cfg.batch_size, shuffle=True, seed=cfg.seed)
+    val = CriteoBatches(spec["data"], "val", 8192)
+    summary = fit(model, train, val, cfg, run, resume=resume)
+    load_best(model, run)
+    summary["test"] = evaluate(model, CriteoBatches(spec["data"], "test", 8192))
+    write_json(run / "summary.json", summary)
+    return summary
+
+
+def load_best(model, run: Path) -> None:
+    blob = torch.load(Path(run) / "best.pt", weights_only=True)
+    model.load_state_dict(blob["model"])
+
+
+def score_file(run_dir: str | Path, path: str | Path) -> dict:
+    """AUC / logloss of a trained run on another Criteo-format file (vocab of its data)."""
+    from data.criteo import SPARSE_NAMES, dense_transform, read_criteo
+    from data.preprocess import apply_vocab
+    from rectables.metrics import StreamingMetrics
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    run = Path(run_dir)
+    spec = json.loads((run / "config.json").read_text())
+    data = Path(spec["data"])
+    meta = json.loads((data / "meta.json").read_text())
+    model = build_model(spec, meta)
+    load_best(model, run)
+    model.eval()
+    vocabs = [np.load(data / f"vocab_{n}.npy") for n in SPARSE_NAMES] if meta["mode"] == "vocab" else None
+    m = StreamingMetrics()
+    with torch.no_grad():
+        for ch in read_criteo(path, chunk_rows=50_000):
+            sp = ch.sparse if vocabs is None else np.stack([apply_vocab(ch.sparse[:, f], v) for f, v in enumerate(vocabs)], 1)
+            B = len(sp)
+            kjt = KeyedJaggedTensor.from_lengths_sync(meta["features"], torch.from_numpy(np.ascontiguousarray(sp.T)).reshape(-1),
+                                                      torch.ones(B * sp.shape[1], dtype=torch.int64))
+            m.update(model(torch.from_numpy(dense_transform(ch.dense)), kjt), torch.from_numpy(ch.labels))
+    return m.result()

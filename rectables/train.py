@@ -1,0 +1,109 @@
+"""The training loop: ``train_one_epoch``, ``evaluate``, ``fit``, read top to bottom.
+
+Tables are updated inside backward by their fused sparse optimizer; the dense rest of
+the model by a torch optimizer over ``dense_parameters(model)``.  Each table's
+``extra_loss()`` is added to the loss and ``on_step_end(step)`` is called after it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rectables.memory import _collections, dense_parameters, memory_report
+from rectables.metrics import StreamingMetrics
+from rectables.optim import OPTIMIZERS
+from rectables.runs import append_jsonl, load_checkpoint, save_checkpoint, write_json
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 4096
+    sparse_optimizer: str = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    dense_lr: float = 1e-3
+    seed: int = 0
+    patience: int = 1  # epochs without val AUC gain before stopping
+    max_steps_per_epoch: int = 0  # 0: the whole split
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1 or self.max_steps_per_epoch < 0:
+            raise ValueError(f"epochs, batch_size, patience must be >= 1: {self}")
+        if self.sparse_optimizer not in OPTIMIZERS:
+            raise ValueError(f"sparse_optimizer must be one of {OPTIMIZERS}")
+        if not (self.sparse_lr > 0 and self.dense_lr > 0):
+            raise ValueError("learning rates must be > 0")
+
+
+def _extra_loss(model) -> torch.Tensor | float:
+    extra = [x for c in _collections(model) if (x := c.extra_loss()) is not None]
+    return sum(extra) if extra else 0.0
+
+
+def train_one_epoch(model, loader, dense_opt, cfg: TrainConfig, step: int = 0) -> tuple[int, dict]:
+    """One pass over ``loader``; returns (global step, {loss, samples_per_s})."""
+    model.train()
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    total, n, t0 = 0.0, 0, time.perf_counter()
+    bar = tqdm(loader, disable=not cfg.progress, leave=False, unit="batch")
+    for i, batch in enumerate(bar):
+        if cfg.max_steps_per_epoch and i >= cfg.max_steps_per_epoch:
+            break
+        logits = model(batch.dense, batch.sparse)
+        loss = loss_fn(logits, batch.labels) + _extra_loss(model)
+        dense_opt.zero_grad(set_to_none=True)
+        loss.backward()  # fused sparse updates happen here
+        dense_opt.step()
+        step += 1
+        for c in _collections(model):
+            c.on_step_end(step)
+        total += float(loss.detach()) * len(batch.labels)
+        n += len(batch.labels)
+        if cfg.progress and i % 20 == 0:
+            bar.set_postfix(loss=f"{total / n:.4f}", samples_s=f"{n / (time.perf_counter() - t0):,.0f}")
+    return step, {"loss": total / max(n, 1), "samples_per_s": n / (time.perf_counter() - t0)}
+
+
+@torch.no_grad()
+def evaluate(model, loader) -> dict:
+    """{auc, logloss, n} of ``model`` on every batch of ``loader``."""
+    model.eval()
+    m = StreamingMetrics()
+    for batch in loader:
+        m.update(model(batch.dense, batch.sparse), batch.labels)
+    return m.result()
+
+
+def fit(model, train_loader, val_loader, cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> dict:
+    """Train with early stopping on val AUC; checkpoint every epoch; ``resume`` continues exactly."""
+    run = Path(run_dir)
+    ckpt, best_ckpt = run / "last.pt", run / "best.pt"
+    dense_opt = torch.optim.Adam(dense_parameters(model), lr=cfg.dense_lr)
+    state = {"epoch": 0, "step": 0, "best_auc": -1.0, "bad_epochs": 0, "history": []}
+    if resume and ckpt.exists():
+        state = load_checkpoint(ckpt, model, dense_opt)
+    else:
+        write_json(run / "memory.json", memory_report(model, dense_opt))
+    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+        train_loader.set_epoch(state["epoch"])
+        state["step"], tr = train_one_epoch(model, train_loader, dense_opt, cfg, state["step"])
+        val = evaluate(model, val_loader)
+        state["epoch"] += 1
+        record = {"epoch": state["epoch"], "step": state["step"], **tr, **{f"val_{k}": v for k, v in val.items()}}
+        append_jsonl(run / "metrics.jsonl", record)
+        state["history"].append(record)
+        if val["auc"] > state["best_auc"]:
+            state["best_auc"], state["bad_epochs"] = val["auc"], 0
+            save_checkpoint(best_ckpt, model, dense_opt, state)
+        else:
+            state["bad_epochs"] += 1
+        save_checkpoint(ckpt, model, dense_opt, state)
+    summary = {"config": asdict(cfg), "best_val_auc": state["best_auc"], "epochs": state["epoch"],
+               "history": state["history"], "memory": memory_report(model, dense_opt)}
+    write_json(run / "summary.json", summary)
+    return summary
