@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml requirements.lock
 
 setup: $(STAMP)
 
+# The main job: 1M generated Criteo-format rows, every method at two byte budgets, DLRM.
+DEMO := runs/demo
 demo: setup
 	$(VENV)/bin/rectables memory --preset criteo-kaggle --dim 16
+	test -f $(DEMO)/criteo_synth.tsv || $(VENV)/bin/rectables synth --rows 1000000 --out $(DEMO)/criteo_synth.tsv --seed 0
+	test -f $(DEMO)/prep/meta.json || $(VENV)/bin/rectables preprocess $(DEMO)/criteo_synth.tsv --out $(DEMO)/prep --min-count 2
+	$(VENV)/bin/rectables compare --data $(DEMO)/prep --budgets 1/4,1/16 --epochs 2 --quiet --out $(DEMO)/compare
 
 test: setup
 	$(PY) -m pytest

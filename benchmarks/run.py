@@ -19,6 +19,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+import e2e_dlrm  # noqa: E402
 import embedding_step  # noqa: E402
 
 LABELS = {
@@ -27,6 +28,10 @@ LABELS = {
     "hash_1m": "rectables `hash`, one shared table of 2^20 rows",
     "nn_embeddingbag": "26 x nn.EmbeddingBag(sparse=True) + SGD",
     "torchrec_ebc": "torchrec EmbeddingBagCollection + torch.optim.SGD",
+    "torchrec_dlrm": "torchrec DLRM + FusedEmbeddingBagCollection",
+    "full": "rectables `full`",
+    "hash_1/16": "rectables `hash` at 1/16 of the bytes",
+    "multihash_1/16": "rectables `multihash` at 1/16 of the bytes",
 }
 
 
@@ -47,30 +52,82 @@ def measure(script: Path, configs: list[str], rounds: int) -> dict[str, dict]:
     return med
 
 
+def table(res: dict, configs: list[str], baselines: dict[str, str]) -> list[str]:
+    head = "| configuration | ms/step | samples/s | lookups/s | peak RSS | " + " | ".join(f"vs {v}" for v in baselines.values()) + " |"
+    lines = [head, "|---|" + "---:|" * (4 + len(baselines))]
+    for c in configs:
+        r, s = res[c], res[c]["samples_per_s"]
+        ratios = " | ".join(f"{s / res[b]['samples_per_s']:.2f}x" for b in baselines)
+        lines.append(f"| {LABELS[c]} | {r['ms_per_step']:.1f} | {s:,.0f} | {r['lookups_per_s']:,.0f} | "
+                     f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {ratios} |")
+    spread = ", ".join(f"{c}: {'/'.join(f'{x:.0f}' for x in res[c]['spread'])}" for c in configs)
+    return lines + ["", f"Per-round ms/step (noise): {spread}.", ""]
+
+
 def embedding_section(rounds: int) -> str:
     res = measure(HERE / "embedding_step.py", embedding_step.CONFIGS, rounds)
-    base = {k: res[k]["samples_per_s"] for k in ("tbe", "torchrec_ebc", "nn_embeddingbag", "full")}
-    lines = [
+    return "\n".join([
         "## Embedding train step (issue: foundation)",
         "",
         f"Criteo Kaggle cardinalities (26 features, 33,762,577 ids), one id per feature, Zipf(1.05) ids, "
         f"dim {embedding_step.DIM}, batch {embedding_step.BATCH}; forward + backward + SGD update with a fixed "
         f"upstream gradient; median of {rounds} interleaved rounds, each configuration in its own process.",
         "",
-        "| configuration | ms/step | samples/s | lookups/s | peak RSS | vs raw TBE | vs torchrec EBC | vs nn.EmbeddingBag | vs rectables full |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for c in embedding_step.CONFIGS:
-        r = res[c]
-        s = r["samples_per_s"]
-        lines.append(
-            f"| {LABELS[c]} | {r['ms_per_step']:.1f} | {s:,.0f} | {r['lookups_per_s']:,.0f} | "
-            f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {s / base['tbe']:.2f}x | {s / base['torchrec_ebc']:.1f}x | "
-            f"{s / base['nn_embeddingbag']:.2f}x | {s / base['full']:.2f}x |"
-        )
-    spread = ", ".join(f"{c}: {'/'.join(f'{x:.0f}' for x in res[c]['spread'])}" for c in embedding_step.CONFIGS)
-    lines += ["", f"Per-round ms/step (noise): {spread}.", ""]
-    return "\n".join(lines)
+        *table(res, embedding_step.CONFIGS, {"tbe": "raw TBE", "torchrec_ebc": "torchrec EBC",
+                                              "nn_embeddingbag": "nn.EmbeddingBag", "full": "rectables full"}),
+    ])
+
+
+def dlrm_section(rounds: int) -> str:
+    res = measure(HERE / "e2e_dlrm.py", e2e_dlrm.CONFIGS, rounds)
+    return "\n".join([
+        "## DLRM train step (issue: data, training loop, models)",
+        "",
+        f"Criteo Kaggle cardinalities, dim 16, batch 4096, dense arch {e2e_dlrm.DENSE_ARCH}, over arch "
+        f"{e2e_dlrm.OVER_ARCH}; row-wise Adagrad on the tables, Adam on the dense layers; model + update on "
+        f"in-memory Zipf batches (the loader is measured separately below); median of {rounds} rounds.",
+        "",
+        *table(res, e2e_dlrm.CONFIGS, {"torchrec_dlrm": "torchrec DLRM", "full": "rectables full"}),
+    ])
+
+
+def ingest_section(rows: int = 300_000) -> str:
+    import tempfile
+
+    import pandas as pd
+    from data.criteo import read_criteo
+    from data.loader import CriteoBatches
+    from data.preprocess import preprocess
+    from data.synth import synth
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "d.tsv"
+        synth(rows, path, seed=1)
+        t = time.perf_counter()
+        for _ in read_criteo(path):
+            pass
+        ours = rows / (time.perf_counter() - t)
+        t = time.perf_counter()
+        pd.read_csv(path, sep="\t", header=None)
+        plain = rows / (time.perf_counter() - t)
+        preprocess(path, Path(d) / "p")
+        loader = CriteoBatches(Path(d) / "p", "train", 4096, shuffle=True)
+        t, n = time.perf_counter(), 0
+        for b in loader:
+            n += len(b.labels)
+        load = n / (time.perf_counter() - t)
+    return "\n".join([
+        "## Ingest and loader (issue: data, training loop, models)",
+        "",
+        f"{rows:,} generated rows, plain TSV. Target: >= 1M rows/s parse.",
+        "",
+        "| step | rows/s | vs plain pandas.read_csv |",
+        "|---|---:|---:|",
+        f"| `data.criteo.read_criteo` (parse + validate + hex ids) | {ours:,.0f} | {ours / plain:.2f}x |",
+        f"| `pandas.read_csv(sep='\\t', header=None)` (no validation, ids left as strings) | {plain:,.0f} | 1.00x |",
+        f"| `CriteoBatches` memmap -> KJT batches (shuffled, batch 4096) | {load:,.0f} | {load / plain:.2f}x |",
+        "",
+    ])
 
 
 def main() -> None:
@@ -86,7 +143,8 @@ def main() -> None:
         "times move up to 2x between runs); compare the ratios, which come from the same run.",
         "",
     ]
-    Path(args.out).write_text("\n".join(head) + embedding_section(args.rounds))
+    sections = [embedding_section(args.rounds), dlrm_section(args.rounds), ingest_section()]
+    Path(args.out).write_text("\n".join(head) + "\n".join(sections))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

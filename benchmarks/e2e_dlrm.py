@@ -1,0 +1,87 @@
+"""DLRM train step (model + fused sparse update + dense Adam) at the Criteo Kaggle
+cardinalities, dim 16, batch 4096, dense arch 512-256-16, over arch 512-512-256-1.
+
+    python benchmarks/e2e_dlrm.py CONFIG  ->  one JSON line (one configuration per process)
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import torch
+
+from embedding_step import BATCH, DIM, zipf_batches
+from rectables.presets import CRITEO_FEATURES, CRITEO_KAGGLE
+
+DENSE_ARCH, OVER_ARCH = [512, 256, DIM], [512, 512, 256, 1]
+CONFIGS = ["torchrec_dlrm", "full", "hash_1/16", "multihash_1/16"]
+WARMUP, STEPS = 2, 10
+
+
+def build(config: str):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    F = len(CRITEO_KAGGLE)
+    lengths = torch.ones(F * BATCH, dtype=torch.int64)
+    offsets = torch.arange(F * BATCH + 1, dtype=torch.int64)
+    if config == "torchrec_dlrm":
+        from torchrec import EmbeddingBagConfig
+        from torchrec.models.dlrm import DLRM as TorchrecDLRM
+        from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+        from torchrec.optim import RowWiseAdagrad
+
+        ebc = FusedEmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name=f"t_{f}", embedding_dim=DIM, num_embeddings=n, feature_names=[f])
+                    for f, n in zip(CRITEO_FEATURES, CRITEO_KAGGLE)],
+            optimizer_type=RowWiseAdagrad, optimizer_kwargs={"lr": 0.05}, device=torch.device("cpu"))
+        model = TorchrecDLRM(embedding_bag_collection=ebc, dense_in_features=13,
+                             dense_arch_layer_sizes=DENSE_ARCH, over_arch_layer_sizes=OVER_ARCH)
+        dense_params = [p for n, p in model.named_parameters() if "sparse_arch" not in n]
+        call = lambda d, kjt: model(d, kjt).squeeze(1)  # noqa: E731
+    else:
+        import rectables
+        from models.dlrm import DLRM
+        from rectables.registry import table_class
+
+        method, _, frac = config.partition("_")
+        fraction = eval(frac) if frac else 1.0  # "1/16"
+        tables = [table_class(method).for_budget(f"t_{f}", DIM, [f], n, fraction, seed=i)
+                  for i, (f, n) in enumerate(zip(CRITEO_FEATURES, CRITEO_KAGGLE))]
+        ebc = rectables.EmbeddingBagCollection(tables, rectables.SparseOptimizer("rowwise_adagrad", lr=0.05))
+        model = DLRM(ebc, 13, DENSE_ARCH, OVER_ARCH)
+        dense_params = rectables.dense_parameters(model)
+        call = model
+    opt = torch.optim.Adam(dense_params, lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def step(ids, dense, labels):
+        kjt = KeyedJaggedTensor(keys=CRITEO_FEATURES, values=ids, lengths=lengths, offsets=offsets, stride=BATCH)
+        loss = loss_fn(call(dense, kjt), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def run(config: str) -> dict:
+    torch.manual_seed(0)
+    ids = zipf_batches(4)
+    dense = [torch.rand(BATCH, 13) * 5 for _ in ids]
+    labels = [(torch.rand(BATCH) < 0.25).float() for _ in ids]
+    step = build(config)
+    for i in range(WARMUP):
+        step(ids[i % 4], dense[i % 4], labels[i % 4])
+    t0 = time.perf_counter()
+    for i in range(STEPS):
+        step(ids[i % 4], dense[i % 4], labels[i % 4])
+    dt = (time.perf_counter() - t0) / STEPS
+    return {"config": config, "ms_per_step": dt * 1e3, "samples_per_s": BATCH / dt,
+            "lookups_per_s": BATCH * len(CRITEO_KAGGLE) / dt,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    print(json.dumps(run(sys.argv[1])))
