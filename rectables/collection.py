@@ -173,6 +173,7 @@ class EmbeddingBagCollection(_Collection):
     def __init__(self, tables, optimizer=None, device=None) -> None:
         super().__init__(tables, optimizer, device)
         self._mean = any(t.pooling == "mean" for t in tables)
+        self._combines = any(len(d) > 1 for d in self._lane_dims)  # else TBE output is final
 
     def forward(self, features):
         from torchrec.sparse.jagged_tensor import KeyedTensor
@@ -180,7 +181,7 @@ class EmbeddingBagCollection(_Collection):
         kjt, out, _ = self._lookup(features)
         B = out.shape[0]
         pieces, col, copy = [], 0, False
-        for t, dims in zip(self.tables, self._lane_dims):
+        for t, dims in zip(self.tables, self._lane_dims if self._combines else []):
             nf, k = len(t.feature_names), len(dims)
             block = out[:, col : col + nf * sum(dims)]
             col += nf * sum(dims)
