@@ -118,6 +118,28 @@ def run(config: str) -> dict:
             "lookups_per_s": BATCH * len(CRITEO_KAGGLE) / dt, "peak_rss_bytes": rss}
 
 
+AB_CONFIGS = ["tbe", "full", "hash_1m"]
+
+
+def run_ab(rounds: int = 8, steps: int = 10) -> dict:
+    """The fused configurations in one process, interleaved round by round, so that
+    memory placement and machine noise hit each alike; median ms/step per config."""
+    torch.manual_seed(0)
+    batches = zipf_batches(8)
+    fns = {c: build(c) for c in AB_CONFIGS}
+    for f in fns.values():
+        for i in range(WARMUP):
+            f(batches[i])
+    times: dict[str, list[float]] = {c: [] for c in fns}
+    for _ in range(rounds):
+        for c, f in fns.items():
+            t0 = time.perf_counter()
+            for i in range(steps):
+                f(batches[i % len(batches)])
+            times[c].append((time.perf_counter() - t0) / steps * 1e3)
+    return {c: sorted(v)[len(v) // 2] for c, v in times.items()}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    print(json.dumps(run(sys.argv[1])))
+    print(json.dumps(run_ab() if sys.argv[1] == "ab" else run(sys.argv[1])))

@@ -138,6 +138,8 @@ class _Collection(nn.Module):
             lens.append(seg if rows.shape[0] == 1 else seg.repeat(rows.shape[0]))
             f0 += nf
         indices = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if all(len(d) == 1 for d in self._lane_dims):  # one lane per feature: bags unchanged
+            return kjt, self.storage(indices, offsets), counts
         lens_all = torch.cat(lens) if len(lens) > 1 else lens[0]
         tbe_offsets = torch.zeros(lens_all.numel() + 1, dtype=torch.int64)
         torch.cumsum(lens_all, 0, out=tbe_offsets[1:])
