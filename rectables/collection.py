@@ -4,9 +4,11 @@
 ``EmbeddingCollection(KeyedJaggedTensor) -> dict[str, JaggedTensor]`` (one row per id),
 so code written for torchrec's EBC / EC switches by changing one constructor.
 
-Each table's ids are remapped to K lanes; lane l of feature f becomes one TBE feature,
-ordered table by table, lane-major (all features of lane 0, then lane 1, ...).  The
-combine step turns the lanes back into one vector per feature.
+Each feature's ids are remapped to K_f lanes; every lane is one TBE feature, ordered
+feature by feature (so the pooled lanes of a feature sit side by side and ``concat``
+costs nothing).  Tables that combine by ``mult`` need one row per id: in a pooled
+collection they live in a second, unpooled storage and are summed per bag after the
+product.
 
 Shapes: B batch, F features, N ids, K lanes, D dim, M rows.
 
@@ -48,30 +50,45 @@ class _Collection(nn.Module):
             raise ValueError(f"need >= 1 table, unique table names and features; got {names}, {feats}")
         self.tables = nn.ModuleList(tables)
         self.feature_names = feats
-        self.dims = [t.embedding_dim for t in tables for _ in t.feature_names]
-        shapes: list[tuple[int, int]] = []
-        lanes: list[int] = []
+        self.dims = [d for t in tables for d in t.feature_dims()]
+        # group "bags": pooled by the TBE; group "rows": one row per id (sequences, mult)
+        self.groups = [("rows" if not self.pooled or t.combine == "mult" else "bags") for t in tables]
+        shapes: dict[str, list] = {"bags": [], "rows": []}
+        lanes: dict[str, list] = {"bags": [], "rows": []}
         self._base: list[int] = []
-        for t in tables:
-            base = len(shapes)
+        self._lane_dims: list[list[list[int]]] = []  # [table][feature] -> dims of its lanes
+        for t, g in zip(tables, self.groups):
+            base = len(shapes[g])
             self._base.append(base)
-            shapes += t.physical_shapes()
-            for lane in range(len(t.lane_tables())):
-                lanes += [base + t.lane_table(lane, f) for f in range(len(t.feature_names))]
-        self.storage = FusedStorage(shapes, lanes, optimizer or SparseOptimizer(), self.pooled, device)
-        for t, base in zip(tables, self._base):
+            shapes[g] += t.physical_shapes()
+            per_f = [t.feature_lanes(f) for f in range(len(t.feature_names))]
+            for ks in per_f:
+                lanes[g] += [base + k for k in ks]
+            self._lane_dims.append([[shapes[g][base + k][1] for k in ks] for ks in per_f])
+        opt = optimizer or SparseOptimizer()
+        self.storages = nn.ModuleDict(
+            {g: FusedStorage(shapes[g], lanes[g], opt, pooled=g == "bags", device=device) for g in shapes if shapes[g]}
+        )
+        for t, g, base in zip(tables, self.groups, self._base):
             for k in range(len(t.physical_shapes())):
-                self.storage.init_uniform_(base + k, t.init_bound(k))
+                self.storages[g].init_uniform_(base + k, t.init_bound(k))
         self._all_passthrough = all(t.passthrough for t in tables)
+        self._one_lane = all(len(d) == 1 for dims in self._lane_dims for d in dims)
         self._first = [0]  # index of each table's first feature
         for t in tables:
             self._first.append(self._first[-1] + len(t.feature_names))
         self._limits = torch.tensor([t.physical_shapes()[0][0] for t in tables])
-        # per table: dims of its K lanes (lane l reads table lane_table(l, f), same dim for every f)
-        self._lane_dims = [
-            [shapes[base + t.lane_table(lane, 0)][1] for lane in range(len(t.lane_tables()))]
-            for t, base in zip(tables, self._base)
-        ]
+
+    def table_storage(self, i: int) -> tuple[FusedStorage, int]:
+        """(storage, index of its first physical table) of the i-th table."""
+        return self.storages[self.groups[i]], self._base[i]
+
+    @property
+    def storage(self) -> FusedStorage:
+        """The storage, when the collection has one group only."""
+        if len(self.storages) != 1:
+            raise AttributeError("this collection has two storages; use table_storage(i)")
+        return next(iter(self.storages.values()))
 
     @classmethod
     def from_configs(
@@ -116,7 +133,10 @@ class _Collection(nn.Module):
         return kjt.permute([keys.index(f) for f in self.feature_names])
 
     def _lookup(self, kjt):
-        """Remap every table and run the fused lookup.  Returns (kjt, output, ids per feature)."""
+        """Remap every table and run the fused lookups.
+
+        Returns (kjt, {group: output}, ids per feature).
+        """
         kjt = self._align(kjt)
         if kjt.variable_stride_per_key():
             raise ValueError("variable batch size per feature is not supported")
@@ -128,22 +148,27 @@ class _Collection(nn.Module):
         counts = [bounds[i + 1] - bounds[i] for i in range(len(self.feature_names))]
         if self._all_passthrough:
             self._check_ids(values, bounds)
-            return kjt, self.storage(values, offsets), counts
-        parts, lens, f0 = [], [], 0
-        for t in self.tables:
+            return kjt, {self.groups[0]: self.storage(values, offsets)}, counts
+        parts: dict[str, list] = {g: [] for g in self.storages}
+        lens: dict[str, list] = {g: [] for g in self.storages}
+        for t, g, f0 in zip(self.tables, self.groups, self._first):
             nf = len(t.feature_names)
             rows = t.remap(values[bounds[f0] : bounds[f0 + nf]], counts[f0 : f0 + nf])
-            parts.append(rows.reshape(-1))
-            seg = lengths[f0 * B : (f0 + nf) * B]
-            lens.append(seg if rows.shape[0] == 1 else seg.repeat(rows.shape[0]))
-            f0 += nf
-        indices = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if all(len(d) == 1 for d in self._lane_dims):  # one lane per feature: bags unchanged
-            return kjt, self.storage(indices, offsets), counts
-        lens_all = torch.cat(lens) if len(lens) > 1 else lens[0]
-        tbe_offsets = torch.zeros(lens_all.numel() + 1, dtype=torch.int64)
-        torch.cumsum(lens_all, 0, out=tbe_offsets[1:])
-        return kjt, self.storage(indices, tbe_offsets), counts
+            for i, r in enumerate(rows):
+                parts[g].append(r.reshape(-1))
+                seg = lengths[(f0 + i) * B : (f0 + i + 1) * B]
+                lens[g].append(seg if r.shape[0] == 1 else seg.repeat(r.shape[0]))
+        out = {}
+        for g, storage in self.storages.items():
+            indices = torch.cat(parts[g]) if len(parts[g]) > 1 else parts[g][0]
+            if self._one_lane and len(self.storages) == 1:  # bags unchanged: reuse the KJT offsets
+                out[g] = storage(indices, offsets)
+                continue
+            lens_all = torch.cat(lens[g]) if len(lens[g]) > 1 else lens[g][0]
+            tbe_offsets = torch.zeros(lens_all.numel() + 1, dtype=torch.int64)
+            torch.cumsum(lens_all, 0, out=tbe_offsets[1:])
+            out[g] = storage(indices, tbe_offsets)
+        return kjt, out, counts
 
     def _check_ids(self, values: torch.Tensor, bounds: list[int]) -> None:
         """All tables pass ids through: one fused max per table, one min overall."""
@@ -167,6 +192,18 @@ class _Collection(nn.Module):
             t.on_step_end(step)
 
 
+def _combine_rows(rows: torch.Tensor, k: int, combine: str) -> torch.Tensor:
+    """Looked-up rows [K * N, d] of one feature (lane-major) -> [N, D]."""
+    if k == 1:
+        return rows
+    lanes = rows.view(k, -1, rows.shape[1])
+    if combine == "sum":
+        return lanes.sum(0)
+    if combine == "mult":
+        return lanes.prod(0)
+    return lanes.permute(1, 0, 2).reshape(lanes.shape[1], -1)
+
+
 class EmbeddingBagCollection(_Collection):
     """Pooled lookup: ``forward(KeyedJaggedTensor [F keys, B bags]) -> KeyedTensor [B, sum D]``."""
 
@@ -175,30 +212,42 @@ class EmbeddingBagCollection(_Collection):
     def __init__(self, tables, optimizer=None, device=None) -> None:
         super().__init__(tables, optimizer, device)
         self._mean = any(t.pooling == "mean" for t in tables)
-        self._combines = any(len(d) > 1 for d in self._lane_dims)  # else TBE output is final
+        # the TBE output is already the answer unless some feature sums lanes or is per-id
+        self._plain_output = "rows" not in self.storages and not any(
+            len(d) > 1 and t.combine == "sum" for t, dims in zip(tables, self._lane_dims) for d in dims
+        )
 
     def forward(self, features):
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
-        kjt, out, _ = self._lookup(features)
-        B = out.shape[0]
-        pieces, col, copy = [], 0, False
-        for t, dims in zip(self.tables, self._lane_dims if self._combines else []):
-            nf, k = len(t.feature_names), len(dims)
-            block = out[:, col : col + nf * sum(dims)]
-            col += nf * sum(dims)
-            if k > 1 and t.combine == "sum":
-                block = block.reshape(B, k, nf * t.embedding_dim).sum(1)
-                copy = True
-            elif k > 1 and nf > 1:
-                lane_blocks = block.split([nf * d for d in dims], dim=1)
-                block = torch.cat([b.reshape(B, nf, -1) for b in lane_blocks], dim=2).reshape(B, -1)
-                copy = True
-            pieces.append(block)
-        out = torch.cat(pieces, dim=1) if copy else out
+        kjt, outs, counts = self._lookup(features)
+        B = kjt.stride()
+        out = outs.get("bags")
+        if not self._plain_output:
+            out = self._assemble(outs, kjt.lengths(), counts, B)
         if self._mean:
             out = out * self._mean_scale(kjt.lengths(), B)
         return KeyedTensor(keys=self.feature_names, length_per_key=self.dims, values=out)
+
+    def _assemble(self, outs: dict, lengths: torch.Tensor, counts: list[int], B: int) -> torch.Tensor:
+        pieces, col, row, f = [], 0, 0, 0
+        for t, g, dims in zip(self.tables, self.groups, self._lane_dims):
+            for d in dims:
+                k = len(d)
+                if g == "bags":
+                    block = outs["bags"][:, col : col + sum(d)]
+                    col += sum(d)
+                    if k > 1 and t.combine == "sum":
+                        block = block.reshape(B, k, -1).sum(1)
+                else:  # per-id rows: combine each id, then sum per bag
+                    n = counts[f]
+                    per_id = _combine_rows(outs["rows"][row : row + k * n], k, t.combine)
+                    row += k * n
+                    bag = torch.repeat_interleave(torch.arange(B), lengths[f * B : (f + 1) * B], output_size=n)
+                    block = per_id.new_zeros(B, per_id.shape[1]).index_add_(0, bag, per_id)
+                pieces.append(block)
+                f += 1
+        return torch.cat(pieces, dim=1)
 
     def _mean_scale(self, lengths: torch.Tensor, B: int) -> torch.Tensor:
         """[B, sum D]: 1/max(L, 1) on columns of mean-pooled features, 1 elsewhere."""
@@ -211,33 +260,27 @@ class EmbeddingBagCollection(_Collection):
 class EmbeddingCollection(_Collection):
     """Unpooled lookup: ``forward(KeyedJaggedTensor) -> dict[str, JaggedTensor]`` of [N_f, D].
 
-    As in torchrec's EmbeddingCollection, all tables share one embedding dim.
+    As in torchrec's EmbeddingCollection, all features share one embedding dim.
     """
 
     pooled = False
 
     def __init__(self, tables, optimizer=None, device=None) -> None:
-        if len({t.embedding_dim for t in tables}) > 1:
+        if len({d for t in tables for d in t.feature_dims()}) > 1:
             raise ValueError("EmbeddingCollection needs one embedding_dim for all tables")
         super().__init__(tables, optimizer, device)
 
     def forward(self, features) -> dict:
         from torchrec.sparse.jagged_tensor import JaggedTensor
 
-        kjt, out, counts = self._lookup(features)
-        B = kjt.stride()
-        lengths = kjt.lengths()
-        result, row, f0 = {}, 0, 0
-        for t in self.tables:
-            nf, k = len(t.feature_names), len(t.lane_tables())
-            n = sum(counts[f0 : f0 + nf])
-            block = out[row : row + k * n]
-            row += k * n
-            if k > 1:
-                lanes = block.view(k, n, -1)
-                block = lanes.sum(0) if t.combine == "sum" else lanes.permute(1, 0, 2).reshape(n, -1)
-            for i, (name, v) in enumerate(zip(t.feature_names, block.split(counts[f0 : f0 + nf]))):
-                seg = lengths[(f0 + i) * B : (f0 + i + 1) * B]
-                result[name] = JaggedTensor(values=v, lengths=seg)
-            f0 += nf
+        kjt, outs, counts = self._lookup(features)
+        B, lengths, out = kjt.stride(), kjt.lengths(), outs["rows"]
+        result, row, f = {}, 0, 0
+        for t, dims in zip(self.tables, self._lane_dims):
+            for name, d in zip(t.feature_names, dims):
+                n, k = counts[f], len(d)
+                values = _combine_rows(out[row : row + k * n], k, t.combine)
+                row += k * n
+                result[name] = JaggedTensor(values=values, lengths=lengths[f * B : (f + 1) * B])
+                f += 1
         return result

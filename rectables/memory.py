@@ -24,7 +24,7 @@ def _tensor_bytes(tensors) -> int:
 
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters a torch optimizer should own: everything outside fused storages."""
-    fused = {id(p) for c in _collections(model) for p in c.storage.parameters()}
+    fused = {id(p) for c in _collections(model) for p in c.storages.parameters()}
     return [p for p in model.parameters() if id(p) not in fused]
 
 
@@ -34,9 +34,9 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     overhead = 0
     in_collections: set[int] = set()
     for c in _collections(model):
-        st = c.storage
         accounted = 0
-        for t, base in zip(c.tables, c._base):
+        for i, t in enumerate(c.tables):
+            st, base = c.table_storage(i)
             ks = range(base, base + len(t.physical_shapes()))
             entry = {
                 "method": t.method,
@@ -48,7 +48,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
             entry["total"] = entry["weights"] + entry["optimizer"] + entry["buffers"]
             tables[t.name] = entry
             accounted += entry["weights"] + entry["optimizer"]
-        overhead += _tensor_bytes(list(st.parameters()) + list(st.buffers())) - accounted
+        overhead += _tensor_bytes(list(c.storages.parameters()) + list(c.storages.buffers())) - accounted
         in_collections |= {id(x) for x in list(c.parameters()) + list(c.buffers())}
     dense_params = [p for p in model.parameters() if id(p) not in in_collections]
     dense_bufs = [b for b in model.buffers() if id(b) not in in_collections]

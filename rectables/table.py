@@ -1,13 +1,13 @@
 """The table contract: a remap of ids onto rows of plain physical tables + a combine.
 
 A :class:`Table` owns no weights.  It says which physical tables it needs
-(``physical_shapes``), which physical table each of its K lanes reads
-(``lane_tables``), how ids become rows (``remap``), and how the K looked-up lanes
-become one vector per id or bag (``combine``: ``"concat"`` or ``"sum"``).  The
-collection puts the physical tables of all its tables into one fused storage.
+(``physical_shapes``), which physical table each of the K_f lanes of feature f reads
+(``feature_lanes``), how ids become rows (``remap``), and how the lanes become one
+vector per id (``combine``: ``"concat"``, ``"sum"`` or ``"mult"``).  Linear combines
+let the fused storage pool; ``"mult"`` needs per-id rows, then a sum per bag.
 
-Shapes: F features served by the table, B batch, N ids of those features,
-K lanes, D output dim per feature, M rows of a physical table.
+Shapes: F features served by the table, B batch, N ids of those features (N_f of
+feature f), K_f lanes of feature f, D output dim, M rows of a physical table.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class Table(nn.Module):
     raw_ids: ClassVar[bool] = True
     #: True if ``remap`` only checks ids lie in [0, rows of physical table 0) and returns them (K = 1)
     passthrough: ClassVar[bool] = False
+    COMBINES: ClassVar[tuple[str, ...]] = ("concat", "sum", "mult")
 
     def __init__(
         self,
@@ -59,17 +60,22 @@ class Table(nn.Module):
         """(M, dim) of each physical table this table needs."""
         raise NotImplementedError
 
-    def lane_tables(self) -> list[int]:
-        """For each of the K lanes, the index of the physical table it reads."""
+    def feature_lanes(self, f: int) -> list[int]:
+        """Physical table read by each of the K_f lanes of the table's f-th feature."""
         return [0]
 
-    def lane_table(self, lane: int, feature: int) -> int:
-        """Physical table read by ``lane`` for the table's ``feature``-th feature."""
-        return self.lane_tables()[lane]
+    def feature_dims(self) -> list[int]:
+        """Output dim of each feature (D unless a method says otherwise)."""
+        return [self.embedding_dim] * len(self.feature_names)
 
-    def remap(self, values: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Ids [N] of the F features (``counts[f]`` ids each, in order) -> rows [K, N]."""
+    def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        """Ids [N] of the F features (``counts[f]`` ids each, in order) -> rows [K_f, N_f] per feature."""
         raise NotImplementedError
+
+    @staticmethod
+    def per_feature(rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        """Rows [K, N] of all features -> views [K, N_f] per feature."""
+        return [rows] if len(counts) == 1 else list(rows.split(counts, dim=1))
 
     @classmethod
     def for_budget(
@@ -77,6 +83,14 @@ class Table(nn.Module):
     ) -> "Table":
         """A table for ``num_ids`` ids whose weights are about ``fraction`` of ``full``'s."""
         raise NotImplementedError(f"method {cls.method!r} does not size itself for a budget")
+
+    @classmethod
+    def for_budget_all(
+        cls, embedding_dim: int, feature_names: list[str], num_ids: list[int], fraction: float, seed: int = 0
+    ) -> list["Table"]:
+        """Tables for several features at ``fraction`` of ``full``'s bytes (one per feature by default)."""
+        return [cls.for_budget(f"t_{f}", embedding_dim, [f], n, fraction, seed=seed + i)
+                for i, (f, n) in enumerate(zip(feature_names, num_ids))]
 
     def init_bound(self, k: int) -> float:
         """Physical table k starts U(-bound, bound); torchrec's default sqrt(1/M)."""

@@ -42,5 +42,11 @@ def collection(method: str, features=("a", "b"), optimizer="sgd", lr=0.1, pooled
     return cls(tables, rectables.SparseOptimizer(optimizer, lr=lr))
 
 
+def all_weights(ebc) -> dict:
+    """Copies of the fused weights, one flat tensor per storage group."""
+    return {g: s.tbe.weights_host.detach().clone() for g, s in ebc.storages.items()}
+
+
 def weights(ebc) -> torch.Tensor:
-    return ebc.storage.tbe.weights_host.detach().clone()
+    """Copy of every fused weight of the collection, flat."""
+    return torch.cat(list(all_weights(ebc).values()))

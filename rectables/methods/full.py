@@ -44,7 +44,7 @@ class FullTable(Table):
             lo, hi = torch.aminmax(values)
             if lo < 0 or hi >= self.num_ids:
                 self._raise_out_of_range(values, counts)
-        return values.unsqueeze(0)
+        return self.per_feature(values.unsqueeze(0), counts)
 
     def _raise_out_of_range(self, values: torch.Tensor, counts: list[int]) -> None:
         for name, ids in zip(self.feature_names, values.split(counts)):

@@ -74,11 +74,11 @@ class HashTable(_Hashed):
     def for_budget(cls, name, embedding_dim, feature_names, num_ids, fraction, seed=0):
         return cls(name, embedding_dim, feature_names, rows_for(num_ids, fraction), seed=seed)
 
-    def lane_table(self, lane: int, feature: int) -> int:
-        return 0 if self.shared else feature
+    def feature_lanes(self, f: int) -> list[int]:
+        return [0 if self.shared else f]
 
-    def remap(self, values: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return self._bucket(values, counts, 0, self.num_buckets).unsqueeze(0)
+    def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        return self.per_feature(self._bucket(values, counts, 0, self.num_buckets).unsqueeze(0), counts)
 
 
 @register
@@ -126,8 +126,9 @@ class MultiHashTable(_Hashed):
         d = self.embedding_dim // self.num_hashes if self.combine == "concat" else self.embedding_dim
         return [(self.num_buckets, d)]
 
-    def lane_tables(self) -> list[int]:
+    def feature_lanes(self, f: int) -> list[int]:
         return [0] * self.num_hashes
 
-    def remap(self, values: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return torch.stack([self._bucket(values, counts, j, self.num_buckets) for j in range(self.num_hashes)])
+    def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        rows = torch.stack([self._bucket(values, counts, j, self.num_buckets) for j in range(self.num_hashes)])
+        return self.per_feature(rows, counts)
