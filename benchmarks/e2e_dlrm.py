@@ -16,7 +16,7 @@ from embedding_step import BATCH, DIM, zipf_batches
 from rectables.presets import CRITEO_FEATURES, CRITEO_KAGGLE
 
 DENSE_ARCH, OVER_ARCH = [512, 256, DIM], [512, 512, 256, 1]
-CONFIGS = ["torchrec_dlrm", "full", "hash_1/16", "multihash_1/16"]
+CONFIGS = ["torchrec_dlrm", "full", "hash_1/16", "multihash_1/16", "unified_1/16", "compositional_1/16"]
 WARMUP, STEPS = 2, 10
 
 
@@ -47,8 +47,7 @@ def build(config: str):
 
         method, _, frac = config.partition("_")
         fraction = eval(frac) if frac else 1.0  # "1/16"
-        tables = [table_class(method).for_budget(f"t_{f}", DIM, [f], n, fraction, seed=i)
-                  for i, (f, n) in enumerate(zip(CRITEO_FEATURES, CRITEO_KAGGLE))]
+        tables = table_class(method).for_budget_all(DIM, CRITEO_FEATURES, CRITEO_KAGGLE, fraction)
         ebc = rectables.EmbeddingBagCollection(tables, rectables.SparseOptimizer("rowwise_adagrad", lr=0.05))
         model = DLRM(ebc, 13, DENSE_ARCH, OVER_ARCH)
         dense_params = rectables.dense_parameters(model)

@@ -32,6 +32,8 @@ LABELS = {
     "full": "rectables `full`",
     "hash_1/16": "rectables `hash` at 1/16 of the bytes",
     "multihash_1/16": "rectables `multihash` at 1/16 of the bytes",
+    "unified_1/16": "rectables `unified` (1 shared table, 2 chunks) at 1/16",
+    "compositional_1/16": "rectables `compositional` (QR, m = 16, mult) at 1/16",
 }
 
 

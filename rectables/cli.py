@@ -4,17 +4,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rectables.presets import CRITEO_FEATURES, PRESETS, parse_fraction
+from rectables.presets import PRESETS, parse_fraction
 
 
 def build_criteo_collection(method: str, dim: int, fraction: float, cardinalities: list[int], optimizer, device="cpu"):
-    """One table per Criteo feature, each sized for ``fraction`` of its full bytes."""
+    """The method's tables for the Criteo features at ``fraction`` of the full bytes."""
     from rectables.collection import EmbeddingBagCollection
     from rectables.registry import table_class
 
-    cls = table_class(method)
-    names = CRITEO_FEATURES[: len(cardinalities)] if len(cardinalities) <= 26 else [f"C{i+1}" for i in range(len(cardinalities))]
-    tables = [cls.for_budget(f"t_{f}", dim, [f], n, fraction, seed=i) for i, (f, n) in enumerate(zip(names, cardinalities))]
+    names = [f"C{i + 1}" for i in range(len(cardinalities))]
+    tables = table_class(method).for_budget_all(dim, names, cardinalities, fraction)
     return EmbeddingBagCollection(tables, optimizer, device)
 
 

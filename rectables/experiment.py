@@ -29,8 +29,7 @@ def build_model(spec: dict, meta: dict):
     from rectables.collection import EmbeddingBagCollection
 
     cls, tcfg = table_class(spec["method"]), TrainConfig(**spec.get("train", {}))
-    tables = [cls.for_budget(f"t_{f}", spec["dim"], [f], n, spec["budget"], seed=i)
-              for i, (f, n) in enumerate(zip(meta["features"], meta["cardinalities"]))]
+    tables = cls.for_budget_all(spec["dim"], meta["features"], meta["cardinalities"], spec["budget"])
     ebc = EmbeddingBagCollection(tables, SparseOptimizer(tcfg.sparse_optimizer, lr=tcfg.sparse_lr))
     if spec["model"] == "dlrm":
         return DLRM(ebc, 13, spec["dense_arch"], spec["over_arch"])

@@ -7,7 +7,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 import rectables
 from rectables.registry import table_class
 
-NUM_IDS = 50
+NUM_IDS = 300  # above compositional's plain threshold (200)
 DIM = 8
 
 #: the setting of each method that must equal ``full`` exactly (every method needs one)
@@ -15,6 +15,8 @@ DEGENERATE = {
     "full": {"num_ids": NUM_IDS},
     "hash": {"num_buckets": NUM_IDS, "mix": False},
     "multihash": {"num_buckets": NUM_IDS, "num_hashes": 1, "mix": False},
+    "unified": {"buckets_per_table": NUM_IDS, "num_tables": 1, "num_chunks": 1, "mix": False},
+    "compositional": {"num_ids": NUM_IDS, "threshold": NUM_IDS},
 }
 
 

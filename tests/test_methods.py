@@ -1,0 +1,112 @@
+"""Method-specific checks for unified and compositional (the contract is in test_conformance)."""
+import math
+
+import pytest
+import torch
+
+import rectables
+from rectables import hashing
+from rectables.methods.compositional import partition, partition_sizes
+from rectables.methods.unified import unified_for_bytes
+from tests.helpers import random_kjt
+
+
+@pytest.mark.parametrize("kind, moduli, n", [
+    ("qr", [7], 1000), ("qr", [1], 50), ("qr", [1000], 1000), ("mixed_radix", [4, 5, 60], 1000),
+    ("crt", [7, 11, 13], 1001), ("crt", [8, 9, 25], 1800),
+])
+def test_partitions_are_complementary_exhaustive(kind, moduli, n):
+    sizes = partition_sizes(kind, moduli, n)
+    digits = partition(torch.arange(n), kind, moduli)
+    assert all(int(d.max()) < s and int(d.min()) >= 0 for d, s in zip(digits, sizes))
+    assert len({tuple(col) for col in digits.T.tolist()}) == n
+
+
+@pytest.mark.parametrize("kind, moduli", [("qr", [2**20]), ("mixed_radix", [2**13, 2**13, 2**14]),
+                                          ("crt", [2**20, 2**20 + 1])])
+def test_partitions_unique_sampled_at_2_pow_40(kind, moduli):
+    n = 2**40
+    partition_sizes(kind, moduli, n)
+    ids = torch.unique(torch.randint(0, n, (200_000,), generator=torch.Generator().manual_seed(0)))
+    ids = torch.cat([ids, torch.tensor([n - 1, n - 2, 2**24, 2**24 + 1])]).unique()
+    digits = partition(ids, kind, moduli)
+    assert len({tuple(col) for col in digits.T.tolist()}) == len(ids)
+
+
+def test_qr_is_integer_exact_beyond_float32():
+    x = torch.tensor([2**24, 2**24 + 1, 2**53 + 1])
+    r, q = partition(x, "qr", [3])  # (x mod m, x div m)
+    assert (q * 3 + r).tolist() == x.tolist()
+
+
+@pytest.mark.parametrize("kind, moduli, n, msg", [
+    ("mixed_radix", [4, 5], 21, "collide"), ("crt", [6, 9], 50, "coprime"), ("qr", [2, 3], 10, "one modulus")])
+def test_partition_checks_at_construction(kind, moduli, n, msg):
+    with pytest.raises(ValueError, match=msg):
+        rectables.create_table("compositional", name="t", embedding_dim=8, feature_names=["a"], num_ids=n,
+                               partition=kind, moduli=moduli, threshold=0)
+
+
+@pytest.mark.parametrize("combine", ["add", "mult", "concat"])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_compositional_matches_per_id_reference_with_bags(combine, pooling):
+    torch.manual_seed(0)
+    t = rectables.create_table("compositional", name="t", embedding_dim=8, feature_names=["a"], num_ids=1000,
+                               partition="qr", moduli=[30], combine=combine, threshold=0, pooling=pooling)
+    ebc = rectables.EmbeddingBagCollection([t], rectables.SparseOptimizer("sgd"))
+    kjt = random_kjt(["a"], 6, 4, num_ids=1000)
+    st, base = ebc.table_storage(0)
+    w0, w1 = st.weight(base), st.weight(base + 1)
+    digits = partition(kjt.values(), "qr", [30])
+    a, b = w0[digits[0]], w1[digits[1]]
+    per_id = {"add": a + b, "mult": a * b, "concat": torch.cat([a, b], 1)}[combine]
+    bag = torch.repeat_interleave(torch.arange(6), kjt.lengths())
+    want = torch.zeros(6, 8).index_add_(0, bag, per_id)
+    if pooling == "mean":
+        want = want / kjt.lengths().clamp(min=1).unsqueeze(1)
+    torch.testing.assert_close(ebc(kjt).values(), want)  # a sum of products, not a product of sums
+
+
+def test_compositional_mult_init_is_symmetric_and_small_tables_stay_plain():
+    t = rectables.create_table("compositional", name="t", embedding_dim=16, feature_names=["a"], num_ids=10_000, moduli=[100])
+    small = rectables.create_table("compositional", name="s", embedding_dim=16, feature_names=["b"], num_ids=150)
+    ebc = rectables.EmbeddingBagCollection([t, small])
+    st, base = ebc.table_storage(0)
+    w = torch.cat([st.weight(base).flatten(), st.weight(base + 1).flatten()])
+    assert (w < 0).float().mean() > 0.4 and (w > 0).float().mean() > 0.4
+    assert small.physical_shapes() == [(150, 16)] and ebc.groups == ["rows", "bags"]
+
+
+def test_compositional_hashes_raw_ids_into_range():
+    t = rectables.create_table("compositional", name="t", embedding_dim=8, feature_names=["a"], num_ids=1000,
+                               moduli=[32], hash_ids=True, threshold=0)
+    raw = torch.tensor([2**63 - 1, -(2**63), 123456789012345])
+    (rows,) = t.remap(raw, [3])
+    want = hashing.bucket(raw, t.keys[0], 1000)
+    assert torch.equal(rows, partition(want, "qr", [32]))
+
+
+def test_unified_round_robin_lanes_and_dims():
+    t = rectables.create_table("unified", name="u", embedding_dim=8, feature_names=["a", "b", "c"],
+                               buckets_per_table=64, num_tables=3, num_chunks=[2, 1, 3], dim_per_table=4)
+    assert [t.feature_lanes(f) for f in range(3)] == [[0, 1], [2], [0, 1, 2]]
+    assert t.feature_dims() == [8, 4, 12]
+    ebc = rectables.EmbeddingBagCollection([t], rectables.SparseOptimizer("sgd"))
+    kjt = random_kjt(["a", "b", "c"], 4, 2, num_ids=10**9)
+    out = ebc(kjt)
+    assert out.length_per_key() == [8, 4, 12]
+    # chunk j of feature f = row bucket(x, salt(f, j)) of table lane(f, j), concatenated in chunk order
+    feat = kjt["c"]
+    bag = torch.repeat_interleave(torch.arange(4), feat.lengths())
+    chunks = [ebc.storage.weight(lane)[hashing.bucket(feat.values(), hashing.salt_key(0, 2, j), 64)]
+              for j, lane in enumerate([0, 1, 2])]
+    want = torch.zeros(4, 12).index_add_(0, bag, torch.cat(chunks, 1))
+    torch.testing.assert_close(out.values()[:, 12:], want)
+
+
+def test_unified_budget_helpers():
+    t = unified_for_bytes(10_000_000, 16, ["a", "b"], num_tables=2, num_chunks=2)
+    weights = sum(m * d * 4 for m, d in t.physical_shapes())
+    assert 9_900_000 < weights <= 10_000_000
+    (u,) = rectables.registry.table_class("unified").for_budget_all(16, ["a", "b"], [1000, 3000], 0.25)
+    assert math.isclose(sum(m * d for m, d in u.physical_shapes()), 0.25 * 4000 * 16, rel_tol=0.01)
