@@ -18,7 +18,7 @@ import torch
 from rectables.presets import CRITEO_FEATURES, CRITEO_KAGGLE
 
 DIM, BATCH, WARMUP, STEPS = 16, 4096, 3, 20
-CONFIGS = ["tbe", "full", "hash_1m", "nn_embeddingbag", "torchrec_ebc"]
+CONFIGS = ["tbe", "full", "hash_1m", "qr_m4", "qr_sqrt", "unified_1/4", "unified_1/64", "nn_embeddingbag", "torchrec_ebc"]
 
 
 def zipf_batches(n_batches: int, seed: int = 0) -> list[torch.Tensor]:
@@ -45,8 +45,21 @@ def build(config: str):
     grad = torch.randn(BATCH, F * DIM, generator=torch.Generator().manual_seed(0))
     opt = rectables.SparseOptimizer("sgd", lr=0.01)
 
-    if config in ("full", "hash_1m"):
-        if config == "full":
+    if config in ("full", "hash_1m") or config.startswith(("qr_", "unified_")):
+        if config.startswith("qr_"):
+            import math
+
+            tables = [rectables.create_table(
+                "compositional", name=f"t_{f}", embedding_dim=DIM, feature_names=[f], num_ids=n, partition="qr",
+                moduli=[4 if config == "qr_m4" else math.ceil(math.sqrt(n))], combine="mult")
+                for f, n in zip(CRITEO_FEATURES, CRITEO_KAGGLE)]
+        elif config.startswith("unified_"):
+            from rectables.presets import parse_fraction
+            from rectables.registry import table_class
+
+            frac = parse_fraction(config.split("_")[1])
+            tables = table_class("unified").for_budget_all(DIM, CRITEO_FEATURES, CRITEO_KAGGLE, frac)
+        elif config == "full":
             tables = [rectables.create_table("full", name=f"t_{f}", embedding_dim=DIM, feature_names=[f], num_ids=n)
                       for f, n in zip(CRITEO_FEATURES, CRITEO_KAGGLE)]
         else:
@@ -118,7 +131,7 @@ def run(config: str) -> dict:
             "lookups_per_s": BATCH * len(CRITEO_KAGGLE) / dt, "peak_rss_bytes": rss}
 
 
-AB_CONFIGS = ["tbe", "full", "hash_1m"]
+AB_CONFIGS = ["tbe", "full", "hash_1m", "qr_m4", "qr_sqrt", "unified_1/4", "unified_1/64"]
 
 
 def run_ab(rounds: int = 8, steps: int = 10) -> dict:

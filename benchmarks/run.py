@@ -26,6 +26,10 @@ LABELS = {
     "tbe": "raw fbgemm TBE (EXACT_SGD)",
     "full": "rectables `full`",
     "hash_1m": "rectables `hash`, one shared table of 2^20 rows",
+    "qr_m4": "rectables `compositional` QR m = 4, mult",
+    "qr_sqrt": "rectables `compositional` QR m = ceil(sqrt(n)), mult",
+    "unified_1/4": "rectables `unified` at 1/4 of the bytes",
+    "unified_1/64": "rectables `unified` at 1/64 of the bytes",
     "nn_embeddingbag": "26 x nn.EmbeddingBag(sparse=True) + SGD",
     "torchrec_ebc": "torchrec EmbeddingBagCollection + torch.optim.SGD",
     "torchrec_dlrm": "torchrec DLRM + FusedEmbeddingBagCollection",
@@ -71,7 +75,7 @@ def embedding_section(rounds: int) -> str:
     out = subprocess.run([sys.executable, str(HERE / "embedding_step.py"), "ab"], capture_output=True, text=True, check=True)
     ab = json.loads(out.stdout.strip().splitlines()[-1])
     ab_lines = [
-        "Same configurations, all three in one process, interleaved over 8 rounds (the fairest speed ratio: "
+        "Fused configurations, all in one process, interleaved over 8 rounds (the fairest speed ratio: "
         "separate processes place their 2.2 GB differently and move 10% on their own):",
         "",
         "| configuration | median ms/step | vs raw TBE | vs rectables full |",
