@@ -6,9 +6,9 @@ so code written for torchrec's EBC / EC switches by changing one constructor.
 
 Each feature's ids are remapped to K_f lanes; every lane is one TBE feature, ordered
 feature by feature (so the pooled lanes of a feature sit side by side and ``concat``
-costs nothing).  Tables that combine by ``mult`` need one row per id: in a pooled
-collection they live in a second, unpooled storage and are summed per bag after the
-product.
+costs nothing).  Per-id rows (sequence output, and ``mult`` tables of a pooled
+collection, which sum products per bag) come from a second storage in which every id
+is a bag of its own; each lane there has B' = max ids per lane bags, padded empty.
 
 Shapes: B batch, F features, N ids, K lanes, D dim, M rows.
 
@@ -54,7 +54,7 @@ class _Collection(nn.Module):
         # group "bags": pooled by the TBE; group "rows": one row per id (sequences, mult)
         self.groups = [("rows" if not self.pooled or t.combine == "mult" else "bags") for t in tables]
         shapes: dict[str, list] = {"bags": [], "rows": []}
-        lanes: dict[str, list] = {"bags": [], "rows": []}
+        feature_lanes: dict[str, list] = {"bags": [], "rows": []}  # per feature: global tables of its lanes
         self._base: list[int] = []
         self._lane_dims: list[list[list[int]]] = []  # [table][feature] -> dims of its lanes
         for t, g in zip(tables, self.groups):
@@ -62,17 +62,17 @@ class _Collection(nn.Module):
             self._base.append(base)
             shapes[g] += t.physical_shapes()
             per_f = [t.feature_lanes(f) for f in range(len(t.feature_names))]
-            for ks in per_f:
-                lanes[g] += [base + k for k in ks]
+            feature_lanes[g] += [[base + k for k in ks] for ks in per_f]
             self._lane_dims.append([[shapes[g][base + k][1] for k in ks] for ks in per_f])
+        lanes = {g: [k for f in fl for k in f] for g, fl in feature_lanes.items()}
         opt = optimizer or SparseOptimizer()
         self.storages = nn.ModuleDict(
-            {g: FusedStorage(shapes[g], lanes[g], opt, pooled=g == "bags", device=device) for g in shapes if shapes[g]}
+            {g: FusedStorage(shapes[g], lanes[g], opt, device=device) for g in shapes if shapes[g]}
         )
         for t, g, base in zip(tables, self.groups, self._base):
             for k in range(len(t.physical_shapes())):
                 self.storages[g].init_uniform_(base + k, t.init_bound(k))
-        self._all_passthrough = all(t.passthrough for t in tables)
+        self._all_passthrough = self.pooled and all(t.passthrough for t in tables)
         self._one_lane = all(len(d) == 1 for dims in self._lane_dims for d in dims)
         self._first = [0]  # index of each table's first feature
         for t in tables:
@@ -148,25 +148,31 @@ class _Collection(nn.Module):
         counts = [bounds[i + 1] - bounds[i] for i in range(len(self.feature_names))]
         if self._all_passthrough:
             self._check_ids(values, bounds)
-            return kjt, {self.groups[0]: self.storage(values, offsets)}, counts
+            return kjt, {"bags": self.storage(values, offsets)}, counts
         parts: dict[str, list] = {g: [] for g in self.storages}
         lens: dict[str, list] = {g: [] for g in self.storages}
+        lane_ids: list[int] = []  # ids per lane of the per-id group
         for t, g, f0 in zip(self.tables, self.groups, self._first):
             nf = len(t.feature_names)
             rows = t.remap(values[bounds[f0] : bounds[f0 + nf]], counts[f0 : f0 + nf])
             for i, r in enumerate(rows):
                 parts[g].append(r.reshape(-1))
+                if g == "rows":
+                    lane_ids += [r.shape[1]] * r.shape[0]
+                    continue
                 seg = lengths[(f0 + i) * B : (f0 + i + 1) * B]
                 lens[g].append(seg if r.shape[0] == 1 else seg.repeat(r.shape[0]))
         out = {}
         for g, storage in self.storages.items():
             indices = torch.cat(parts[g]) if len(parts[g]) > 1 else parts[g][0]
-            if self._one_lane and len(self.storages) == 1:  # bags unchanged: reuse the KJT offsets
-                out[g] = storage(indices, offsets)
-                continue
-            lens_all = torch.cat(lens[g]) if len(lens[g]) > 1 else lens[g][0]
-            tbe_offsets = torch.zeros(lens_all.numel() + 1, dtype=torch.int64)
-            torch.cumsum(lens_all, 0, out=tbe_offsets[1:])
+            if g == "rows":
+                tbe_offsets = _one_id_per_bag(lane_ids)
+            elif self._one_lane and len(self.storages) == 1:  # bags unchanged: reuse the KJT offsets
+                tbe_offsets = offsets
+            else:
+                lens_all = torch.cat(lens[g]) if len(lens[g]) > 1 else lens[g][0]
+                tbe_offsets = torch.zeros(lens_all.numel() + 1, dtype=torch.int64)
+                torch.cumsum(lens_all, 0, out=tbe_offsets[1:])
             out[g] = storage(indices, tbe_offsets)
         return kjt, out, counts
 
@@ -192,16 +198,38 @@ class _Collection(nn.Module):
             t.on_step_end(step)
 
 
-def _combine_rows(rows: torch.Tensor, k: int, combine: str) -> torch.Tensor:
-    """Looked-up rows [K * N, d] of one feature (lane-major) -> [N, D]."""
-    if k == 1:
+def _one_id_per_bag(lane_ids: list[int]) -> torch.Tensor:
+    """TBE offsets [L * B' + 1] giving every id its own bag; lane j has lane_ids[j] ids and
+    B' = max(lane_ids) bags, the last ones empty."""
+    n = torch.tensor(lane_ids)
+    width = max(max(lane_ids, default=0), 1)
+    starts = torch.cumsum(n, 0) - n
+    offs = starts.unsqueeze(1) + torch.minimum(torch.arange(width).unsqueeze(0), n.unsqueeze(1))
+    return torch.cat([offs.reshape(-1), n.sum().reshape(1)])
+
+
+def _combine_cols(rows: torch.Tensor, dims: list[int], combine: str) -> torch.Tensor:
+    """Rows [N, sum d] of one feature, its K lanes side by side -> [N, D]."""
+    if len(dims) == 1 or combine == "concat":
         return rows
-    lanes = rows.view(k, -1, rows.shape[1])
+    lanes = rows.view(rows.shape[0], len(dims), dims[0])
     if combine == "sum":
-        return lanes.sum(0)
-    if combine == "mult":
-        return lanes.prod(0)
-    return lanes.permute(1, 0, 2).reshape(lanes.shape[1], -1)
+        return lanes.sum(1)
+    out, *rest = lanes.unbind(1)
+    for lane in rest:  # plain products: prod()'s backward scans for zeros
+        out = out * lane
+    return out
+
+
+def _feature_blocks(out: torch.Tensor, lane_dims: list[list[list[int]]], groups: list[str], group: str) -> list:
+    """One split of ``out`` [*, sum of widths] into per-feature blocks (slicing feature by
+    feature would give each slice a full-size zero gradient in backward)."""
+    widths = [sum(d) for dims, g in zip(lane_dims, groups) if g == group for d in dims]
+    return list(out.split(widths, dim=1))
+
+
+def _first_rows(block: torch.Tensor, n: int) -> torch.Tensor:
+    return block if n == block.shape[0] else block[:n]
 
 
 class EmbeddingBagCollection(_Collection):
@@ -212,6 +240,12 @@ class EmbeddingBagCollection(_Collection):
     def __init__(self, tables, optimizer=None, device=None) -> None:
         super().__init__(tables, optimizer, device)
         self._mean = any(t.pooling == "mean" for t in tables)
+        rows_dims = [d for dims, g in zip(self._lane_dims, self.groups) if g == "rows" for d in dims]
+        self._rows_features = torch.tensor(
+            [f for f, g in enumerate(g for t, g in zip(tables, self.groups) for _ in t.feature_names) if g == "rows"],
+            dtype=torch.int64)
+        # every per-id feature has the same lanes: combine and pool the whole group at once
+        self._rows_lanes = rows_dims[0] if rows_dims and all(d == rows_dims[0] for d in rows_dims) else None
         # the TBE output is already the answer unless some feature sums lanes or is per-id
         self._plain_output = "rows" not in self.storages and not any(
             len(d) > 1 and t.combine == "sum" for t, dims in zip(tables, self._lane_dims) for d in dims
@@ -229,20 +263,37 @@ class EmbeddingBagCollection(_Collection):
             out = out * self._mean_scale(kjt.lengths(), B)
         return KeyedTensor(keys=self.feature_names, length_per_key=self.dims, values=out)
 
+    def _pool_rows(self, out: torch.Tensor, lengths: torch.Tensor, counts: list[int], B: int) -> list:
+        """Per-id rows [B', F_r * K * d] of the F_r mult features -> pooled [B, d] per feature."""
+        d = self._rows_lanes
+        Fr, Bp = len(self._rows_features), out.shape[0]
+        per_id = _combine_cols(out.reshape(Bp * Fr, -1), d, "mult").view(Bp, Fr, -1)  # [B', F_r, d]
+        lens = lengths.view(-1, B).index_select(0, self._rows_features)  # [F_r, B]
+        cnt = [counts[f] for f in self._rows_features.tolist()]
+        if Bp == B and bool((lens == 1).all()):  # one id per bag: bag b holds id b
+            return list(per_id.unbind(1))
+        n = torch.tensor(cnt)
+        starts = torch.cumsum(n, 0) - n
+        pos = torch.arange(int(n.sum())) + torch.repeat_interleave(torch.arange(Fr) * Bp - starts, n)
+        flat = per_id.transpose(0, 1).reshape(Fr * Bp, -1).index_select(0, pos)
+        bag = torch.repeat_interleave(torch.arange(Fr * B), lens.reshape(-1), output_size=flat.shape[0])
+        pooled = flat.new_zeros(Fr * B, flat.shape[1]).index_add_(0, bag, flat)
+        return list(pooled.view(Fr, B, -1).unbind(0))
+
     def _assemble(self, outs: dict, lengths: torch.Tensor, counts: list[int], B: int) -> torch.Tensor:
-        pieces, col, row, f = [], 0, 0, 0
+        blocks = {g: iter(_feature_blocks(o, self._lane_dims, self.groups, g)) for g, o in outs.items()}
+        if "rows" in outs and self._rows_lanes is not None:
+            blocks["rows"] = iter(self._pool_rows(outs["rows"], lengths, counts, B))
+        pieces, f = [], 0
         for t, g, dims in zip(self.tables, self.groups, self._lane_dims):
             for d in dims:
-                k = len(d)
+                block = next(blocks[g])
                 if g == "bags":
-                    block = outs["bags"][:, col : col + sum(d)]
-                    col += sum(d)
-                    if k > 1 and t.combine == "sum":
-                        block = block.reshape(B, k, -1).sum(1)
-                else:  # per-id rows: combine each id, then sum per bag
+                    if len(d) > 1 and t.combine == "sum":
+                        block = block.reshape(B, len(d), -1).sum(1)
+                elif self._rows_lanes is None:  # one row per id: combine each id's lanes, then sum per bag
                     n = counts[f]
-                    per_id = _combine_rows(outs["rows"][row : row + k * n], k, t.combine)
-                    row += k * n
+                    per_id = _combine_cols(_first_rows(block, n), d, t.combine)
                     bag = torch.repeat_interleave(torch.arange(B), lengths[f * B : (f + 1) * B], output_size=n)
                     block = per_id.new_zeros(B, per_id.shape[1]).index_add_(0, bag, per_id)
                 pieces.append(block)
@@ -275,12 +326,11 @@ class EmbeddingCollection(_Collection):
 
         kjt, outs, counts = self._lookup(features)
         B, lengths, out = kjt.stride(), kjt.lengths(), outs["rows"]
-        result, row, f = {}, 0, 0
+        blocks = iter(_feature_blocks(out, self._lane_dims, self.groups, "rows"))
+        result, f = {}, 0
         for t, dims in zip(self.tables, self._lane_dims):
             for name, d in zip(t.feature_names, dims):
-                n, k = counts[f], len(d)
-                values = _combine_rows(out[row : row + k * n], k, t.combine)
-                row += k * n
+                values = _combine_cols(_first_rows(next(blocks), counts[f]), d, t.combine)
                 result[name] = JaggedTensor(values=values, lengths=lengths[f * B : (f + 1) * B])
                 f += 1
         return result

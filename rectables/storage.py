@@ -7,6 +7,9 @@ Adam runs through :func:`rectables.optim.sparse_adam_step` on the touched rows o
 
 Shapes: T lanes (one TBE "feature" each, several lanes may read one physical table),
 B bags per lane, N ids in all, D_t the dim of lane t, M_k rows of physical table k.
+Lookups are always pooled (sum): a per-id lookup is a bag of one id.  (fbgemm's CPU
+unpooled kernels are avoided: their backward is ~15x slower per id, and they read
+wrong rows unless lanes are in table order.)
 """
 from __future__ import annotations
 
@@ -26,8 +29,7 @@ _FBGEMM_OPT = {
 class FusedStorage(nn.Module):
     """Physical tables [M_k, D_k] in one fused TBE; lookups by lane.
 
-    ``forward(indices [N], offsets [T*B+1])`` returns pooled sums [B, sum_t D_t] when
-    ``pooled`` else one row per id [N, D] (then all tables share one D).
+    ``forward(indices [N], offsets [T*B+1])`` returns the bag sums [B, sum_t D_t].
     """
 
     def __init__(
@@ -35,7 +37,6 @@ class FusedStorage(nn.Module):
         shapes: list[tuple[int, int]],
         lane_tables: list[int],
         optimizer: SparseOptimizer,
-        pooled: bool = True,
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
@@ -56,19 +57,16 @@ class FusedStorage(nn.Module):
         odd = [d for _, d in shapes if d % 4]
         if odd:
             raise ValueError(f"fbgemm stores rows of a multiple of 4 floats; physical dims {odd} are not")
-        if not pooled and len({d for _, d in shapes}) > 1:
-            raise ValueError(f"unpooled lookups need one dim for all tables, got {shapes}")
         self.shapes = [(int(m), int(d)) for m, d in shapes]
         self.lane_tables = list(lane_tables)
         self.optimizer = optimizer
-        self.pooled = pooled
         self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
             [(m, d, EmbeddingLocation.HOST, ComputeDevice.CPU) for m, d in self.shapes],
             feature_table_map=self.lane_tables,
             optimizer=getattr(EmbOptimType, _FBGEMM_OPT[optimizer.name]),
             learning_rate=optimizer.lr,
             eps=optimizer.eps,
-            pooling_mode=PoolingMode.SUM if pooled else PoolingMode.NONE,
+            pooling_mode=PoolingMode.SUM,
             # ids are validated (or in range by construction) before they get here;
             # fbgemm's own check costs ~25% of the forward.
             bounds_check_mode=BoundsCheckMode.NONE,
@@ -150,13 +148,8 @@ class FusedStorage(nn.Module):
             if e == s:
                 continue
             ids = indices[s:e]
-            if self.pooled:
-                bag = torch.repeat_interleave(
-                    torch.arange(B), offsets[lane * B : (lane + 1) * B + 1].diff(), output_size=e - s
-                )
-                g = grad[:, self._col[lane] : self._col[lane + 1]].index_select(0, bag)
-            else:
-                g = grad[s:e]
+            bag = torch.repeat_interleave(torch.arange(B), offsets[lane * B : (lane + 1) * B + 1].diff(), output_size=e - s)
+            g = grad[:, self._col[lane] : self._col[lane + 1]].index_select(0, bag)
             acc = per_table.setdefault(k, ([], []))
             acc[0].append(ids)
             acc[1].append(g)

@@ -86,3 +86,16 @@ def test_round_trip_tsv_memmap_batches(tmp_path, mode):
         vals, counts = np.unique(col, return_counts=True)
         assert meta["cardinalities"][2] == (counts >= 2).sum() + 1
         assert (seen[:, 2] < meta["cardinalities"][2]).all() and (seen[:, 2] == 0).sum() == (counts[counts < 2]).sum()
+
+
+MOVIELENS = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens-100k"
+
+
+@pytest.mark.skipif(not (MOVIELENS / "u.data").exists(), reason="../shared/data not present")
+def test_movielens_features():
+    from data.movielens import load_movielens
+
+    ids, labels, cards = load_movielens(MOVIELENS)
+    assert ids.shape == (100_000, 6) and cards[:3] == [1682, 943, 2] and cards[5] == 7
+    assert (ids >= 0).all() and (ids < np.array(cards)).all()
+    assert labels.mean() == pytest.approx((6110 + 11370) / 100_000 * -1 + 1)  # ratings 1-2 are negatives
