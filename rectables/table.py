@@ -11,6 +11,7 @@ feature f), K_f lanes of feature f, D output dim, M rows of a physical table.
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import ClassVar
 
@@ -20,7 +21,23 @@ from torch import nn
 POOLINGS = ("sum", "mean")
 
 
-class Table(nn.Module):
+def check_range(table: "Table", values: torch.Tensor, counts: list[int], n: int) -> None:
+    """Raise ValueError naming the feature if an id [N] lies outside [0, n)."""
+    if not values.numel():
+        return
+    lo, hi = torch.aminmax(values)
+    if lo >= 0 and hi < n:
+        return
+    for name, ids in zip(table.feature_names, values.split(counts)):
+        bad = ids[(ids < 0) | (ids >= n)]
+        if bad.numel():
+            raise ValueError(
+                f"feature {name!r} (table {table.name!r}): id {int(bad[0])} is outside [0, {n}); "
+                f"{bad.numel()} such ids in this batch"
+            )
+
+
+class Table(nn.Module, abc.ABC):
     """Base of every method.  Subclasses set ``method`` and implement the remap.
 
     State a method needs to resume (seeds, salts, maps, counters) lives in buffers.
@@ -56,9 +73,9 @@ class Table(nn.Module):
         self.combine = "concat"
 
     # ---- what a method declares -----------------------------------------------------
+    @abc.abstractmethod
     def physical_shapes(self) -> list[tuple[int, int]]:
         """(M, dim) of each physical table this table needs."""
-        raise NotImplementedError
 
     def feature_lanes(self, f: int) -> list[int]:
         """Physical table read by each of the K_f lanes of the table's f-th feature."""
@@ -68,9 +85,9 @@ class Table(nn.Module):
         """Output dim of each feature (D unless a method says otherwise)."""
         return [self.embedding_dim] * len(self.feature_names)
 
+    @abc.abstractmethod
     def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """Ids [N] of the F features (``counts[f]`` ids each, in order) -> rows [K_f, N_f] per feature."""
-        raise NotImplementedError
 
     @staticmethod
     def per_feature(rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
@@ -82,7 +99,7 @@ class Table(nn.Module):
         cls, name: str, embedding_dim: int, feature_names: list[str], num_ids: int, fraction: float, seed: int = 0
     ) -> "Table":
         """A table for ``num_ids`` ids whose weights are about ``fraction`` of ``full``'s."""
-        raise NotImplementedError(f"method {cls.method!r} does not size itself for a budget")
+        raise TypeError(f"method {cls.method!r} does not size itself for a budget")
 
     @classmethod
     def for_budget_all(

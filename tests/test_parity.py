@@ -111,3 +111,23 @@ def test_no_dense_gradient_for_tables():
     assert all(p.grad is None or p.numel() == 0 for p in ebc.parameters())
     assert not torch.equal(w0, weights(ebc))
     assert rectables.dense_parameters(ebc) == []
+
+
+@pytest.mark.parametrize("name", ["adagrad", "rowwise_adagrad", "adam"])
+def test_reset_rows_reinitialises_rows_and_zeroes_their_state(name):
+    torch.manual_seed(0)
+    kjt = random_kjt(["a"], 16, 3, num_ids=10)
+    ebc = _full(["a"], 10, 4, optimizer=name)
+    ebc(kjt).values().sum().backward()
+    st = ebc.storage
+    before = st.weight(0).clone()
+    states = {k: v.clone() for k, v in st.optimizer_state(0).items()}
+    rows = torch.tensor([1, 4])
+    st.reset_rows(0, rows, bound=1e-3)
+    keep = torch.ones(10, dtype=torch.bool)
+    keep[rows] = False
+    assert torch.equal(st.weight(0)[keep], before[keep])
+    assert (st.weight(0)[rows].abs() <= 1e-3).all() and not torch.equal(st.weight(0)[rows], before[rows])
+    for k, v in st.optimizer_state(0).items():
+        assert (v[rows] == 0).all() and torch.equal(v[keep], states[k][keep])
+        assert states[k][rows].abs().sum() > 0  # they were touched before the reset

@@ -22,7 +22,7 @@ import torch
 
 from rectables import hashing
 from rectables.registry import register
-from rectables.table import Table
+from rectables.table import Table, check_range
 
 PARTITIONS = ("qr", "mixed_radix", "crt")
 _COMBINE = {"add": "sum", "mult": "mult", "concat": "concat"}
@@ -124,13 +124,7 @@ class CompositionalTable(Table):
         if self.hash_ids:
             key = self.keys[0] if len(counts) == 1 else self.keys.repeat_interleave(torch.tensor(counts), output_size=values.numel())
             values = hashing.bucket(values, key, self.num_ids)
-        elif values.numel():
-            lo, hi = torch.aminmax(values)
-            if lo < 0 or hi >= self.num_ids:
-                for fname, ids in zip(self.feature_names, values.split(counts)):
-                    bad = ids[(ids < 0) | (ids >= self.num_ids)]
-                    if bad.numel():
-                        raise ValueError(f"feature {fname!r} (table {self.name!r}): id {int(bad[0])} is outside "
-                                         f"[0, {self.num_ids}); use hash_ids=True for raw ids")
+        else:  # raw ids need hash_ids=True
+            check_range(self, values, counts, self.num_ids)
         rows = values.unsqueeze(0) if self.plain else partition(values, self.kind, self.moduli)
         return self.per_feature(rows, counts)

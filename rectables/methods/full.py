@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from rectables.registry import register
-from rectables.table import Table
+from rectables.table import Table, check_range
 
 
 @register
@@ -39,18 +39,6 @@ class FullTable(Table):
     def physical_shapes(self) -> list[tuple[int, int]]:
         return [(self.num_ids, self.embedding_dim)]
 
-    def remap(self, values: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        if values.numel():
-            lo, hi = torch.aminmax(values)
-            if lo < 0 or hi >= self.num_ids:
-                self._raise_out_of_range(values, counts)
+    def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        check_range(self, values, counts, self.num_ids)
         return self.per_feature(values.unsqueeze(0), counts)
-
-    def _raise_out_of_range(self, values: torch.Tensor, counts: list[int]) -> None:
-        for name, ids in zip(self.feature_names, values.split(counts)):
-            bad = ids[(ids < 0) | (ids >= self.num_ids)]
-            if bad.numel():
-                raise ValueError(
-                    f"feature {name!r} (table {self.name!r}): id {int(bad[0])} is outside "
-                    f"[0, {self.num_ids}); {bad.numel()} such ids in this batch"
-                )
