@@ -1,7 +1,7 @@
 """Registry of table methods: ``list_tables()`` and ``create_table(name, ...)``."""
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from rectables.table import Table
 
@@ -38,5 +38,3 @@ def create_table(method: str, /, **kwargs) -> Table:
     """Build a table of ``method``; kwargs are that method's typed arguments."""
     return table_class(method)(**kwargs)
 
-
-Factory = Callable[..., Table]
