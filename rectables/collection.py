@@ -240,12 +240,8 @@ class EmbeddingBagCollection(_Collection):
     def __init__(self, tables, optimizer=None, device=None) -> None:
         super().__init__(tables, optimizer, device)
         self._mean = any(t.pooling == "mean" for t in tables)
-        rows_dims = [d for dims, g in zip(self._lane_dims, self.groups) if g == "rows" for d in dims]
-        self._rows_features = torch.tensor(
-            [f for f, g in enumerate(g for t, g in zip(tables, self.groups) for _ in t.feature_names) if g == "rows"],
-            dtype=torch.int64)
-        # every per-id feature has the same lanes: combine and pool the whole group at once
-        self._rows_lanes = rows_dims[0] if rows_dims and all(d == rows_dims[0] for d in rows_dims) else None
+        self._is_mean = torch.tensor([t.pooling == "mean" for t in tables for _ in t.feature_names])
+        self._dims_t = torch.tensor(self.dims)
         # the TBE output is already the answer unless some feature sums lanes or is per-id
         self._plain_output = "rows" not in self.storages and not any(
             len(d) > 1 and t.combine == "sum" for t, dims in zip(tables, self._lane_dims) for d in dims
@@ -263,27 +259,8 @@ class EmbeddingBagCollection(_Collection):
             out = out * self._mean_scale(kjt.lengths(), B)
         return KeyedTensor(keys=self.feature_names, length_per_key=self.dims, values=out)
 
-    def _pool_rows(self, out: torch.Tensor, lengths: torch.Tensor, counts: list[int], B: int) -> list:
-        """Per-id rows [B', F_r * K * d] of the F_r mult features -> pooled [B, d] per feature."""
-        d = self._rows_lanes
-        Fr, Bp = len(self._rows_features), out.shape[0]
-        per_id = _combine_cols(out.reshape(Bp * Fr, -1), d, "mult").view(Bp, Fr, -1)  # [B', F_r, d]
-        lens = lengths.view(-1, B).index_select(0, self._rows_features)  # [F_r, B]
-        cnt = [counts[f] for f in self._rows_features.tolist()]
-        if Bp == B and bool((lens == 1).all()):  # one id per bag: bag b holds id b
-            return list(per_id.unbind(1))
-        n = torch.tensor(cnt)
-        starts = torch.cumsum(n, 0) - n
-        pos = torch.arange(int(n.sum())) + torch.repeat_interleave(torch.arange(Fr) * Bp - starts, n)
-        flat = per_id.transpose(0, 1).reshape(Fr * Bp, -1).index_select(0, pos)
-        bag = torch.repeat_interleave(torch.arange(Fr * B), lens.reshape(-1), output_size=flat.shape[0])
-        pooled = flat.new_zeros(Fr * B, flat.shape[1]).index_add_(0, bag, flat)
-        return list(pooled.view(Fr, B, -1).unbind(0))
-
     def _assemble(self, outs: dict, lengths: torch.Tensor, counts: list[int], B: int) -> torch.Tensor:
         blocks = {g: iter(_feature_blocks(o, self._lane_dims, self.groups, g)) for g, o in outs.items()}
-        if "rows" in outs and self._rows_lanes is not None:
-            blocks["rows"] = iter(self._pool_rows(outs["rows"], lengths, counts, B))
         pieces, f = [], 0
         for t, g, dims in zip(self.tables, self.groups, self._lane_dims):
             for d in dims:
@@ -291,7 +268,7 @@ class EmbeddingBagCollection(_Collection):
                 if g == "bags":
                     if len(d) > 1 and t.combine == "sum":
                         block = block.reshape(B, len(d), -1).sum(1)
-                elif self._rows_lanes is None:  # one row per id: combine each id's lanes, then sum per bag
+                else:  # one row per id: combine each id's lanes, then sum per bag
                     n = counts[f]
                     per_id = _combine_cols(_first_rows(block, n), d, t.combine)
                     bag = torch.repeat_interleave(torch.arange(B), lengths[f * B : (f + 1) * B], output_size=n)
@@ -303,9 +280,8 @@ class EmbeddingBagCollection(_Collection):
     def _mean_scale(self, lengths: torch.Tensor, B: int) -> torch.Tensor:
         """[B, sum D]: 1/max(L, 1) on columns of mean-pooled features, 1 elsewhere."""
         inv = 1.0 / lengths.view(-1, B).t().clamp(min=1).float()  # [B, F]
-        is_mean = torch.tensor([t.pooling == "mean" for t in self.tables for _ in t.feature_names])
-        per_feature = torch.where(is_mean, inv, torch.ones_like(inv))
-        return per_feature.repeat_interleave(torch.tensor(self.dims), dim=1)
+        per_feature = torch.where(self._is_mean, inv, torch.ones_like(inv))
+        return per_feature.repeat_interleave(self._dims_t, dim=1)
 
 
 class EmbeddingCollection(_Collection):
