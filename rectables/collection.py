@@ -4,11 +4,14 @@
 ``EmbeddingCollection(KeyedJaggedTensor) -> dict[str, JaggedTensor]`` (one row per id),
 so code written for torchrec's EBC / EC switches by changing one constructor.
 
-Each feature's ids are remapped to K_f lanes; every lane is one TBE feature, ordered
-feature by feature (so the pooled lanes of a feature sit side by side and ``concat``
-costs nothing).  Per-id rows (sequence output, and ``mult`` tables of a pooled
-collection, which sum products per bag) come from a second storage in which every id
-is a bag of its own; each lane there has B' = max ids per lane bags, padded empty.
+Each feature's ids are remapped to K_f lanes; every lane is one TBE feature.  Lanes are
+ordered feature by feature (so ``concat`` costs nothing), or lane by lane in a group
+whose features all sum or multiply K lanes alike (the reduce then runs over contiguous
+[B, F * d] blocks).  ``mult`` tables of a pooled collection need per-id products: when
+no bag of theirs holds more than one id (Criteo-style inputs) their lanes are pooled as
+the KJT's own bags; otherwise they come from a second storage in which every id is a
+bag of its own, each lane with B' = max ids per lane bags, padded empty.  Sequence
+output (EmbeddingCollection) always uses one bag per id.
 
 Shapes: B batch, F features, N ids, K lanes, D dim, M rows.
 
@@ -64,7 +67,15 @@ class _Collection(nn.Module):
             per_f = [t.feature_lanes(f) for f in range(len(t.feature_names))]
             feature_lanes[g] += [[base + k for k in ks] for ks in per_f]
             self._lane_dims.append([[shapes[g][base + k][1] for k in ks] for ks in per_f])
-        lanes = {g: [k for f in fl for k in f] for g, fl in feature_lanes.items()}
+        per_feature = [(g, (t.combine, d)) for t, g, dims in zip(tables, self.groups, self._lane_dims) for d in dims]
+        used = [g for g in shapes if shapes[g]]
+        self._group_features = {g: [f for f, (gf, _) in enumerate(per_feature) if gf == g] for g in used}
+        self._group_combines = {g: [per_feature[f][1] for f in fs] for g, fs in self._group_features.items()}
+        # a group whose features all reduce their K > 1 lanes alike is laid out lane by lane
+        # ([B, K, F_g * d] output: the reduce runs over contiguous blocks); others feature by feature
+        self._lane_major = {g: _uniform_reduce(c) for g, c in self._group_combines.items()}
+        lanes = {g: ([fl[f][k] for k in range(len(fl[0])) for f in range(len(fl))] if self._lane_major.get(g)
+                     else [k for f in fl for k in f]) for g, fl in feature_lanes.items()}
         opt = optimizer or SparseOptimizer()
         self.storages = nn.ModuleDict(
             {g: FusedStorage(shapes[g], lanes[g], opt, device=device) for g in shapes if shapes[g]}
@@ -135,7 +146,8 @@ class _Collection(nn.Module):
     def _lookup(self, kjt):
         """Remap every table and run the fused lookups.
 
-        Returns (kjt, {group: output}, ids per feature).
+        Returns (kjt, {group: output}, ids per feature, whether the per-id group was
+        looked up as the KJT's bags, output [B, *], rather than one bag per id).
         """
         kjt = self._align(kjt)
         if kjt.variable_stride_per_key():
@@ -148,25 +160,30 @@ class _Collection(nn.Module):
         counts = [bounds[i + 1] - bounds[i] for i in range(len(self.feature_names))]
         if self._all_passthrough:
             self._check_ids(values, bounds)
-            return kjt, {"bags": self.storage(values, offsets)}, counts
-        parts: dict[str, list] = {g: [] for g in self.storages}
-        lens: dict[str, list] = {g: [] for g in self.storages}
-        lane_ids: list[int] = []  # ids per lane of the per-id group
+            return kjt, {"bags": self.storage(values, offsets)}, counts, False
+        # per group, per slot (lane k when lane-major, else one slot): ids, bag lengths, id counts
+        parts: dict[str, list] = {g: [[] for _ in range(self._slots(g))] for g in self.storages}
+        lens: dict[str, list] = {g: [[] for _ in range(self._slots(g))] for g in self.storages}
+        lane_ids: dict[str, list] = {g: [[] for _ in range(self._slots(g))] for g in self.storages}
         for t, g, f0 in zip(self.tables, self.groups, self._first):
             nf = len(t.feature_names)
             rows = t.remap(values[bounds[f0] : bounds[f0 + nf]], counts[f0 : f0 + nf])
             for i, r in enumerate(rows):
-                parts[g].append(r.reshape(-1))
-                if g == "rows":
-                    lane_ids += [r.shape[1]] * r.shape[0]
-                    continue
                 seg = lengths[(f0 + i) * B : (f0 + i + 1) * B]
-                lens[g].append(seg if r.shape[0] == 1 else seg.repeat(r.shape[0]))
+                for k in range(r.shape[0]):
+                    slot = k if self._lane_major[g] else 0
+                    parts[g][slot].append(r[k])
+                    lens[g][slot].append(seg)
+                    lane_ids[g][slot].append(r.shape[1])
+        parts = {g: [x for slot in p for x in slot] for g, p in parts.items()}
+        lens = {g: [x for slot in p for x in slot] for g, p in lens.items()}
+        lane_ids = {g: [x for slot in p for x in slot] for g, p in lane_ids.items()}
         out = {}
+        rows_as_bags = "rows" in self.storages and self._rows_pooled(lens["rows"])
         for g, storage in self.storages.items():
             indices = torch.cat(parts[g]) if len(parts[g]) > 1 else parts[g][0]
-            if g == "rows":
-                tbe_offsets = _one_id_per_bag(lane_ids)
+            if g == "rows" and not rows_as_bags:
+                tbe_offsets = _one_id_per_bag(lane_ids[g])
             elif self._one_lane and len(self.storages) == 1:  # bags unchanged: reuse the KJT offsets
                 tbe_offsets = offsets
             else:
@@ -174,7 +191,16 @@ class _Collection(nn.Module):
                 tbe_offsets = torch.zeros(lens_all.numel() + 1, dtype=torch.int64)
                 torch.cumsum(lens_all, 0, out=tbe_offsets[1:])
             out[g] = storage(indices, tbe_offsets)
-        return kjt, out, counts
+        return kjt, out, counts, rows_as_bags
+
+    def _slots(self, g: str) -> int:
+        return len(self._group_combines[g][0][1]) if self._lane_major[g] else 1
+
+    def _rows_pooled(self, lens: list[torch.Tensor]) -> bool:
+        """True if the per-id group can be looked up as the KJT's own bags: pooled output
+        and no bag of a per-id feature holds more than one id (then a bag's product of
+        lanes is its id's product, and an empty bag is 0 either way)."""
+        return self.pooled and all(int(x.max()) <= 1 for x in lens if x.numel())
 
     def _check_ids(self, values: torch.Tensor, bounds: list[int]) -> None:
         """All tables pass ids through: one fused max per table, one min overall."""
@@ -208,24 +234,34 @@ def _one_id_per_bag(lane_ids: list[int]) -> torch.Tensor:
     return torch.cat([offs.reshape(-1), n.sum().reshape(1)])
 
 
-def _combine_cols(rows: torch.Tensor, dims: list[int], combine: str) -> torch.Tensor:
-    """Rows [N, sum d] of one feature, its K lanes side by side -> [N, D]."""
-    if len(dims) == 1 or combine == "concat":
-        return rows
-    lanes = rows.view(rows.shape[0], len(dims), dims[0])
+def _uniform_reduce(feats: list[tuple[str, list[int]]]) -> bool:
+    """True if every feature sums or multiplies the same K > 1 lanes of one dim."""
+    return all(len(d) > 1 and c != "concat" for c, d in feats) and len({(c, tuple(d)) for c, d in feats}) == 1
+
+
+def _combine_lanes(out: torch.Tensor, feats: list[tuple[str, list[int]]], lane_major: bool) -> torch.Tensor:
+    """Rows [*, sum of lane dims] of a group's features -> [*, sum D].  ``feats``: (combine,
+    lane dims) per feature.  Lane-major groups: [*, K, F_g * d], one reduce over K;
+    otherwise each feature's K lanes sit side by side and are reduced feature by feature."""
+    if lane_major:
+        c, d = feats[0]
+        return _reduce(out.view(out.shape[0], len(d), -1), c, dim=1)
+    needs = [len(d) > 1 and c != "concat" for c, d in feats]
+    if not any(needs):
+        return out
+    blocks = out.split([sum(d) for _, d in feats], dim=1)
+    return torch.cat([_reduce(b.view(b.shape[0], len(d), d[0]), c, dim=1) if n else b
+                      for b, (c, d), n in zip(blocks, feats, needs)], dim=1)
+
+
+def _reduce(lanes: torch.Tensor, combine: str, dim: int) -> torch.Tensor:
+    """Sum or product of ``lanes`` over ``dim``."""
     if combine == "sum":
-        return lanes.sum(1)
-    out, *rest = lanes.unbind(1)
+        return lanes.sum(dim)
+    out, *rest = lanes.unbind(dim)
     for lane in rest:  # plain products: prod()'s backward scans for zeros
         out = out * lane
     return out
-
-
-def _feature_blocks(out: torch.Tensor, lane_dims: list[list[list[int]]], groups: list[str], group: str) -> list:
-    """One split of ``out`` [*, sum of widths] into per-feature blocks (slicing feature by
-    feature would give each slice a full-size zero gradient in backward)."""
-    widths = [sum(d) for dims, g in zip(lane_dims, groups) if g == group for d in dims]
-    return list(out.split(widths, dim=1))
 
 
 def _first_rows(block: torch.Tensor, n: int) -> torch.Tensor:
@@ -242,40 +278,39 @@ class EmbeddingBagCollection(_Collection):
         self._mean = any(t.pooling == "mean" for t in tables)
         self._is_mean = torch.tensor([t.pooling == "mean" for t in tables for _ in t.feature_names])
         self._dims_t = torch.tensor(self.dims)
-        # the TBE output is already the answer unless some feature sums lanes or is per-id
-        self._plain_output = "rows" not in self.storages and not any(
-            len(d) > 1 and t.combine == "sum" for t, dims in zip(tables, self._lane_dims) for d in dims
-        )
+        # the storages' outputs hold the features group by group; put back in feature order
+        self._interleaved = len(self.storages) > 1 and not (
+            max(self._group_features["bags"]) < min(self._group_features["rows"]))
+        self._source = [(g, j) for f in range(len(self.dims)) for g, fs in self._group_features.items()
+                        for j, h in enumerate(fs) if h == f]
 
     def forward(self, features):
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
-        kjt, outs, counts = self._lookup(features)
+        kjt, outs, counts, rows_as_bags = self._lookup(features)
         B = kjt.stride()
-        out = outs.get("bags")
-        if not self._plain_output:
-            out = self._assemble(outs, kjt.lengths(), counts, B)
+        parts = []
+        if "bags" in outs:
+            parts.append(_combine_lanes(outs["bags"], self._group_combines["bags"], self._lane_major["bags"]))
+        if "rows" in outs:
+            rows = _combine_lanes(outs["rows"], self._group_combines["rows"], self._lane_major["rows"])
+            parts.append(rows if rows_as_bags else self._pool_per_id(rows, kjt.lengths(), counts, B))
+        if self._interleaved:  # one split per group (one copy in backward), one cat
+            blocks = {g: p.split([self.dims[f] for f in self._group_features[g]], dim=1) for g, p in zip(outs, parts)}
+            parts = [blocks[g][j] for g, j in self._source]
+        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         if self._mean:
             out = out * self._mean_scale(kjt.lengths(), B)
         return KeyedTensor(keys=self.feature_names, length_per_key=self.dims, values=out)
 
-    def _assemble(self, outs: dict, lengths: torch.Tensor, counts: list[int], B: int) -> torch.Tensor:
-        blocks = {g: iter(_feature_blocks(o, self._lane_dims, self.groups, g)) for g, o in outs.items()}
-        pieces, f = [], 0
-        for t, g, dims in zip(self.tables, self.groups, self._lane_dims):
-            for d in dims:
-                block = next(blocks[g])
-                if g == "bags":
-                    if len(d) > 1 and t.combine == "sum":
-                        block = block.reshape(B, len(d), -1).sum(1)
-                else:  # one row per id: combine each id's lanes, then sum per bag
-                    n = counts[f]
-                    per_id = _combine_cols(_first_rows(block, n), d, t.combine)
-                    bag = torch.repeat_interleave(torch.arange(B), lengths[f * B : (f + 1) * B], output_size=n)
-                    block = per_id.new_zeros(B, per_id.shape[1]).index_add_(0, bag, per_id)
-                pieces.append(block)
-                f += 1
-        return torch.cat(pieces, dim=1)
+    def _pool_per_id(self, rows: torch.Tensor, lengths: torch.Tensor, counts: list[int], B: int) -> torch.Tensor:
+        """Per-id rows [B', sum D] of the per-id features -> sums per bag [B, sum D]."""
+        feats = self._group_features["rows"]
+        pooled = []
+        for f, block in zip(feats, rows.split([self.dims[f] for f in feats], dim=1)):
+            bag = torch.repeat_interleave(torch.arange(B), lengths[f * B : (f + 1) * B], output_size=counts[f])
+            pooled.append(block.new_zeros(B, block.shape[1]).index_add_(0, bag, _first_rows(block, counts[f])))
+        return torch.cat(pooled, dim=1) if len(pooled) > 1 else pooled[0]
 
     def _mean_scale(self, lengths: torch.Tensor, B: int) -> torch.Tensor:
         """[B, sum D]: 1/max(L, 1) on columns of mean-pooled features, 1 elsewhere."""
@@ -300,13 +335,11 @@ class EmbeddingCollection(_Collection):
     def forward(self, features) -> dict:
         from torchrec.sparse.jagged_tensor import JaggedTensor
 
-        kjt, outs, counts = self._lookup(features)
+        kjt, outs, counts, _ = self._lookup(features)
         B, lengths, out = kjt.stride(), kjt.lengths(), outs["rows"]
-        blocks = iter(_feature_blocks(out, self._lane_dims, self.groups, "rows"))
-        result, f = {}, 0
-        for t, dims in zip(self.tables, self._lane_dims):
-            for name, d in zip(t.feature_names, dims):
-                values = _combine_cols(_first_rows(next(blocks), counts[f]), d, t.combine)
-                result[name] = JaggedTensor(values=values, lengths=lengths[f * B : (f + 1) * B])
-                f += 1
+        rows = _combine_lanes(out, self._group_combines["rows"], self._lane_major["rows"])
+        blocks = rows.split(self.dims, dim=1)
+        result = {}
+        for f, (name, block) in enumerate(zip(self.feature_names, blocks)):
+            result[name] = JaggedTensor(values=_first_rows(block, counts[f]), lengths=lengths[f * B : (f + 1) * B])
         return result

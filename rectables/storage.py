@@ -60,9 +60,18 @@ class FusedStorage(nn.Module):
         self.shapes = [(int(m), int(d)) for m, d in shapes]
         self.lane_tables = list(lane_tables)
         self.optimizer = optimizer
+        # fbgemm's CPU backward takes a run of consecutive lanes to be one table (and breaks
+        # if table numbers go down): number tables by first use, and if a table's lanes are
+        # still apart (unified with T >= 2), sort lanes by table and put the columns back.
+        rank: dict[int, int] = {}
+        for k in self.lane_tables + list(range(len(self.shapes))):
+            rank.setdefault(k, len(rank))
+        self._pos = [rank[k] for k in range(len(self.shapes))]  # TBE position of table k
+        perm = sorted(range(len(self.lane_tables)), key=lambda i: rank[self.lane_tables[i]])
+        self._tbe_lanes = [self.lane_tables[i] for i in perm]  # table of each TBE lane
         self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
-            [(m, d, EmbeddingLocation.HOST, ComputeDevice.CPU) for m, d in self.shapes],
-            feature_table_map=self.lane_tables,
+            [(*self.shapes[k], EmbeddingLocation.HOST, ComputeDevice.CPU) for k in sorted(rank, key=rank.get)],
+            feature_table_map=[rank[k] for k in self._tbe_lanes],
             optimizer=getattr(EmbOptimType, _FBGEMM_OPT[optimizer.name]),
             learning_rate=optimizer.lr,
             eps=optimizer.eps,
@@ -72,11 +81,15 @@ class FusedStorage(nn.Module):
             bounds_check_mode=BoundsCheckMode.NONE,
             device=device,
         )
-        self._w_off = [int(o) for o in self.tbe.weights_physical_offsets]
-        dims = [self.shapes[t][1] for t in self.lane_tables]
-        self._col = [0]
-        for d in dims:
-            self._col.append(self._col[-1] + d)
+        self._w_off = [int(self.tbe.weights_physical_offsets[p]) for p in self._pos]
+        self._col = [0]  # columns of each TBE lane in the TBE output
+        for k in self._tbe_lanes:
+            self._col.append(self._col[-1] + self.shapes[k][1])
+        self._lane_perm = None if perm == sorted(perm) else torch.tensor(perm)
+        if self._lane_perm is not None:
+            where = {lane: j for j, lane in enumerate(perm)}
+            self._col_back = torch.cat([torch.arange(self._col[where[i]], self._col[where[i] + 1])
+                                        for i in range(len(perm))])
         if optimizer.name == "adam":
             rows = sum(m for m, _ in self.shapes)
             self.register_buffer("adam_exp_avg", torch.zeros(self.tbe.weights_host.numel(), device=device))
@@ -99,7 +112,7 @@ class FusedStorage(nn.Module):
         m, d = self.shapes[k]
         name = self.optimizer.name
         if name in ("adagrad", "rowwise_adagrad"):
-            o = int(self.tbe.momentum1_physical_offsets[k])
+            o = int(self.tbe.momentum1_physical_offsets[self._pos[k]])
             n = m * d if name == "adagrad" else m
             flat = self.tbe.momentum1_host[o : o + n]
             return {"sum": flat.view(m, d) if name == "adagrad" else flat}
@@ -130,20 +143,37 @@ class FusedStorage(nn.Module):
 
     # ---- lookup --------------------------------------------------------------------
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if self._lane_perm is not None:
+            indices, offsets = self._sort_lanes(indices, offsets)
         if self.optimizer.name == "adam" and torch.is_grad_enabled():
-            return _AdamLookup.apply(self, indices, offsets, self._anchor)
-        return self.tbe(indices, offsets)
+            out = _AdamLookup.apply(self, indices, offsets, self._anchor)
+        else:
+            out = self.tbe(indices, offsets)
+        return out if self._lane_perm is None else out.index_select(1, self._col_back)
+
+    def _sort_lanes(self, indices: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids [N] and offsets [T*B+1] of the caller's lanes -> the same in TBE lane order."""
+        T = len(self.lane_tables)
+        B = (offsets.numel() - 1) // T
+        if B == 0:
+            return indices, offsets
+        bounds = offsets[::B].tolist()
+        indices = torch.cat([indices[bounds[i] : bounds[i + 1]] for i in self._lane_perm.tolist()])
+        lengths = offsets.diff().view(T, B).index_select(0, self._lane_perm).reshape(-1)
+        sorted_offsets = torch.zeros_like(offsets)
+        torch.cumsum(lengths, 0, out=sorted_offsets[1:])
+        return indices, sorted_offsets
 
     @torch.no_grad()
     def adam_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor) -> None:
         """Sum the gradient per touched row and apply row-wise Adam, table by table."""
         self.adam_step += 1
         step = int(self.adam_step)
-        T = len(self.lane_tables)
+        T = len(self._tbe_lanes)
         B = (offsets.numel() - 1) // T
         bounds = offsets[::B].tolist()
         per_table: dict[int, tuple[list, list]] = {}
-        for lane, k in enumerate(self.lane_tables):
+        for lane, k in enumerate(self._tbe_lanes):  # TBE lane order
             s, e = bounds[lane], bounds[lane + 1]
             if e == s:
                 continue
