@@ -88,6 +88,11 @@ class UnifiedTable(Table):
         if not self.mix:
             rows = (values % self.buckets_per_table).unsqueeze(0)
             return [r.expand(k, -1) for r, k in zip(self.per_feature(rows, counts), self.num_chunks)]
+        if len(set(self.num_chunks)) == 1:  # one hash call for all features and chunks
+            k = self.num_chunks[0]
+            keys = self.keys[:, :k].t().repeat_interleave(torch.tensor(counts), dim=1, output_size=values.numel())
+            rows = hashing.bucket(values.expand(k, -1), keys, self.buckets_per_table)  # [k, N]
+            return self.per_feature(rows, counts)
         out = []
         for f, (ids, k) in enumerate(zip(values.split(counts), self.num_chunks)):
             out.append(torch.stack([hashing.bucket(ids, self.keys[f, j], self.buckets_per_table) for j in range(k)]))
