@@ -4,6 +4,7 @@ import gzip
 import numpy as np
 import pytest
 
+from data import criteo
 from data.criteo import MISSING_ID, CriteoFormatError, read_criteo
 from data.loader import CriteoBatches
 from data.preprocess import preprocess
@@ -44,6 +45,48 @@ def test_malformed_line_names_file_and_line(tmp_path, bad, where):
         list(read_criteo(p))
     chunks = list(read_criteo(p, skip_bad_lines=True))
     assert sum(len(c.labels) for c in chunks) == 3 and sum(c.skipped for c in chunks) == 1
+
+
+def test_error_line_counts_across_blocks(tmp_path):
+    lines = [GOOD] * 40
+    lines[22] = GOOD.replace("68fd1e64", "68fd1e6g")
+    p = _write(tmp_path, lines)
+    with pytest.raises(CriteoFormatError, match=r":23: column C1"):
+        list(read_criteo(p, chunk_rows=5))  # blocks of ~4 lines: most parsed by the fast path
+    chunks = list(read_criteo(p, chunk_rows=5, skip_bad_lines=True))
+    assert sum(len(c.labels) for c in chunks) == 39 and sum(c.skipped for c in chunks) == 1
+    assert [c.first_line for c in chunks] == sorted(c.first_line for c in chunks)
+
+
+def test_fast_path_equals_strict_path(tmp_path):
+    synth(3000, tmp_path / "d.tsv", seed=2, scale=0.001)
+    text = (tmp_path / "d.tsv").read_text()
+    text += GOOD.upper() + "\n" + "\t".join(["0"] + [""] * 13 + [""] * 26) + "\n"  # upper-case hex, all missing
+    (tmp_path / "d.tsv").write_text(text)
+    fast = list(read_criteo(tmp_path / "d.tsv"))
+    strict, _ = criteo._strict_block(memoryview(text.encode()), 1, tmp_path / "d.tsv", True, False)
+    assert criteo._fast_block(memoryview(text.encode()), 1, True) is not None
+    for name in ("labels", "dense", "sparse"):
+        np.testing.assert_array_equal(np.concatenate([getattr(c, name) for c in fast]), getattr(strict, name))
+    assert fast[-1].sparse[-1].tolist() == [MISSING_ID] * 26 and fast[-1].sparse[-2, 0] == 0x68FD1E64
+
+
+def test_hex_words_accept_exactly_hex_digits():
+    rng = np.random.default_rng(0)
+    base = [f"{v:08x}" for v in rng.integers(0, 2**32, 2048)]
+    words, want = [], []
+    for i, s in enumerate(base):  # every byte value at every position, upper and lower case
+        b = bytearray(s.upper() if i % 2 else s, "ascii")
+        b[i // 256] = i % 256
+        words.append(bytes(b))
+        text = b.decode("latin-1")
+        want.append(int(text, 16) if all(c in "0123456789abcdefABCDEF" for c in text) else None)
+    for w, v in zip(words, want):
+        out = np.empty(1, dtype=np.int64)
+        ok = criteo._decode_hex_words(np.frombuffer(w, dtype="<u8").copy(), out)
+        assert ok == (v is not None), w
+        if ok:
+            assert int(out[0]) == v
 
 
 def test_truncated_gzip_is_an_error(tmp_path):
