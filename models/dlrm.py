@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.layers import dot_interaction, mlp
+from models.layers import DotInteraction, mlp
 
 
 class DLRM(nn.Module):
@@ -22,9 +22,10 @@ class DLRM(nn.Module):
         self.embedding = embedding
         F = len(embedding.feature_names)
         self.bottom = mlp([num_dense, *dense_arch])
+        self.interaction = DotInteraction()
         self.top = mlp([D + (F + 1) * F // 2, *over_arch], last_activation=False)
 
     def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
         d = self.bottom(dense)
         e = self.embedding(sparse).values().view(d.shape[0], -1, d.shape[1])
-        return self.top(dot_interaction(d, e)).squeeze(1)
+        return self.top(self.interaction(d, e)).squeeze(1)
