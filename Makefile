@@ -26,7 +26,14 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
-bench: setup
+# Benchmark-only packages (deepctr-torch for the DeepFM comparison), pinned apart from the library's.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) requirements-bench.lock
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps deepctr-torch==0.3.0
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run.py --out BENCHMARKS.md
 
 clean:

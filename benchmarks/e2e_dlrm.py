@@ -81,6 +81,29 @@ def run(config: str) -> dict:
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def run_ab(rounds: int = 8, steps: int = 4) -> dict:
+    """torchrec's DLRM and rectables `full` in one process, interleaved round by round,
+    so that machine noise and memory placement hit both alike; median ms/step."""
+    torch.manual_seed(0)
+    ids = zipf_batches(4)
+    dense = [torch.rand(BATCH, 13) * 5 for _ in ids]
+    labels = [(torch.rand(BATCH) < 0.25).float() for _ in ids]
+    configs = ["torchrec_dlrm", "full"]
+    steps_fn = {c: build(c) for c in configs}
+    for f in steps_fn.values():
+        for i in range(WARMUP):
+            f(ids[i], dense[i], labels[i])
+    times: dict[str, list[float]] = {c: [] for c in configs}
+    for _ in range(rounds):
+        for c, f in steps_fn.items():
+            t0 = time.perf_counter()
+            for i in range(steps):
+                f(ids[i % 4], dense[i % 4], labels[i % 4])
+            times[c].append((time.perf_counter() - t0) / steps * 1e3)
+    med = {c: sorted(v)[len(v) // 2] for c, v in times.items()}
+    return {**med, "steps": steps, "rounds": list(zip(times["torchrec_dlrm"], times["full"]))}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    print(json.dumps(run(sys.argv[1])))
+    print(json.dumps(run_ab() if sys.argv[1] == "ab" else run(sys.argv[1])))

@@ -40,6 +40,7 @@ class DotInteraction(nn.Module):
         super().__init__()
         self._gram = torch.empty(0)
         self._grad = torch.empty(0)
+        self._pairs = torch.empty(0)
         self._index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def indices(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +73,10 @@ class _DotInteraction(torch.autograd.Function):
         torch.bmm(x, x.transpose(1, 2), out=gram)
         out = torch.empty(B, D + upper.numel(), dtype=x.dtype)
         out[:, :D] = dense
-        out[:, D:] = gram.view(B, n * n).index_select(1, upper)
+        if owner._pairs.shape != (B, upper.numel()) or owner._pairs.dtype != x.dtype:
+            owner._pairs = torch.empty(B, upper.numel(), dtype=x.dtype)
+        torch.index_select(gram.view(B, n * n), 1, upper, out=owner._pairs)
+        out[:, D:] = owner._pairs
         ctx.owner = owner
         ctx.save_for_backward(x)
         return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rectables.presets import PRESETS, parse_fraction
 
@@ -49,8 +50,10 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 def cmd_synth(args) -> int:
     from data.synth import synth
+    from rectables.runs import write_json
 
     facts = synth(args.rows, args.out, seed=args.seed, scale=args.scale)
+    write_json(Path(str(args.out) + ".json"), facts)  # rows, seed, Bayes AUC of the planted model
     print(f"wrote {facts['rows']:,} rows to {facts['path']}: positive rate {facts['positive_rate']:.3f}, "
           f"Bayes AUC {facts['bayes_auc']:.4f}")
     return 0

@@ -45,6 +45,7 @@ def test_every_model_and_method_overfits_a_batch(kind, method):
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     assert main(["synth", "--rows", "6000", "--out", str(d / "d.tsv"), "--scale", "0.0005"]) == 0
+    assert json.loads((d / "d.tsv.json").read_text())["rows"] == 6000  # facts of the planted model
     assert main(["preprocess", str(d / "d.tsv"), "--out", str(d / "p")]) == 0
     return d
 
