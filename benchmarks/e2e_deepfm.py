@@ -74,7 +74,7 @@ def run(config: str) -> dict:
     dense = [torch.log1p(torch.rand(BATCH, 13) * 100) for _ in ids]
     labels = [(torch.rand(BATCH) < 0.25).float() for _ in ids]
     step = build(config)
-    warmup, steps = (1, 3) if config == "deepctr_deepfm" else (2, 10)  # deepctr: ~10 s per step
+    warmup, steps = (1, 3) if config == "deepctr_deepfm" else (4, 10)  # deepctr: ~6 s per step
     for i in range(warmup):
         step(ids[i % 3], dense[i % 3], labels[i % 3])
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from rectables.presets import CRITEO_FEATURES, CRITEO_KAGGLE
 
 DENSE_ARCH, OVER_ARCH = [512, 256, DIM], [512, 512, 256, 1]
 CONFIGS = ["torchrec_dlrm", "full", "hash_1/16", "multihash_1/16", "unified_1/16", "compositional_1/16"]
-WARMUP, STEPS = 2, 10
+WARMUP, STEPS = 4, 10  # the first 3 steps run slow (allocator and page warm-up)
 
 
 def build(config: str):

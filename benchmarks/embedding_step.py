@@ -18,7 +18,8 @@ import torch
 from rectables.presets import CRITEO_FEATURES, CRITEO_KAGGLE
 
 DIM, BATCH, WARMUP, STEPS = 16, 4096, 3, 20
-CONFIGS = ["tbe", "full", "hash_1m", "qr_m4", "qr_sqrt", "unified_1/4", "unified_1/64", "nn_embeddingbag", "torchrec_ebc"]
+CONFIGS = ["tbe", "full", "hash_1m", "qr_m4", "qr_sqrt", "qr_sqrt_add", "unified_1/4", "unified_1/64", "unified_k1_1/4",
+           "nn_embeddingbag", "torchrec_ebc"]
 
 
 def zipf_batches(n_batches: int, seed: int = 0) -> list[torch.Tensor]:
@@ -51,8 +52,15 @@ def build(config: str):
 
             tables = [rectables.create_table(
                 "compositional", name=f"t_{f}", embedding_dim=DIM, feature_names=[f], num_ids=n, partition="qr",
-                moduli=[4 if config == "qr_m4" else math.ceil(math.sqrt(n))], combine="mult")
+                moduli=[4 if config == "qr_m4" else math.ceil(math.sqrt(n))],
+                combine="add" if config.endswith("_add") else "mult")
                 for f, n in zip(CRITEO_FEATURES, CRITEO_KAGGLE)]
+        elif config.startswith("unified_k1_"):  # one chunk of D per feature: one lookup per id
+            from rectables.presets import parse_fraction
+
+            buckets = int(parse_fraction(config.split("_")[2]) * sum(CRITEO_KAGGLE))
+            tables = [rectables.create_table("unified", name="u", embedding_dim=DIM, feature_names=CRITEO_FEATURES,
+                                             buckets_per_table=buckets, num_chunks=1)]
         elif config.startswith("unified_"):
             from rectables.presets import parse_fraction
             from rectables.registry import table_class
@@ -131,7 +139,7 @@ def run(config: str) -> dict:
             "lookups_per_s": BATCH * len(CRITEO_KAGGLE) / dt, "peak_rss_bytes": rss}
 
 
-AB_CONFIGS = ["tbe", "full", "hash_1m", "qr_m4", "qr_sqrt", "unified_1/4", "unified_1/64"]
+AB_CONFIGS = ["tbe", "full", "hash_1m", "qr_m4", "qr_sqrt", "qr_sqrt_add", "unified_1/4", "unified_1/64", "unified_k1_1/4"]
 
 
 def run_ab(rounds: int = 8, steps: int = 10) -> dict:

@@ -29,6 +29,8 @@ LABELS = {
     "hash_1m": "rectables `hash`, one shared table of 2^20 rows",
     "qr_m4": "rectables `compositional` QR m = 4, mult",
     "qr_sqrt": "rectables `compositional` QR m = ceil(sqrt(n)), mult",
+    "qr_sqrt_add": "rectables `compositional` QR m = ceil(sqrt(n)), add",
+    "unified_k1_1/4": "rectables `unified` at 1/4, one chunk of 16 per feature",
     "unified_1/4": "rectables `unified` at 1/4 of the bytes",
     "unified_1/64": "rectables `unified` at 1/64 of the bytes",
     "nn_embeddingbag": "26 x nn.EmbeddingBag(sparse=True) + SGD",
@@ -266,9 +268,32 @@ def main() -> None:
     make = {"embedding": lambda: embedding_section(args.rounds), "dlrm": lambda: dlrm_section(args.rounds),
             "deepfm": deepfm_section, "ingest": ingest_section, "movielens": movielens_section,
             "accuracy": accuracy_section}
-    sections = [make[w]() for w in wanted]
-    Path(args.out).write_text("\n".join(head) + "\n".join(sections))
+    fresh = {w: make[w]() for w in wanted}
+    out = Path(args.out)
+    if args.only and out.exists():  # replace those sections of the existing file, keep the rest
+        old = _split_sections(out.read_text())
+        keys = [k for k in sections if k in old or k in fresh]
+        body = [fresh.get(k) or old[k] for k in keys]
+    else:
+        body = [fresh[w] for w in wanted]
+    out.write_text("\n".join(head) + "\n".join(body))
     print(f"wrote {args.out}", file=sys.stderr)
+
+
+HEADINGS = {"embedding": "## Embedding train step", "dlrm": "## DLRM train step", "deepfm": "## DeepFM train step",
+            "ingest": "## Ingest and loader", "movielens": "## Unified Embedding protocol", "accuracy": "## Accuracy at"}
+
+
+def _split_sections(text: str) -> dict[str, str]:
+    """The sections of a BENCHMARKS.md by key (text from its heading to the next one)."""
+    parts = text.split("\n## ")
+    found = {}
+    for part in parts[1:]:
+        chunk = "## " + part
+        for key, heading in HEADINGS.items():
+            if chunk.startswith(heading):
+                found[key] = chunk.rstrip("\n") + "\n"
+    return found
 
 
 if __name__ == "__main__":
