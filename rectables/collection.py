@@ -54,10 +54,12 @@ class _Collection(nn.Module):
         self.tables = nn.ModuleList(tables)
         self.feature_names = feats
         self.dims = [d for t in tables for d in t.feature_dims()]
-        # group "bags": pooled by the TBE; group "rows": one row per id (sequences, mult)
-        self.groups = [("rows" if not self.pooled or t.combine == "mult" else "bags") for t in tables]
-        shapes: dict[str, list] = {"bags": [], "rows": []}
-        feature_lanes: dict[str, list] = {"bags": [], "rows": []}  # per feature: global tables of its lanes
+        # storage groups: "bags" pooled by the TBE as they are; "sums" pooled, K > 1 lanes summed
+        # (kept apart so that they can be laid out lane by lane); "rows" one row per id
+        # (sequence output, and mult tables, which sum products per bag)
+        self.groups = [_group(t, self.pooled) for t in tables]
+        shapes: dict[str, list] = {"bags": [], "sums": [], "rows": []}
+        feature_lanes: dict[str, list] = {g: [] for g in shapes}  # per feature: global tables of its lanes
         self._base: list[int] = []
         self._lane_dims: list[list[list[int]]] = []  # [table][feature] -> dims of its lanes
         for t, g in zip(tables, self.groups):
@@ -234,6 +236,14 @@ def _one_id_per_bag(lane_ids: list[int]) -> torch.Tensor:
     return torch.cat([offs.reshape(-1), n.sum().reshape(1)])
 
 
+def _group(t: Table, pooled: bool) -> str:
+    if not pooled or t.combine == "mult":
+        return "rows"
+    if t.combine == "sum" and all(len(t.feature_lanes(f)) > 1 for f in range(len(t.feature_names))):
+        return "sums"
+    return "bags"
+
+
 def _uniform_reduce(feats: list[tuple[str, list[int]]]) -> bool:
     """True if every feature sums or multiplies the same K > 1 lanes of one dim."""
     return all(len(d) > 1 and c != "concat" for c, d in feats) and len({(c, tuple(d)) for c, d in feats}) == 1
@@ -279,8 +289,8 @@ class EmbeddingBagCollection(_Collection):
         self._is_mean = torch.tensor([t.pooling == "mean" for t in tables for _ in t.feature_names])
         self._dims_t = torch.tensor(self.dims)
         # the storages' outputs hold the features group by group; put back in feature order
-        self._interleaved = len(self.storages) > 1 and not (
-            max(self._group_features["bags"]) < min(self._group_features["rows"]))
+        order = [f for fs in self._group_features.values() for f in fs]
+        self._interleaved = order != sorted(order)
         self._source = [(g, j) for f in range(len(self.dims)) for g, fs in self._group_features.items()
                         for j, h in enumerate(fs) if h == f]
 
@@ -290,11 +300,11 @@ class EmbeddingBagCollection(_Collection):
         kjt, outs, counts, rows_as_bags = self._lookup(features)
         B = kjt.stride()
         parts = []
-        if "bags" in outs:
-            parts.append(_combine_lanes(outs["bags"], self._group_combines["bags"], self._lane_major["bags"]))
-        if "rows" in outs:
-            rows = _combine_lanes(outs["rows"], self._group_combines["rows"], self._lane_major["rows"])
-            parts.append(rows if rows_as_bags else self._pool_per_id(rows, kjt.lengths(), counts, B))
+        for g, out in outs.items():
+            combined = _combine_lanes(out, self._group_combines[g], self._lane_major[g])
+            if g == "rows" and not rows_as_bags:
+                combined = self._pool_per_id(combined, kjt.lengths(), counts, B)
+            parts.append(combined)
         if self._interleaved:  # one split per group (one copy in backward), one cat
             blocks = {g: p.split([self.dims[f] for f in self._group_features[g]], dim=1) for g, p in zip(outs, parts)}
             parts = [blocks[g][j] for g, j in self._source]

@@ -28,6 +28,14 @@ LAYOUTS = {
     "multihash_sum": lambda: [rectables.create_table(
         "multihash", name="m", embedding_dim=8, feature_names=FEATS, num_buckets=23, num_hashes=2,
         combine="sum")],
+    # a plain table, a summed and a per-id one (three storage groups), back in feature order
+    "three_groups": lambda: [
+        rectables.create_table("compositional", name="q", embedding_dim=8, feature_names=["a"], num_ids=N,
+                               moduli=[7], combine="add", threshold=10),
+        rectables.create_table("full", name="f", embedding_dim=8, feature_names=["b"], num_ids=N),
+        rectables.create_table("compositional", name="r", embedding_dim=8, feature_names=["c"], num_ids=N,
+                               moduli=[7], combine="mult", threshold=10),
+    ],
     # a plain table between per-id ones: outputs put back in feature order
     "mixed": lambda: [
         rectables.create_table("compositional", name="q", embedding_dim=8, feature_names=["a"], num_ids=N,
