@@ -100,7 +100,7 @@ class _Collection(nn.Module):
     def storage(self) -> FusedStorage:
         """The storage, when the collection has one group only."""
         if len(self.storages) != 1:
-            raise AttributeError("this collection has two storages; use table_storage(i)")
+            raise AttributeError(f"this collection has {len(self.storages)} storages; use table_storage(i)")
         return next(iter(self.storages.values()))
 
     @classmethod

@@ -29,7 +29,8 @@ _FBGEMM_OPT = {
 class FusedStorage(nn.Module):
     """Physical tables [M_k, D_k] in one fused TBE; lookups by lane.
 
-    ``forward(indices [N], offsets [T*B+1])`` returns the bag sums [B, sum_t D_t].
+    ``forward(indices [N], offsets [T*B+1])`` returns the bag sums [B, sum_t D_t], lanes
+    in the caller's order whatever order the TBE keeps them in.
     """
 
     def __init__(
