@@ -11,13 +11,12 @@ deepctr-torch is a benchmark-only dependency (requirements-bench.lock, installed
 from __future__ import annotations
 
 import json
-import resource
 import sys
-import time
 
 import torch
 
-from embedding_step import BATCH, DIM, zipf_batches
+from e2e_dlrm import model_batches, time_steps
+from embedding_step import BATCH, DIM
 from rectables.presets import CRITEO_FEATURES, CRITEO_KAGGLE
 
 HIDDEN = [256, 128]
@@ -69,21 +68,9 @@ def build(config: str):
 
 
 def run(config: str) -> dict:
-    torch.manual_seed(0)
-    ids = zipf_batches(3)
-    dense = [torch.log1p(torch.rand(BATCH, 13) * 100) for _ in ids]
-    labels = [(torch.rand(BATCH) < 0.25).float() for _ in ids]
-    step = build(config)
+    batches = model_batches(3)
     warmup, steps = (1, 3) if config == "deepctr_deepfm" else (4, 10)  # deepctr: ~6 s per step
-    for i in range(warmup):
-        step(ids[i % 3], dense[i % 3], labels[i % 3])
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(ids[i % 3], dense[i % 3], labels[i % 3])
-    dt = (time.perf_counter() - t0) / steps
-    return {"config": config, "ms_per_step": dt * 1e3, "samples_per_s": BATCH / dt,
-            "lookups_per_s": BATCH * len(CRITEO_KAGGLE) / dt,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return time_steps(config, build(config), batches, warmup, steps)
 
 
 if __name__ == "__main__":

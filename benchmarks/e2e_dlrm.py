@@ -64,41 +64,46 @@ def build(config: str):
     return step
 
 
-def run(config: str) -> dict:
+def model_batches(n: int = 4) -> list[tuple]:
+    """(ids [F*B], dense [B, 13] as after log1p, labels [B]) for n batches, seeded."""
     torch.manual_seed(0)
-    ids = zipf_batches(4)
-    dense = [torch.rand(BATCH, 13) * 5 for _ in ids]
-    labels = [(torch.rand(BATCH) < 0.25).float() for _ in ids]
-    step = build(config)
-    for i in range(WARMUP):
-        step(ids[i % 4], dense[i % 4], labels[i % 4])
+    return [(ids, torch.log1p(torch.rand(BATCH, 13) * 100), (torch.rand(BATCH) < 0.25).float())
+            for ids in zipf_batches(n)]
+
+
+def time_steps(config: str, step, batches: list[tuple], warmup: int, steps: int) -> dict:
+    """Mean time of ``steps`` train steps after ``warmup`` ones, with samples/s and peak RSS."""
+    for i in range(warmup):
+        step(*batches[i % len(batches)])
     t0 = time.perf_counter()
-    for i in range(STEPS):
-        step(ids[i % 4], dense[i % 4], labels[i % 4])
-    dt = (time.perf_counter() - t0) / STEPS
+    for i in range(steps):
+        step(*batches[i % len(batches)])
+    dt = (time.perf_counter() - t0) / steps
     return {"config": config, "ms_per_step": dt * 1e3, "samples_per_s": BATCH / dt,
             "lookups_per_s": BATCH * len(CRITEO_KAGGLE) / dt,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def run(config: str) -> dict:
+    batches = model_batches()
+    return time_steps(config, build(config), batches, WARMUP, STEPS)
+
+
 def run_ab(rounds: int = 8, steps: int = 4) -> dict:
     """torchrec's DLRM and rectables `full` in one process, interleaved round by round,
     so that machine noise and memory placement hit both alike; median ms/step."""
-    torch.manual_seed(0)
-    ids = zipf_batches(4)
-    dense = [torch.rand(BATCH, 13) * 5 for _ in ids]
-    labels = [(torch.rand(BATCH) < 0.25).float() for _ in ids]
+    batches = model_batches()
     configs = ["torchrec_dlrm", "full"]
     steps_fn = {c: build(c) for c in configs}
     for f in steps_fn.values():
         for i in range(WARMUP):
-            f(ids[i], dense[i], labels[i])
+            f(*batches[i % len(batches)])
     times: dict[str, list[float]] = {c: [] for c in configs}
     for _ in range(rounds):
         for c, f in steps_fn.items():
             t0 = time.perf_counter()
             for i in range(steps):
-                f(ids[i % 4], dense[i % 4], labels[i % 4])
+                f(*batches[i % len(batches)])
             times[c].append((time.perf_counter() - t0) / steps * 1e3)
     med = {c: sorted(v)[len(v) // 2] for c, v in times.items()}
     return {**med, "steps": steps, "rounds": list(zip(times["torchrec_dlrm"], times["full"]))}
