@@ -156,9 +156,14 @@ def _fast_block(block: bytes, line: int, labelled: bool) -> Chunk | None:
     return Chunk(labels, dense, np.ascontiguousarray(sparse_t.T), line) if all(ok) else None
 
 
-@functools.cache
 def _pool() -> ThreadPoolExecutor:
-    """Threads for the hex decode (numpy releases the GIL)."""
+    """Threads for the hex decode (numpy releases the GIL); one pool per process, since a
+    forked child inherits the pool but not its threads."""
+    return _pool_of(os.getpid())
+
+
+@functools.cache
+def _pool_of(pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
 
 

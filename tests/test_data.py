@@ -142,3 +142,17 @@ def test_movielens_features():
     assert ids.shape == (100_000, 6) and cards[:3] == [1682, 943, 2] and cards[5] == 7
     assert (ids >= 0).all() and (ids < np.array(cards)).all()
     assert labels.mean() == pytest.approx((6110 + 11370) / 100_000 * -1 + 1)  # ratings 1-2 are negatives
+
+
+def test_reader_works_in_a_forked_child_after_the_parent_used_it(tmp_path):
+    import multiprocessing as mp
+
+    p = _write(tmp_path, [GOOD] * 50)
+    assert len(next(read_criteo(p)).labels) == 50  # the parent's decode threads exist now
+    with mp.get_context("fork").Pool(1) as pool:
+        rows = pool.apply_async(_count_rows, (str(p),)).get(timeout=60)
+    assert rows == 50
+
+
+def _count_rows(path: str) -> int:
+    return sum(len(c.labels) for c in read_criteo(path))
