@@ -9,9 +9,9 @@ Policy (documented, tested):
   not 0/1, empty line) raises ``CriteoFormatError`` naming file, line and column,
   unless ``skip_bad_lines`` is set: then it is dropped and counted.
 
-Speed: each block of lines is parsed by pyarrow's multi-threaded CSV reader and the
-ids decoded word-wide in numpy; a block in which anything is off is parsed again by
-the strict pandas path, which finds and names the line.
+Speed: each block of lines is parsed by a small C extension (``_criteo_parse.c``), one
+part per core, straight into the output arrays; a block in which anything is off is
+parsed again by the strict pandas path, which finds and names the line.
 """
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
+
+try:  # built by `pip install -e .` (setup.py); without it every block takes the strict path
+    from data import _criteo_parse
+except ImportError:  # pragma: no cover - depends on the build
+    _criteo_parse = None
 
 NUM_DENSE, NUM_SPARSE = 13, 26
 DENSE_NAMES = [f"I{i}" for i in range(1, NUM_DENSE + 1)]
@@ -106,9 +111,9 @@ def read_criteo(
 ) -> Iterator[Chunk]:
     """Yield :class:`Chunk` s of about ``chunk_rows`` rows; never the whole file in memory.
 
-    Each block of whole lines is parsed by pyarrow's multi-threaded CSV reader; a block
-    with anything unexpected in it is parsed again by the strict path, which names the
-    line and column (or drops and counts bad lines with ``skip_bad_lines``).
+    Each block of whole lines goes through the C fast path; a block with anything
+    unexpected in it is parsed again by the strict path, which names the line and column
+    (or drops and counts bad lines with ``skip_bad_lines``).
     """
     path = Path(path)
     line = 1
@@ -121,43 +126,41 @@ def read_criteo(
         yield chunk
 
 
-def _fast_block(block: bytes, line: int, labelled: bool) -> Chunk | None:
-    """pyarrow parse of a clean block; None if any line is not well formed."""
-    import pyarrow as pa
-    from pyarrow import csv
-
-    names = COLUMNS if labelled else COLUMNS[1:]
-    types = {**{c: pa.int64() for c in names if c not in SPARSE_NAMES}, **{c: pa.binary() for c in SPARSE_NAMES}}
-    try:
-        table = csv.read_csv(
-            pa.BufferReader(block),
-            read_options=csv.ReadOptions(column_names=names, block_size=1 << 22),
-            parse_options=csv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False,
-                                           escape_char=False, ignore_empty_lines=False),
-            convert_options=csv.ConvertOptions(column_types=types),
-        )
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
+def _fast_block(block, line: int, labelled: bool) -> Chunk | None:
+    """C parse of a block of well-formed lines (``data/_criteo_parse.c``), one part per
+    thread; None if some line is not well formed (or the extension is not built)."""
+    if _criteo_parse is None:
         return None
-    n = table.num_rows  # one row per line: empty lines are errors, not skipped
+    parts = _split_lines(block, min(4, os.cpu_count() or 1))
+    counts = [_criteo_parse.count_lines(p) for p in parts]
+    starts = np.cumsum([0, *counts])
+    n = int(starts[-1])
     labels = np.zeros(n, dtype=np.float32)
-    if labelled:
-        lab = table.column("label")
-        if lab.null_count:
-            return None
-        lab = lab.to_numpy()
-        if ((lab != 0) & (lab != 1)).any():
-            return None
-        labels = lab.astype(np.float32)
     dense = np.empty((n, NUM_DENSE), dtype=np.float32)
-    for j, c in enumerate(DENSE_NAMES):
-        dense[:, j] = table.column(c).fill_null(0).to_numpy()
-    sparse_t = np.empty((NUM_SPARSE, n), dtype=np.int64)  # column by column, transposed once
-    ok = list(_pool().map(lambda j: _hex_column(table.column(SPARSE_NAMES[j]), sparse_t[j]), range(NUM_SPARSE)))
-    return Chunk(labels, dense, np.ascontiguousarray(sparse_t.T), line) if all(ok) else None
+    sparse = np.empty((n, NUM_SPARSE), dtype=np.int64)
+
+    def parse(i: int) -> int:
+        s, e = starts[i], starts[i + 1]
+        return _criteo_parse.parse(parts[i], labelled, labels[s:e], dense[s:e], sparse[s:e])
+
+    done = list(_pool().map(parse, range(len(parts)))) if len(parts) > 1 else [parse(0)]
+    return Chunk(labels, dense, sparse, line) if done == counts else None
+
+
+def _split_lines(block, k: int) -> list:
+    """``block`` cut into up to k parts of whole lines, about equal in size."""
+    cuts, data = [0], np.frombuffer(block, dtype=np.uint8)
+    for i in range(1, k):
+        at = max(cuts[-1], len(data) * i // k)
+        nl = np.flatnonzero(data[at : at + (1 << 20)] == 10)  # next line end within 1 MB
+        if nl.size and at + nl[0] + 1 < len(data):
+            cuts.append(at + int(nl[0]) + 1)
+    cuts.append(len(data))
+    return [block[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
 def _pool() -> ThreadPoolExecutor:
-    """Threads for the hex decode (numpy releases the GIL); one pool per process, since a
+    """Parsing threads (the C parser releases the GIL); one pool per process, since a
     forked child inherits the pool but not its threads."""
     return _pool_of(os.getpid())
 
@@ -165,80 +168,6 @@ def _pool() -> ThreadPoolExecutor:
 @functools.cache
 def _pool_of(pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
-
-
-def _hex_column(column, out: np.ndarray) -> bool:
-    """pyarrow binary column [R] of 8-hex-digit or empty values -> int64 ids written to
-    ``out`` [R] (empty -> MISSING_ID); False if some value is anything else."""
-    start = 0
-    for col in column.chunks:
-        _, offsets, data = col.buffers()
-        off = np.frombuffer(offsets, dtype=np.int32, count=len(col) + 1, offset=col.offset * 4)
-        width = np.diff(off)
-        dst = out[start : start + len(col)]
-        start += len(col)
-        if (width == 8).all():
-            words = np.frombuffer(data, dtype="<u8", count=len(col), offset=int(off[0]))
-            if not _decode_hex_words(words, dst):
-                return False
-            continue
-        full = width == 8
-        if not (full | (width == 0)).all():
-            return False
-        dst[:] = MISSING_ID
-        if full.any():
-            words = np.frombuffer(data, dtype="<u8", count=int(full.sum()), offset=int(off[0]))
-            ids = np.empty(len(words), dtype=np.int64)
-            if not _decode_hex_words(words, ids):
-                return False
-            dst[full] = ids
-    return True
-
-
-def _k(byte: int) -> np.uint64:
-    """``byte`` repeated in all 8 bytes of a word."""
-    return np.uint64(byte * 0x0101010101010101)
-
-
-_HI, _LO, _X20, _NIB = _k(0x80), _k(0x01), _k(0x20), _k(0x0F)
-_DIGIT = (_k(0x80 - 0x30), _k(0x7F - 0x39))  # x + a has the top bit iff byte >= lo; x + b iff byte > hi
-_LETTER = (_k(0x80 - 0x61), _k(0x7F - 0x66))
-
-
-def _byte_in(x: np.ndarray, bounds: tuple, out: np.ndarray, scratch: np.ndarray) -> None:
-    """Top bit of each byte of ``out``: byte of x (< 0x80) within the range ``bounds``."""
-    np.add(x, bounds[1], out=scratch)
-    np.add(x, bounds[0], out=out)
-    np.bitwise_not(scratch, out=scratch)
-    np.bitwise_and(out, scratch, out=out)
-
-
-def _decode_hex_words(x: np.ndarray, out: np.ndarray) -> bool:
-    """Words [n] of 8 ASCII hex digits (first digit in the lowest byte) -> values int64
-    [n] in ``out``; False if some byte is not a hex digit.  Word-wide byte arithmetic,
-    in place (no temporaries beyond three scratch words per value)."""
-    a, b, t = np.empty_like(x), np.empty_like(x), np.empty_like(x)
-    if np.bitwise_and(x, _HI, out=t).any():  # bytes >= 0x80 (would carry below)
-        return False
-    _byte_in(x, _DIGIT, out=a, scratch=t)  # 0-9
-    np.bitwise_or(x, _X20, out=b)  # a-f, A-F
-    _byte_in(b, _LETTER, out=b, scratch=t)
-    np.bitwise_or(a, b, out=a)
-    np.bitwise_and(a, _HI, out=a)
-    if not (a == _HI).all():
-        return False
-    np.right_shift(x, np.uint64(6), out=t)  # nibble = low 4 bits, + 9 for letters
-    np.bitwise_and(t, _LO, out=t)
-    np.multiply(t, np.uint64(9), out=t)
-    np.bitwise_and(x, _NIB, out=a)
-    np.add(a, t, out=a)
-    for shift, mask in ((4, 0x00FF00FF00FF00FF), (8, 0x0000FFFF0000FFFF), (16, 0xFFFFFFFF)):
-        np.left_shift(a, np.uint64(shift), out=t)  # pair neighbours: first one high
-        np.right_shift(a, np.uint64(2 * shift), out=a)
-        np.bitwise_or(a, t, out=a)
-        np.bitwise_and(a, np.uint64(mask), out=a)
-    out[:] = a.view(np.int64)
-    return True
 
 
 def _strict_block(block, line: int, path: Path, labelled: bool, skip_bad_lines: bool) -> tuple[Chunk, int]:

@@ -71,22 +71,39 @@ def test_fast_path_equals_strict_path(tmp_path):
     assert fast[-1].sparse[-1].tolist() == [MISSING_ID] * 26 and fast[-1].sparse[-2, 0] == 0x68FD1E64
 
 
-def test_hex_words_accept_exactly_hex_digits():
+def test_fast_path_accepts_exactly_hex_digits():
     rng = np.random.default_rng(0)
-    base = [f"{v:08x}" for v in rng.integers(0, 2**32, 2048)]
-    words, want = [], []
-    for i, s in enumerate(base):  # every byte value at every position, upper and lower case
-        b = bytearray(s.upper() if i % 2 else s, "ascii")
+    for i, v in enumerate(rng.integers(0, 2**32, 2048)):  # every byte value at every position
+        b = bytearray(f"{v:08x}".upper() if i % 2 else f"{v:08x}", "ascii")
         b[i // 256] = i % 256
-        words.append(bytes(b))
         text = b.decode("latin-1")
-        want.append(int(text, 16) if all(c in "0123456789abcdefABCDEF" for c in text) else None)
-    for w, v in zip(words, want):
-        out = np.empty(1, dtype=np.int64)
-        ok = criteo._decode_hex_words(np.frombuffer(w, dtype="<u8").copy(), out)
-        assert ok == (v is not None), w
-        if ok:
-            assert int(out[0]) == v
+        line = GOOD.encode().replace(b"68fd1e64", bytes(b)) + b"\n"
+        got = criteo._fast_block(memoryview(line), 1, True)
+        if all(c in "0123456789abcdefABCDEF" for c in text):
+            assert got is not None and int(got.sparse[0, 0]) == int(text, 16), text
+        else:
+            assert got is None, b
+
+
+@pytest.mark.parametrize("dense, ok", [("-7", True), ("", True), ("123456789012345678", True), ("-", False),
+                                       ("1234567890123456789", False), ("+3", False), ("1.0", False)])
+def test_fast_path_dense_values(dense, ok):
+    line = GOOD.replace("\t3\t", f"\t{dense}\t", 1).encode() + b"\n"
+    got = criteo._fast_block(memoryview(line), 1, True)
+    assert (got is not None) == ok  # anything else goes to the strict path
+    if ok:
+        assert got.dense[0, 2] == np.float32(float(dense or 0))
+
+
+def test_unlabelled_file_reads_like_a_labelled_one(tmp_path):
+    labelled = _write(tmp_path, [GOOD, GOOD.upper()], "l.tsv")
+    unlabelled = _write(tmp_path, [GOOD.split("\t", 1)[1], GOOD.upper().split("\t", 1)[1]], "u.tsv")
+    (a,), (b,) = list(read_criteo(labelled)), list(read_criteo(unlabelled, labelled=False))
+    np.testing.assert_array_equal(a.dense, b.dense)
+    np.testing.assert_array_equal(a.sparse, b.sparse)
+    assert b.labels.tolist() == [0.0, 0.0]
+    with pytest.raises(CriteoFormatError, match=":1: expected 39"):
+        list(read_criteo(labelled, labelled=False))
 
 
 def test_truncated_gzip_is_an_error(tmp_path):
