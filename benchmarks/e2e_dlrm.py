@@ -90,8 +90,9 @@ def run(config: str) -> dict:
 
 
 def run_ab(rounds: int = 8, steps: int = 4) -> dict:
-    """torchrec's DLRM and rectables `full` in one process, interleaved round by round,
-    so that machine noise and memory placement hit both alike; median ms/step."""
+    """torchrec's DLRM and rectables `full` in one process, interleaved round by round
+    (the one that runs first alternates: it measured ~5% slower), so that machine noise
+    and memory placement hit both alike; median ms/step."""
     batches = model_batches()
     configs = ["torchrec_dlrm", "full"]
     steps_fn = {c: build(c) for c in configs}
@@ -99,8 +100,9 @@ def run_ab(rounds: int = 8, steps: int = 4) -> dict:
         for i in range(WARMUP):
             f(*batches[i % len(batches)])
     times: dict[str, list[float]] = {c: [] for c in configs}
-    for _ in range(rounds):
-        for c, f in steps_fn.items():
+    for r in range(rounds):
+        for c in configs if r % 2 == 0 else configs[::-1]:  # who runs first alternates
+            f = steps_fn[c]
             t0 = time.perf_counter()
             for i in range(steps):
                 f(*batches[i % len(batches)])

@@ -152,8 +152,10 @@ def run_ab(rounds: int = 8, steps: int = 10) -> dict:
         for i in range(WARMUP):
             f(batches[i])
     times: dict[str, list[float]] = {c: [] for c in fns}
-    for _ in range(rounds):
-        for c, f in fns.items():
+    names = list(fns)
+    for r in range(rounds):
+        for c in names[r % len(names):] + names[: r % len(names)]:  # who runs first rotates
+            f = fns[c]
             t0 = time.perf_counter()
             for i in range(steps):
                 f(batches[i % len(batches)])
