@@ -79,6 +79,32 @@ def build(config: str):
             ebc(kjt).values().backward(grad)
         return step
 
+    if config == "tbe_qr_sqrt":  # raw TBE in QR's layout (m = ceil(sqrt(n))), ids remapped ahead: the kernel's floor
+        import math
+
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode, EmbeddingLocation
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen
+
+        m = torch.tensor([math.ceil(math.sqrt(n)) for n in CRITEO_KAGGLE]).unsqueeze(1)
+        sizes = [int(x) for x in m.view(-1)] + [-(-n // int(x)) for n, x in zip(CRITEO_KAGGLE, m.view(-1))]
+        tbe = SplitTableBatchedEmbeddingBagsCodegen(  # lanes: all remainders, then all quotients
+            [(r, DIM, EmbeddingLocation.HOST, ComputeDevice.CPU) for r in sizes],
+            optimizer=EmbOptimType.EXACT_SGD, learning_rate=0.01, bounds_check_mode=BoundsCheckMode.NONE)
+        for w in tbe.split_embedding_weights():
+            w.detach().uniform_(-0.01, 0.01)
+        off2 = torch.arange(2 * F * BATCH + 1, dtype=torch.int64)
+        grad2 = torch.randn(BATCH, 2 * F * DIM, generator=torch.Generator().manual_seed(0))
+        remapped: dict[int, torch.Tensor] = {}
+
+        def step(ids):
+            key = ids.data_ptr()
+            if key not in remapped:
+                v = ids.view(F, BATCH)
+                remapped[key] = torch.cat([(v % m).reshape(-1), torch.div(v, m, rounding_mode="floor").reshape(-1)])
+            tbe(remapped[key], off2).backward(grad2)
+        return step
+
     if config == "tbe":
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode, EmbeddingLocation
@@ -139,7 +165,7 @@ def run(config: str) -> dict:
             "lookups_per_s": BATCH * len(CRITEO_KAGGLE) / dt, "peak_rss_bytes": rss}
 
 
-AB_CONFIGS = ["tbe", "full", "hash_1m", "qr_m4", "qr_sqrt", "qr_sqrt_add", "unified_1/4", "unified_1/64", "unified_k1_1/4"]
+AB_CONFIGS = ["tbe", "tbe_qr_sqrt", "full", "hash_1m", "qr_m4", "qr_sqrt", "qr_sqrt_add", "unified_1/4", "unified_1/64", "unified_k1_1/4"]
 
 
 def run_ab(rounds: int = 8, steps: int = 10) -> dict:

@@ -25,6 +25,7 @@ import embedding_step  # noqa: E402
 
 LABELS = {
     "tbe": "raw fbgemm TBE (EXACT_SGD)",
+    "tbe_qr_sqrt": "raw fbgemm TBE in QR's layout (2 lanes per id, m = ceil(sqrt(n)), ids remapped ahead)",
     "full": "rectables `full`",
     "hash_1m": "rectables `hash`, one shared table of 2^20 rows",
     "qr_m4": "rectables `compositional` QR m = 4, mult",
