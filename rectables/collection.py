@@ -255,23 +255,47 @@ def _combine_lanes(out: torch.Tensor, feats: list[tuple[str, list[int]]], lane_m
     otherwise each feature's K lanes sit side by side and are reduced feature by feature."""
     if lane_major:
         c, d = feats[0]
-        return _reduce(out.view(out.shape[0], len(d), -1), c, dim=1)
+        return _reduce(out.view(out.shape[0], len(d), -1), c)
     needs = [len(d) > 1 and c != "concat" for c, d in feats]
     if not any(needs):
         return out
     blocks = out.split([sum(d) for _, d in feats], dim=1)
-    return torch.cat([_reduce(b.view(b.shape[0], len(d), d[0]), c, dim=1) if n else b
+    return torch.cat([_reduce(b.view(b.shape[0], len(d), d[0]), c) if n else b
                       for b, (c, d), n in zip(blocks, feats, needs)], dim=1)
 
 
-def _reduce(lanes: torch.Tensor, combine: str, dim: int) -> torch.Tensor:
-    """Sum or product of ``lanes`` over ``dim``."""
-    if combine == "sum":
-        return lanes.sum(dim)
-    out, *rest = lanes.unbind(dim)
-    for lane in rest:  # plain products: prod()'s backward scans for zeros
-        out = out * lane
-    return out
+def _reduce(lanes: torch.Tensor, combine: str) -> torch.Tensor:
+    """Sum or product of ``lanes`` [N, K, W] over K -> [N, W]."""
+    return lanes.sum(1) if combine == "sum" else _LaneProduct.apply(lanes)
+
+
+class _LaneProduct(torch.autograd.Function):
+    """Product over K lanes [N, K, W] -> [N, W].  The backward writes each lane's gradient
+    straight into one [N, K, W] tensor (autograd's own would stack K fresh ones: ~3 ms per
+    Criteo-size step) and never divides (no trouble with zeros)."""
+
+    @staticmethod
+    def forward(ctx, lanes):  # type: ignore[override]
+        out = lanes[:, 0] * lanes[:, 1] if lanes.shape[1] > 1 else lanes[:, 0].clone()
+        for k in range(2, lanes.shape[1]):
+            out.mul_(lanes[:, k])
+        ctx.save_for_backward(lanes)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (lanes,) = ctx.saved_tensors
+        K = lanes.shape[1]
+        out = torch.empty_like(lanes)
+        for k in range(K):
+            others = [j for j in range(K) if j != k]
+            if not others:
+                out[:, k] = grad
+                continue
+            torch.mul(grad, lanes[:, others[0]], out=out[:, k])
+            for j in others[1:]:
+                out[:, k].mul_(lanes[:, j])
+        return out
 
 
 def _first_rows(block: torch.Tensor, n: int) -> torch.Tensor:

@@ -103,3 +103,12 @@ def test_layout_matches_dense_reference(layout, optimizer, max_len):
     for (group, k), w in before.items():
         st = ebc.storages[group]
         torch.testing.assert_close(st.weight(k), _apply(st.optimizer, w, grads[(group, k)]), rtol=1e-4, atol=1e-6)
+
+
+def test_lane_product_gradients():
+    from rectables.collection import _LaneProduct
+
+    for K in (1, 2, 3):
+        lanes = torch.randn(4, K, 5, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(_LaneProduct.apply, (lanes,))
+        torch.testing.assert_close(_LaneProduct.apply(lanes), lanes.prod(1))
