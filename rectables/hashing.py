@@ -45,11 +45,6 @@ def salt_key(seed: int, *salt: int) -> int:
     return _signed(k)
 
 
-def mix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64 finaliser on an int64 tensor [N] -> int64 tensor [N] (same bits as C)."""
-    return _mix64_(x.clone())
-
-
 def _mix64_(y: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
     """In-place SplitMix64 finaliser of ``y``; ``tmp`` is scratch of y's shape."""
     tmp = torch.empty_like(y) if tmp is None else tmp
@@ -60,11 +55,6 @@ def _mix64_(y: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
         if mult is not None:
             y *= _signed(mult)
     return y
-
-
-def hash_ids(ids: torch.Tensor, key: torch.Tensor | int) -> torch.Tensor:
-    """Hash raw ids [N] (any int64, negative allowed) with an int64 key (scalar or [N])."""
-    return _mix64_(ids ^ key)
 
 
 def bucket(ids: torch.Tensor, key: torch.Tensor | int, num_buckets: int) -> torch.Tensor:

@@ -50,7 +50,6 @@ class Table(nn.Module, abc.ABC):
     raw_ids: ClassVar[bool] = True
     #: True if ``remap`` only checks ids lie in [0, rows of physical table 0) and returns them (K = 1)
     passthrough: ClassVar[bool] = False
-    COMBINES: ClassVar[tuple[str, ...]] = ("concat", "sum", "mult")
 
     def __init__(
         self,

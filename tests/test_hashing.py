@@ -1,8 +1,10 @@
 """The hash is part of every trained model: golden values are the spec."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import rectables
 from rectables import hashing
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -44,3 +46,21 @@ def test_salts_differ_and_spread():
     b = hashing.bucket(torch.arange(100_000), hashing.salt_key(0), 100)
     counts = torch.bincount(b, minlength=100).float()
     assert counts.min() > 850 and counts.max() < 1150  # ~uniform: 1000 +- 5 sigma
+
+
+@pytest.mark.parametrize("method, kw, chunks", [
+    ("hash", {"num_buckets": 97}, [1, 1, 1]),
+    ("multihash", {"num_buckets": 97, "num_hashes": 3}, [3, 3, 3]),
+    ("unified", {"buckets_per_table": 97, "num_tables": 2, "num_chunks": [2, 1, 3], "dim_per_table": 4}, [2, 1, 3]),
+])
+def test_table_rows_are_bucket_of_id_with_salt_feature_and_hash(method, kw, chunks):
+    """Hash j of feature f reads bucket(x, salt_key(seed, f, j), M): the spec, per element."""
+    t = rectables.create_table(method, name="t", embedding_dim=12, feature_names=["a", "b", "c"], seed=5, **kw)
+    counts = [4, 0, 3]
+    values = torch.tensor([-3, 0, 2**62, 17, 5, -(2**63), 9])
+    rows = t.remap(values, counts)
+    M = next(iter(kw.values()))
+    for f, (r, ids) in enumerate(zip(rows, values.split(counts))):
+        assert r.shape == (chunks[f], counts[f])
+        want = [[hashing.bucket_int(int(x), hashing.salt_key(5, f, j), M) for x in ids] for j in range(chunks[f])]
+        assert r.tolist() == want

@@ -26,15 +26,17 @@ class _Hashed(Table):
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("keys", torch.tensor(keys, dtype=torch.int64))  # [F, K]
 
-    def _bucket(self, values: torch.Tensor, counts: list[int], j: int, num_buckets: int) -> torch.Tensor:
+    def _buckets(self, values: torch.Tensor, counts: list[int], k: int, num_buckets: int) -> torch.Tensor:
+        """Ids [N] of the F features -> rows [k, N]: hash j of feature f salted by keys[f, j],
+        all k hashes in one call (``mix=False``: id mod num_buckets, k times)."""
         if not self.mix:
-            return values % num_buckets
-        key = self.keys[:, j]
+            return (values % num_buckets).expand(k, -1)
+        keys = self.keys[:, :k].t()  # [k, F]
         if len(counts) == 1:
-            key = key[0]
+            keys = keys[:, :1]
         else:
-            key = key.repeat_interleave(torch.tensor(counts), output_size=values.numel())
-        return hashing.bucket(values, key, num_buckets)
+            keys = keys.repeat_interleave(torch.tensor(counts), dim=1, output_size=values.numel())
+        return hashing.bucket(values.expand(k, -1), keys, num_buckets)
 
 
 @register
@@ -78,7 +80,7 @@ class HashTable(_Hashed):
         return [0 if self.shared else f]
 
     def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-        return self.per_feature(self._bucket(values, counts, 0, self.num_buckets).unsqueeze(0), counts)
+        return self.per_feature(self._buckets(values, counts, 1, self.num_buckets), counts)
 
 
 @register
@@ -130,5 +132,4 @@ class MultiHashTable(_Hashed):
         return [0] * self.num_hashes
 
     def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-        rows = torch.stack([self._bucket(values, counts, j, self.num_buckets) for j in range(self.num_hashes)])
-        return self.per_feature(rows, counts)
+        return self.per_feature(self._buckets(values, counts, self.num_hashes, self.num_buckets), counts)

@@ -13,13 +13,12 @@ import math
 
 import torch
 
-from rectables import hashing
+from rectables.methods.hashed import _Hashed
 from rectables.registry import register
-from rectables.table import Table
 
 
 @register
-class UnifiedTable(Table):
+class UnifiedTable(_Hashed):
     """Feature multiplexing into T shared [buckets_per_table, c] tables.
 
     ``num_chunks``: one k for all features, or a list with k_f per feature.
@@ -58,9 +57,7 @@ class UnifiedTable(Table):
         self.dim_per_table, self.mix = int(dim_per_table), mix
         starts = [sum(chunks[:f]) for f in range(len(chunks))]
         self._lanes = [[(s + j) % self.num_tables for j in range(k)] for s, k in zip(starts, chunks)]
-        keys = [[hashing.salt_key(seed, f, j) for j in range(max(chunks))] for f in range(len(chunks))]
-        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
-        self.register_buffer("keys", torch.tensor(keys, dtype=torch.int64))  # [F, max k]
+        self._init_keys(seed, max(chunks))  # keys [F, max k]: salt (f, j)
 
     @classmethod
     def for_budget(cls, name, embedding_dim, feature_names, num_ids, fraction, seed=0):
@@ -85,18 +82,8 @@ class UnifiedTable(Table):
         return [k * self.dim_per_table for k in self.num_chunks]
 
     def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-        if not self.mix:
-            rows = (values % self.buckets_per_table).unsqueeze(0)
-            return [r.expand(k, -1) for r, k in zip(self.per_feature(rows, counts), self.num_chunks)]
-        if len(set(self.num_chunks)) == 1:  # one hash call for all features and chunks
-            k = self.num_chunks[0]
-            keys = self.keys[:, :k].t().repeat_interleave(torch.tensor(counts), dim=1, output_size=values.numel())
-            rows = hashing.bucket(values.expand(k, -1), keys, self.buckets_per_table)  # [k, N]
-            return self.per_feature(rows, counts)
-        out = []
-        for f, (ids, k) in enumerate(zip(values.split(counts), self.num_chunks)):
-            out.append(torch.stack([hashing.bucket(ids, self.keys[f, j], self.buckets_per_table) for j in range(k)]))
-        return out
+        rows = self._buckets(values, counts, max(self.num_chunks), self.buckets_per_table)  # [max k, N]
+        return [r[:k] for r, k in zip(self.per_feature(rows, counts), self.num_chunks)]
 
 
 def unified_for_bytes(
