@@ -7,8 +7,8 @@ from torch import nn
 
 def mlp(sizes: list[int], last_activation: bool = True) -> nn.Sequential:
     """Linear layers sizes[0] -> ... -> sizes[-1] with ReLU between (and after, if asked).
-    The ReLUs work in place (a Linear's output is not needed by its own backward): ~8%
-    faster per DLRM step at batch 4096 than out of place, measured interleaved."""
+    The ReLUs work in place (a Linear's output is not needed by its own backward): one
+    interleaved A/B of the DLRM step at batch 4096 gave 230 vs 251 ms (out of place)."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
@@ -17,18 +17,9 @@ def mlp(sizes: list[int], last_activation: bool = True) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def dot_interaction(dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-    """dense [B, D], sparse [B, F, D] -> [B, D + (F+1)F/2]: dense, then the dots of every
-    pair i < j of the F+1 vectors (row-major upper triangle).  Plain autograd version,
-    the reference for :class:`DotInteraction`."""
-    x = torch.cat([dense.unsqueeze(1), sparse], 1)  # [B, F+1, D]
-    z = torch.bmm(x, x.transpose(1, 2))  # [B, F+1, F+1]
-    i, j = torch.triu_indices(x.shape[1], x.shape[1], offset=1)
-    return torch.cat([dense, z[:, i, j]], 1)
-
-
 class DotInteraction(nn.Module):
-    """Same result as :func:`dot_interaction`, with a lean backward.
+    """DLRM's interaction: dense [B, D], sparse [B, F, D] -> [B, D + (F+1)F/2], the dense
+    vector then the dots of every pair i < j of the F+1 vectors (row-major upper triangle).
 
     The pair gradients are written into a symmetric [B, F+1, F+1] scratch matrix whose
     diagonal and unused entries stay zero between calls (no zero-fill, no fresh

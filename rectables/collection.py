@@ -9,8 +9,8 @@ ordered feature by feature (so ``concat`` costs nothing), or lane by lane in a g
 whose features all sum or multiply K lanes alike (the reduce then runs over contiguous
 [B, F * d] blocks).  ``mult`` tables of a pooled collection need per-id products: when
 no bag of theirs holds more than one id (Criteo-style inputs) their lanes are pooled as
-the KJT's own bags; otherwise they come from a second storage in which every id is a
-bag of its own, each lane with B' = max ids per lane bags, padded empty.  Sequence
+the KJT's own bags; otherwise every id is a bag of its own in the per-id storage group,
+each lane with B' = max ids per lane bags, padded empty.  Sequence
 output (EmbeddingCollection) always uses one bag per id.
 
 Shapes: B batch, F features, N ids, K lanes, D dim, M rows.
@@ -87,6 +87,7 @@ class _Collection(nn.Module):
                 self.storages[g].init_uniform_(base + k, t.init_bound(k))
         self._all_passthrough = self.pooled and all(t.passthrough for t in tables)
         self._one_lane = all(len(d) == 1 for dims in self._lane_dims for d in dims)
+        self._rows_features = torch.tensor(self._group_features.get("rows", []), dtype=torch.int64)
         self._first = [0]  # index of each table's first feature
         for t in tables:
             self._first.append(self._first[-1] + len(t.feature_names))
@@ -181,7 +182,7 @@ class _Collection(nn.Module):
         lens = {g: [x for slot in p for x in slot] for g, p in lens.items()}
         lane_ids = {g: [x for slot in p for x in slot] for g, p in lane_ids.items()}
         out = {}
-        rows_as_bags = "rows" in self.storages and self._rows_pooled(lens["rows"])
+        rows_as_bags = "rows" in self.storages and self._rows_pooled(lengths, B)
         for g, storage in self.storages.items():
             indices = torch.cat(parts[g]) if len(parts[g]) > 1 else parts[g][0]
             if g == "rows" and not rows_as_bags:
@@ -198,11 +199,13 @@ class _Collection(nn.Module):
     def _slots(self, g: str) -> int:
         return len(self._group_combines[g][0][1]) if self._lane_major[g] else 1
 
-    def _rows_pooled(self, lens: list[torch.Tensor]) -> bool:
+    def _rows_pooled(self, lengths: torch.Tensor, B: int) -> bool:
         """True if the per-id group can be looked up as the KJT's own bags: pooled output
         and no bag of a per-id feature holds more than one id (then a bag's product of
-        lanes is its id's product, and an empty bag is 0 either way)."""
-        return self.pooled and all(int(x.max()) <= 1 for x in lens if x.numel())
+        lanes is its id's product, and an empty bag is 0 either way).  One host sync."""
+        if not self.pooled or B == 0:
+            return self.pooled
+        return int(lengths.view(-1, B).index_select(0, self._rows_features).max()) <= 1
 
     def _check_ids(self, values: torch.Tensor, bounds: list[int]) -> None:
         """All tables pass ids through: one fused max per table, one min overall."""
@@ -270,13 +273,13 @@ def _reduce(lanes: torch.Tensor, combine: str) -> torch.Tensor:
 
 
 class _LaneProduct(torch.autograd.Function):
-    """Product over K lanes [N, K, W] -> [N, W].  The backward writes each lane's gradient
-    straight into one [N, K, W] tensor (autograd's own would stack K fresh ones: ~3 ms per
-    Criteo-size step) and never divides (no trouble with zeros)."""
+    """Product over K >= 2 lanes [N, K, W] -> [N, W].  The backward writes each lane's
+    gradient straight into one [N, K, W] tensor (autograd's own would stack K fresh ones:
+    ~3 ms per Criteo-size step) and never divides (no trouble with zeros)."""
 
     @staticmethod
     def forward(ctx, lanes):  # type: ignore[override]
-        out = lanes[:, 0] * lanes[:, 1] if lanes.shape[1] > 1 else lanes[:, 0].clone()
+        out = lanes[:, 0] * lanes[:, 1]
         for k in range(2, lanes.shape[1]):
             out.mul_(lanes[:, k])
         ctx.save_for_backward(lanes)
@@ -288,12 +291,9 @@ class _LaneProduct(torch.autograd.Function):
         K = lanes.shape[1]
         out = torch.empty_like(lanes)
         for k in range(K):
-            others = [j for j in range(K) if j != k]
-            if not others:
-                out[:, k] = grad
-                continue
-            torch.mul(grad, lanes[:, others[0]], out=out[:, k])
-            for j in others[1:]:
+            first, *rest = [j for j in range(K) if j != k]
+            torch.mul(grad, lanes[:, first], out=out[:, k])
+            for j in rest:
                 out[:, k].mul_(lanes[:, j])
         return out
 

@@ -12,13 +12,13 @@ class StreamingMetrics:
         self.bins = bins
         self.pos = torch.zeros(bins, dtype=torch.float64)
         self.neg = torch.zeros(bins, dtype=torch.float64)
-        self.loss_sum = 0.0
+        self.loss_sum = torch.zeros((), dtype=torch.float64)
         self.n = 0
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         logits, labels = logits.double(), labels.double()
-        self.loss_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum"))
+        self.loss_sum += torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
         self.n += labels.numel()
         b = (torch.sigmoid(logits) * self.bins).long().clamp_(0, self.bins - 1)
         self.pos += torch.bincount(b, weights=labels, minlength=self.bins)
@@ -32,4 +32,4 @@ class StreamingMetrics:
         return float(((self.pos * (neg_below + 0.5 * self.neg)).sum()) / (p * n))
 
     def result(self) -> dict:
-        return {"auc": self.auc(), "logloss": self.loss_sum / max(self.n, 1), "n": self.n}
+        return {"auc": self.auc(), "logloss": float(self.loss_sum) / max(self.n, 1), "n": self.n}

@@ -86,7 +86,7 @@ class FusedStorage(nn.Module):
         self._col = [0]  # columns of each TBE lane in the TBE output
         for k in self._tbe_lanes:
             self._col.append(self._col[-1] + self.shapes[k][1])
-        self._lane_perm = None if perm == sorted(perm) else torch.tensor(perm)
+        self._lane_perm = None if perm == sorted(perm) else perm
         if self._lane_perm is not None:
             where = {lane: j for j, lane in enumerate(perm)}
             self._col_back = torch.cat([torch.arange(self._col[where[i]], self._col[where[i] + 1])
@@ -159,8 +159,8 @@ class FusedStorage(nn.Module):
         if B == 0:
             return indices, offsets
         bounds = offsets[::B].tolist()
-        indices = torch.cat([indices[bounds[i] : bounds[i + 1]] for i in self._lane_perm.tolist()])
-        lengths = offsets.diff().view(T, B).index_select(0, self._lane_perm).reshape(-1)
+        indices = torch.cat([indices[bounds[i] : bounds[i + 1]] for i in self._lane_perm])
+        lengths = offsets.diff().view(T, B)[self._lane_perm].reshape(-1)
         sorted_offsets = torch.zeros_like(offsets)
         torch.cumsum(lengths, 0, out=sorted_offsets[1:])
         return indices, sorted_offsets

@@ -49,7 +49,7 @@ def train_one_epoch(model, loader, dense_opt, cfg: TrainConfig, step: int = 0) -
     """One pass over ``loader``; returns (global step, {loss, samples_per_s})."""
     model.train()
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    total, n, t0 = 0.0, 0, time.perf_counter()
+    total, n, t0 = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()  # no host sync per step
     bar = tqdm(loader, disable=not cfg.progress, leave=False, unit="batch")
     for i, batch in enumerate(bar):
         if cfg.max_steps_per_epoch and i >= cfg.max_steps_per_epoch:
@@ -62,11 +62,11 @@ def train_one_epoch(model, loader, dense_opt, cfg: TrainConfig, step: int = 0) -
         step += 1
         for c in _collections(model):
             c.on_step_end(step)
-        total += float(loss.detach()) * len(batch.labels)
+        total += loss.detach() * len(batch.labels)
         n += len(batch.labels)
         if cfg.progress and i % 20 == 0:
-            bar.set_postfix(loss=f"{total / n:.4f}", samples_s=f"{n / (time.perf_counter() - t0):,.0f}")
-    return step, {"loss": total / max(n, 1), "samples_per_s": n / (time.perf_counter() - t0)}
+            bar.set_postfix(loss=f"{float(total) / n:.4f}", samples_s=f"{n / (time.perf_counter() - t0):,.0f}")
+    return step, {"loss": float(total) / max(n, 1), "samples_per_s": n / (time.perf_counter() - t0)}
 
 
 @torch.no_grad()

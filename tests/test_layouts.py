@@ -108,7 +108,7 @@ def test_layout_matches_dense_reference(layout, optimizer, max_len):
 def test_lane_product_gradients():
     from rectables.collection import _LaneProduct
 
-    for K in (1, 2, 3):
+    for K in (2, 3):
         lanes = torch.randn(4, K, 5, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(_LaneProduct.apply, (lanes,))
         torch.testing.assert_close(_LaneProduct.apply(lanes), lanes.prod(1))
