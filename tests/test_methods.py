@@ -40,7 +40,8 @@ def test_qr_is_integer_exact_beyond_float32():
 
 
 @pytest.mark.parametrize("kind, moduli, n, msg", [
-    ("mixed_radix", [4, 5], 21, "collide"), ("crt", [6, 9], 50, "coprime"), ("qr", [2, 3], 10, "one modulus")])
+    ("mixed_radix", [4, 5], 21, "collide"), ("crt", [6, 9], 50, "coprime"), ("qr", [2, 3], 10, "one modulus"),
+    ("qr", [2], 0, "num_ids must be > 0")])
 def test_partition_checks_at_construction(kind, moduli, n, msg):
     with pytest.raises(ValueError, match=msg):
         rectables.create_table("compositional", name="t", embedding_dim=8, feature_names=["a"], num_ids=n,

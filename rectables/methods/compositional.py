@@ -84,6 +84,8 @@ class CompositionalTable(Table):
         pooling: str = "sum",
     ) -> None:
         super().__init__(name, embedding_dim, feature_names, pooling)
+        if num_ids <= 0:
+            raise ValueError(f"table {name!r}: num_ids must be > 0, got {num_ids}")
         if combine not in _COMBINE:
             raise ValueError(f"table {name!r}: combine must be one of {list(_COMBINE)}, got {combine!r}")
         self.num_ids, self.kind, self.hash_ids = int(num_ids), partition, hash_ids
