@@ -54,7 +54,7 @@ def build(config: str):
               for f, n in zip(CRITEO_FEATURES, CRITEO_KAGGLE)]
     ebc = rectables.EmbeddingBagCollection(tables, rectables.SparseOptimizer("adam", lr=1e-3))
     model = DeepFM(ebc, 13, HIDDEN)
-    opt = torch.optim.Adam(rectables.dense_parameters(model), lr=1e-3)
+    opt = torch.optim.Adam(rectables.dense_parameters(model), lr=1e-3, fused=True)
     lengths = torch.ones(F * BATCH, dtype=torch.int64)
     offsets = torch.arange(F * BATCH + 1, dtype=torch.int64)
 
