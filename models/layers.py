@@ -20,8 +20,11 @@ class MLP(nn.Module):
     which cost the DLRM step more than the ReLUs themselves.  Forward takes a buffer set
     and backward gives it back; a forward whose earlier set is still held (no backward
     yet) takes a new one, so several forwards before one backward stay correct.  The
-    output of the last layer is always a fresh tensor.  Hooks on the inner ``layers``
-    do not run in training (the layers are applied by one autograd function).
+    output of the last layer is always a fresh tensor.  An input width that is not a
+    multiple of 8 is padded with zero columns (and the first weight with zero columns)
+    for the GEMMs: the same sums, but DLRM's 367-wide top input ran its three GEMMs in
+    47 ms against 35 ms at 368 here.  Hooks on the inner ``layers`` do not run in
+    training (the layers are applied by one autograd function).
     """
 
     def __init__(self, sizes: list[int], last_activation: bool = True):
@@ -49,19 +52,25 @@ class MLP(nn.Module):
                 s.token = object()
                 return s
         widths = [layer.out_features for layer in self.layers]
-        return _Scratch(x, widths[:-1], max(widths))
+        return _Scratch(x, widths[:-1], max(widths), _padded(x.shape[1]))
 
     def _give(self, s: "_Scratch") -> None:
         if not any(f is s for f in self._free):
             self._free.append(s)
 
 
-class _Scratch:
-    """Flat buffers for the activations [B, out_i] of every layer but the last, and two
-    ping-pong buffers for the gradients [B, w] between layers."""
+def _padded(width: int) -> int:
+    return width + (-width % 8)
 
-    def __init__(self, x: torch.Tensor, widths: list[int], grad_width: int):
+
+class _Scratch:
+    """Flat buffers for the activations [B, out_i] of every layer but the last, two
+    ping-pong buffers for the gradients [B, w] between layers, and the zero-padded
+    input [B, in + pad] when the input width needs padding (pad columns stay zero)."""
+
+    def __init__(self, x: torch.Tensor, widths: list[int], grad_width: int, input_width: int):
         B, kw = x.shape[0], {"dtype": x.dtype, "device": x.device}
+        self.input = torch.zeros(B * input_width, **kw) if input_width != x.shape[1] else None
         self.acts = [torch.empty(B * w, **kw) for w in widths]
         self.grads = [torch.empty(B * grad_width, **kw) for _ in range(2)]
         self.capacity, self.token = B, object()
@@ -79,9 +88,14 @@ class _MLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, owner: MLP, x, *params):  # type: ignore[override]
         s, B, n = owner._take(x), x.shape[0], len(owner.layers)
-        h, acts = x, []
+        x0, w0 = x, params[0]
+        if s.input is not None:
+            x0 = _Scratch.view(s.input, B, _padded(x.shape[1]))
+            x0[:, : x.shape[1]] = x
+            w0 = nn.functional.pad(w0, (0, x0.shape[1] - x.shape[1]))
+        h, acts = x0, []
         for i in range(n):
-            w, b = params[2 * i], params[2 * i + 1]
+            w, b = w0 if i == 0 else params[2 * i], params[2 * i + 1]
             if i < n - 1:
                 h = torch.addmm(b, h, w.t(), out=_Scratch.view(s.acts[i], B, w.shape[0]))
             else:
@@ -90,6 +104,7 @@ class _MLP(torch.autograd.Function):
                 h.relu_()
             acts.append(h)
         ctx.owner, ctx.scratch, ctx.token, ctx.acts = owner, s, s.token, acts[:-1]
+        ctx.padded = (x0, w0) if s.input is not None else None
         ctx.save_for_backward(x, acts[-1], *params)
         return acts[-1]
 
@@ -101,22 +116,23 @@ class _MLP(torch.autograd.Function):
         if s.token is not ctx.token:
             raise RuntimeError("MLP: this backward's buffers were reused by a later forward "
                                "(backward run twice with retain_graph after another forward)")
-        outs, ins, n, B = [*ctx.acts, last], [x, *ctx.acts], len(owner.layers), x.shape[0]
+        x0, w0 = ctx.padded or (x, params[0])
+        outs, ins, n, B, width = [*ctx.acts, last], [x0, *ctx.acts], len(owner.layers), x.shape[0], x.shape[1]
         grads: list[torch.Tensor | None] = [None] * len(params)
         gx = None
         for i in reversed(range(n)):
             if owner.relu[i]:  # in place on our own buffer; the incoming gradient is not ours
                 out = g if i < n - 1 else _Scratch.view(s.grads[n % 2], B, g.shape[1])
                 g = torch.ops.aten.threshold_backward.grad_input(g, outs[i], 0, grad_input=out)
-            w = params[2 * i]
+            w = w0 if i == 0 else params[2 * i]
             if ctx.needs_input_grad[2 + 2 * i]:
-                grads[2 * i] = g.t().mm(ins[i])
+                grads[2 * i] = g.t().mm(ins[i])[:, : width if i == 0 else None]
             if ctx.needs_input_grad[3 + 2 * i]:
                 grads[2 * i + 1] = g.sum(0)
             if i > 0:
                 g = torch.mm(g, w, out=_Scratch.view(s.grads[i % 2], B, w.shape[1]))
             elif ctx.needs_input_grad[1]:
-                gx = g.mm(w)
+                gx = g.mm(w)[:, :width]
         owner._give(s)
         return None, gx, *grads
 

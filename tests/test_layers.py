@@ -48,12 +48,13 @@ def grads(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("last_activation", [True, False])
 @pytest.mark.parametrize("input_grad", [True, False])
-def test_mlp_matches_plain_layers_across_batch_sizes(last_activation, input_grad):
+@pytest.mark.parametrize("width", [3, 8])  # 3: the input is padded to 8 columns for the GEMMs
+def test_mlp_matches_plain_layers_across_batch_sizes(last_activation, input_grad, width):
     torch.manual_seed(0)
-    net = mlp([3, 8, 6, 2], last_activation=last_activation).double()
+    net = mlp([width, 8, 6, 2], last_activation=last_activation).double()
     ref = reference(net)
     for B in [7, 3, 9, 1]:  # buffers are reused when they fit, grown when not
-        x = torch.randn(B, 3, dtype=torch.float64, requires_grad=input_grad)
+        x = torch.randn(B, width, dtype=torch.float64, requires_grad=input_grad)
         g = torch.randn(B, 2, dtype=torch.float64)
         net.zero_grad(), ref.zero_grad()
         out = net(x)
@@ -66,7 +67,7 @@ def test_mlp_matches_plain_layers_across_batch_sizes(last_activation, input_grad
         torch.testing.assert_close(got, grads(ref, x))
         with torch.no_grad():
             torch.testing.assert_close(net(x), want)
-    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, width, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(net, (x,))
 
 
