@@ -113,11 +113,13 @@ def data_cards(data_dir: str) -> list[int]:
     return [max(k, v) for k, v in zip(CRITEO_KAGGLE, meta["cardinalities"])]
 
 
-def run_ab(rounds: int = 12, steps: int = 4, data_dir: str | None = None) -> dict:
+def run_ab(rounds: int = 20, steps: int = 3, data_dir: str | None = None) -> dict:
     """torchrec's DLRM and rectables `full` in one process, interleaved round by round
     (the one that runs first alternates: it measured ~5% slower), so that machine noise
-    and memory placement hit both alike; median ms/step.  With ``data_dir`` each model
-    pulls its batches from its own loader inside the timed steps (end to end)."""
+    and memory placement hit both alike; median ms/step of each, and the median of the
+    per-round ratios (a slow phase of the machine hits both sides of a round).  With
+    ``data_dir`` each model pulls its batches from its own loader inside the timed
+    steps (end to end)."""
     configs = ["torchrec_dlrm", "full"]
     if data_dir is None:
         fixed = model_batches()
@@ -139,7 +141,9 @@ def run_ab(rounds: int = 12, steps: int = 4, data_dir: str | None = None) -> dic
                 f(*next(src))
             times[c].append((time.perf_counter() - t0) / steps * 1e3)
     med = {c: sorted(v)[len(v) // 2] for c, v in times.items()}
-    return {**med, "steps": steps, "rounds": list(zip(times["torchrec_dlrm"], times["full"]))}
+    ratios = sorted(a / b for a, b in zip(times["torchrec_dlrm"], times["full"]))
+    return {**med, "ratio": ratios[len(ratios) // 2], "steps": steps,
+            "rounds": list(zip(times["torchrec_dlrm"], times["full"]))}
 
 
 if __name__ == "__main__":

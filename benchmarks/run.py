@@ -119,8 +119,8 @@ def dlrm_ab(*args: str) -> dict:
 
 def ab_line(ab: dict, what: str) -> str:
     return (f"{what}, both DLRMs in one process, interleaved over {len(ab['rounds'])} rounds of {ab['steps']} steps: "
-            f"torchrec {ab['torchrec_dlrm']:.1f} ms/step, rectables `full` {ab['full']:.1f} ms/step (medians): "
-            f"**{ab['torchrec_dlrm'] / ab['full']:.2f}x** torchrec. Rounds: "
+            f"torchrec {ab['torchrec_dlrm']:.1f} ms/step, rectables `full` {ab['full']:.1f} ms/step (medians); "
+            f"median of the per-round ratios **{ab['ratio']:.2f}x** torchrec. Rounds: "
             + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in ab["rounds"]) + " ms (torchrec/rectables).")
 
 
