@@ -125,11 +125,6 @@ class FusedStorage(nn.Module):
             }
         return {}
 
-    def init_uniform_(self, k: int, bound: float) -> None:
-        """Fill physical table k with U(-bound, bound)."""
-        if self.tbe.weights_host.device.type != "meta":
-            self.weight(k).uniform_(-bound, bound)
-
     @torch.no_grad()
     def reset_rows(self, k: int, rows: torch.Tensor, bound: float) -> None:
         """Re-initialise rows [R] of table k to U(-bound, bound) and zero their optimizer state."""

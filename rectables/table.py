@@ -112,6 +112,10 @@ class Table(nn.Module, abc.ABC):
         """Physical table k starts U(-bound, bound); torchrec's default sqrt(1/M)."""
         return math.sqrt(1.0 / self.physical_shapes()[k][0])
 
+    def init_weight_(self, k: int, weight: torch.Tensor) -> None:
+        """Fill physical table k (``weight`` [M_k, D_k], a view into the fused storage)."""
+        weight.uniform_(-self.init_bound(k), self.init_bound(k))
+
     # ---- hooks the training loop calls -----------------------------------------------
     def extra_loss(self) -> torch.Tensor | None:
         return None

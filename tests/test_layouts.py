@@ -1,17 +1,41 @@
 """Lane layouts against a dense pure-torch reference: forward and one optimizer step.
 
 Covers the layouts the storage must rearrange for fbgemm (lanes reading a table that
-other lanes also read, lanes stored lane by lane) and the pooled fast path of ``mult``
-(bags of at most one id), for every optimizer.
+other lanes also read, lanes stored lane by lane), summed lanes of one table merged into
+one bag per id (``multihash``, stacked QR ``add``), summed lanes of two tables, and the
+pooled fast path of ``mult`` (bags of at most one id), for every optimizer.
 """
 import pytest
 import torch
 
 import rectables
+from rectables.table import Table, check_range
 from tests.helpers import random_kjt
 
 FEATS = ["a", "b", "c"]
 N = 60
+
+
+class TwoTableSum(Table):
+    """A sum of lanes on two different physical tables (not stacked): rows x and x // 2."""
+
+    method = "two_table_sum"
+    raw_ids = False
+
+    def __init__(self, name, embedding_dim, feature_names, num_ids):
+        super().__init__(name, embedding_dim, feature_names)
+        self.num_ids, self.combine = num_ids, "sum"
+
+    def physical_shapes(self):
+        return [(self.num_ids, self.embedding_dim), (self.num_ids // 2 + 1, self.embedding_dim)]
+
+    def feature_lanes(self, f):
+        return [0, 1]
+
+    def remap(self, values, counts):
+        check_range(self, values, counts, self.num_ids)
+        return self.per_feature(torch.stack([values, values // 2]), counts)
+
 
 LAYOUTS = {
     # T = 2 round-robin: a table's lanes are not neighbours (storage sorts lanes)
@@ -28,7 +52,11 @@ LAYOUTS = {
     "multihash_sum": lambda: [rectables.create_table(
         "multihash", name="m", embedding_dim=8, feature_names=FEATS, num_buckets=23, num_hashes=2,
         combine="sum")],
-    # a plain table, a summed and a per-id one (three storage groups), back in feature order
+    # sums over two physical tables: K lanes reduced, feature by feature or lane by lane
+    "two_table_sum": lambda: [TwoTableSum("s", 8, FEATS, N)],
+    "two_table_sum_mixed": lambda: [TwoTableSum("s", 8, ["a", "c"], N),
+                                    rectables.create_table("full", name="f", embedding_dim=8, feature_names=["b"], num_ids=N)],
+    # stacked QR add (bags of both rows of every id) next to a plain table and a per-id one
     "three_groups": lambda: [
         rectables.create_table("compositional", name="q", embedding_dim=8, feature_names=["a"], num_ids=N,
                                moduli=[7], combine="add", threshold=10),
@@ -112,3 +140,11 @@ def test_lane_product_gradients():
         lanes = torch.randn(4, K, 5, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(_LaneProduct.apply, (lanes,))
         torch.testing.assert_close(_LaneProduct.apply(lanes), lanes.prod(1))
+
+
+@pytest.mark.parametrize("layout", ["qr_add", "multihash_sum"])
+def test_summed_lanes_of_one_table_are_one_lane(layout):
+    ebc = rectables.EmbeddingBagCollection(LAYOUTS[layout]())
+    assert [len(st.lane_tables) for st in ebc.storages.values()] == [len(FEATS)]  # not K per feature
+    seq = rectables.EmbeddingCollection(LAYOUTS[layout]())  # one row per id: K lanes, summed after
+    assert [len(st.lane_tables) for st in seq.storages.values()] == [2 * len(FEATS)]

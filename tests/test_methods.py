@@ -57,7 +57,11 @@ def test_compositional_matches_per_id_reference_with_bags(combine, pooling):
     ebc = rectables.EmbeddingBagCollection([t], rectables.SparseOptimizer("sgd"))
     kjt = random_kjt(["a"], 6, 4, num_ids=1000)
     st, base = ebc.table_storage(0)
-    w0, w1 = st.weight(base), st.weight(base + 1)
+    if combine == "add":  # stacked: one physical table, the remainder rows first
+        assert t.physical_shapes() == [(30 + 34, 8)]
+        w0, w1 = st.weight(base).split(t.sizes)
+    else:
+        w0, w1 = st.weight(base), st.weight(base + 1)
     digits = partition(kjt.values(), "qr", [30])
     a, b = w0[digits[0]], w1[digits[1]]
     per_id = {"add": a + b, "mult": a * b, "concat": torch.cat([a, b], 1)}[combine]

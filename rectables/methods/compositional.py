@@ -11,7 +11,9 @@ Partitions (integer arithmetic only, exact for every int64 id):
 - ``crt``: (x mod p_1, ..., x mod p_k), pairwise coprime p_j with product >= n.
 
 Each partition gives every id in [0, n) a distinct tuple of rows (checked at
-construction).  Tables of at most ``threshold`` ids stay plain.  Raw unbounded ids:
+construction).  With ``add`` the k tables are stacked into one physical table (rows of
+table j offset by the sizes before it), so a pooled lookup is one bag of all k rows of
+every id.  Tables of at most ``threshold`` ids stay plain.  Raw unbounded ids:
 ``hash_ids=True`` hashes them into [0, n) first (seeded, like ``hash``).
 """
 from __future__ import annotations
@@ -99,6 +101,9 @@ class CompositionalTable(Table):
         self.combine = "concat" if self.plain else _COMBINE[combine]
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("keys", torch.tensor([hashing.salt_key(seed, f) for f in range(len(feature_names))]))
+        # first row of each of the k tables inside the stacked one ([k, 1]; zeros if not stacked)
+        starts = [sum(self.sizes[:j]) if self.stacked else 0 for j in range(len(self.sizes))]
+        self._starts = torch.tensor(starts, dtype=torch.int64).unsqueeze(1)
 
     @classmethod
     def for_budget(cls, name, embedding_dim, feature_names, num_ids, fraction, seed=0):
@@ -107,12 +112,19 @@ class CompositionalTable(Table):
             return cls(name, embedding_dim, feature_names, num_ids, threshold=num_ids, seed=seed)
         return cls(name, embedding_dim, feature_names, num_ids, "qr", [math.ceil(1 / fraction)], seed=seed)
 
+    @property
+    def stacked(self) -> bool:
+        """True if the k tables share one physical table (``add``)."""
+        return self.combine == "sum"
+
     def physical_shapes(self) -> list[tuple[int, int]]:
+        if self.stacked:
+            return [(sum(self.sizes), self.embedding_dim)]
         d = self.embedding_dim // len(self.sizes) if self.combine == "concat" else self.embedding_dim
         return [(m, d) for m in self.sizes]
 
     def feature_lanes(self, f: int) -> list[int]:
-        return list(range(len(self.sizes)))
+        return [0] * len(self.sizes) if self.stacked else list(range(len(self.sizes)))
 
     def init_bound(self, k: int) -> float:
         """Symmetric U(-b, b).  For mult, b = n^(-1/(2K)) so that a product of K rows has
@@ -122,6 +134,13 @@ class CompositionalTable(Table):
             return self.num_ids ** (-1.0 / (2 * len(self.sizes)))
         return math.sqrt(1.0 / self.sizes[k])
 
+    def init_weight_(self, k: int, weight: torch.Tensor) -> None:
+        """Each of the k tables U(-b_j, b_j), also where they are stacked."""
+        if not self.stacked:
+            return super().init_weight_(k, weight)
+        for j, rows in enumerate(weight.split(self.sizes)):
+            rows.uniform_(-self.init_bound(j), self.init_bound(j))
+
     def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         if self.hash_ids:
             key = self.keys[0] if len(counts) == 1 else self.keys.repeat_interleave(torch.tensor(counts), output_size=values.numel())
@@ -129,4 +148,6 @@ class CompositionalTable(Table):
         else:  # raw ids need hash_ids=True
             check_range(self, values, counts, self.num_ids)
         rows = values.unsqueeze(0) if self.plain else partition(values, self.kind, self.moduli)
+        if self.stacked:
+            rows = rows + self._starts
         return self.per_feature(rows, counts)
