@@ -115,3 +115,10 @@ def test_unified_budget_helpers():
     assert 9_900_000 < weights <= 10_000_000
     (u,) = rectables.registry.table_class("unified").for_budget_all(16, ["a", "b"], [1000, 3000], 0.25)
     assert math.isclose(sum(m * d for m, d in u.physical_shapes()), 0.25 * 4000 * 16, rel_tol=0.01)
+
+
+@pytest.mark.parametrize("kind,moduli", [("qr", [7]), ("mixed_radix", [3, 5, 7]), ("crt", [4, 5, 7])])
+def test_partition_id_major_is_the_same_digits_stored_id_by_id(kind, moduli):
+    x = torch.arange(140)
+    a, b = partition(x, kind, moduli), partition(x, kind, moduli, id_major=True)
+    assert torch.equal(a, b) and b.t().is_contiguous() and a.is_contiguous()

@@ -50,17 +50,20 @@ def partition_sizes(kind: str, moduli: list[int], n: int) -> list[int]:
     return list(moduli)
 
 
-def partition(x: torch.Tensor, kind: str, moduli: list[int]) -> torch.Tensor:
-    """Ids [N] in [0, n) -> digits [k, N] (rows of the k tables)."""
+def partition(x: torch.Tensor, kind: str, moduli: list[int], id_major: bool = False) -> torch.Tensor:
+    """Ids [N] in [0, n) -> digits [k, N] (rows of the k tables).  ``id_major``: stored id
+    by id (the transpose of a contiguous [N, k]), so that a pooled add lookup reads each
+    id's k rows side by side without a copy."""
     if kind == "qr":
-        return torch.stack([x % moduli[0], torch.div(x, moduli[0], rounding_mode="floor")])
-    if kind == "crt":
-        return torch.stack([x % p for p in moduli])
-    digits, rest = [], x
-    for m in moduli:
-        digits.append(rest % m)
-        rest = torch.div(rest, m, rounding_mode="floor")
-    return torch.stack(digits)
+        digits = [x % moduli[0], torch.div(x, moduli[0], rounding_mode="floor")]
+    elif kind == "crt":
+        digits = [x % p for p in moduli]
+    else:
+        digits, rest = [], x
+        for m in moduli:
+            digits.append(rest % m)
+            rest = torch.div(rest, m, rounding_mode="floor")
+    return torch.stack(digits, dim=1).t() if id_major else torch.stack(digits)
 
 
 @register
@@ -147,7 +150,7 @@ class CompositionalTable(Table):
             values = hashing.bucket(values, key, self.num_ids)
         else:  # raw ids need hash_ids=True
             check_range(self, values, counts, self.num_ids)
-        rows = values.unsqueeze(0) if self.plain else partition(values, self.kind, self.moduli)
+        rows = values.unsqueeze(0) if self.plain else partition(values, self.kind, self.moduli, self.stacked)
         if self.stacked:
             rows = rows + self._starts
         return self.per_feature(rows, counts)
