@@ -26,14 +26,15 @@ def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str |
 
 
 def write_report(rows: list[dict], out: Path) -> None:
-    full = next((r for r in rows if r["method"] == "full"), rows[0])
+    full = next((r for r in rows if r["method"] == "full"), None)  # without it: "-", not a wrong baseline
     lines = ["| method | budget | rows | table bytes | vs full | test AUC | ΔAUC | logloss | train samples/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        ratio = f"{full['bytes'] / r['bytes']:.1f}x" if full else "-"
+        delta = f"{r['auc'] - full['auc']:+.4f}" if full else "-"
         lines.append(
             f"| {r['method']} | {r['budget']:g} | {r['rows']:,} | {r['bytes'] / 1e6:,.1f} MB | "
-            f"{full['bytes'] / r['bytes']:.1f}x | {r['auc']:.4f} | {r['auc'] - full['auc']:+.4f} | "
-            f"{r['logloss']:.4f} | {r['samples_per_s']:,.0f} |"
+            f"{ratio} | {r['auc']:.4f} | {delta} | {r['logloss']:.4f} | {r['samples_per_s']:,.0f} |"
         )
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     import matplotlib

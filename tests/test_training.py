@@ -92,3 +92,13 @@ def test_real_criteo_sample_dlrm_full(tmp_path, capsys):
     s = run_training(spec, tmp_path / "run")
     print(f"real Criteo sample, DLRM full: test AUC {s['test']['auc']:.4f}")
     assert s["test"]["auc"] > 0.65
+
+
+def test_comparison_without_full_has_no_baseline_columns(tmp_path):
+    from rectables.compare import write_report
+
+    row = {"method": "hash", "budget": 0.25, "rows": 10, "bytes": 640, "auc": 0.7, "logloss": 0.5, "samples_per_s": 1.0}
+    write_report([row, {**row, "budget": 0.0625, "bytes": 160}], tmp_path)
+    assert "| hash | 0.25 | 10 | 0.0 MB | - | 0.7000 | - |" in (tmp_path / "comparison.md").read_text()
+    write_report([{**row, "method": "full", "budget": 1.0, "bytes": 1280, "auc": 0.72}, row], tmp_path)
+    assert "| hash | 0.25 | 10 | 0.0 MB | 2.0x | 0.7000 | -0.0200 |" in (tmp_path / "comparison.md").read_text()
