@@ -37,8 +37,9 @@ class MLP(nn.Module):
         self._free: list[_Scratch] = []  # sets not held by a pending backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.dim() == 2:
-            return _MLP.apply(self, x, *[p for layer in self.layers for p in (layer.weight, layer.bias)])
+        params = [p for layer in self.layers for p in (layer.weight, layer.bias)]
+        if torch.is_grad_enabled() and x.dim() == 2 and (x.requires_grad or any(p.requires_grad for p in params)):
+            return _MLP.apply(self, x, *params)  # a backward will follow and give the buffers back
         for layer, relu in zip(self.layers, self.relu):
             x = layer(x)
             if relu:

@@ -107,3 +107,9 @@ def test_mlp_retained_graph_is_refused_once_its_buffers_are_reused():
     net(x).sum()  # takes the same buffers
     with pytest.raises(RuntimeError, match="reused by a later forward"):
         loss.backward()
+
+
+def test_frozen_mlp_runs_the_plain_path():
+    net = mlp([3, 8, 1]).requires_grad_(False)
+    out = net(torch.randn(4, 3))
+    assert not out.requires_grad and net._free == []  # no buffers taken that no backward would give back
