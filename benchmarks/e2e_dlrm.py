@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -140,9 +141,9 @@ def run_ab(rounds: int = 20, steps: int = 3, data_dir: str | None = None) -> dic
             for _ in range(steps):
                 f(*next(src))
             times[c].append((time.perf_counter() - t0) / steps * 1e3)
-    med = {c: sorted(v)[len(v) // 2] for c, v in times.items()}
-    ratios = sorted(a / b for a, b in zip(times["torchrec_dlrm"], times["full"]))
-    return {**med, "ratio": ratios[len(ratios) // 2], "steps": steps,
+    med = {c: statistics.median(v) for c, v in times.items()}
+    ratio = statistics.median(a / b for a, b in zip(times["torchrec_dlrm"], times["full"]))
+    return {**med, "ratio": ratio, "steps": steps,
             "rounds": list(zip(times["torchrec_dlrm"], times["full"]))}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import sys
 import time
 
@@ -186,7 +187,7 @@ def run_ab(rounds: int = 8, steps: int = 10) -> dict:
             for i in range(steps):
                 f(batches[i % len(batches)])
             times[c].append((time.perf_counter() - t0) / steps * 1e3)
-    return {c: sorted(v)[len(v) // 2] for c, v in times.items()}
+    return {c: statistics.median(v) for c, v in times.items()}
 
 
 if __name__ == "__main__":

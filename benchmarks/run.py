@@ -102,14 +102,18 @@ def embedding_section(rounds: int) -> str:
     ])
 
 
-def e2e_data(d: Path = Path("runs/bench-e2e"), rows: int = 200_000) -> Path:
-    """Generated rows at the Criteo Kaggle cardinalities (seed 0), preprocessed with vocab
-    ids (min count 1): the end-to-end DLRM input.  Made if missing."""
-    cli = [sys.executable, "-m", "rectables.cli"]
-    if not (d / "prep" / "meta.json").exists():
-        subprocess.run(cli + ["synth", "--rows", str(rows), "--out", str(d / "d.tsv"), "--seed", "0"], check=True)
-        subprocess.run(cli + ["preprocess", str(d / "d.tsv"), "--out", str(d / "prep"), "--min-count", "1"], check=True)
-    return d / "prep"
+CLI = [sys.executable, "-m", "rectables.cli"]
+
+
+def generated(tsv: Path, rows: int, min_count: int) -> Path:
+    """``rows`` generated rows at the Criteo Kaggle cardinalities (seed 0) in ``tsv``,
+    preprocessed with vocab ids into ``tsv``'s folder / prep; each made if missing."""
+    prep = tsv.parent / "prep"
+    if not tsv.exists():
+        subprocess.run(CLI + ["synth", "--rows", str(rows), "--out", str(tsv), "--seed", "0"], check=True)
+    if not (prep / "meta.json").exists():
+        subprocess.run(CLI + ["preprocess", str(tsv), "--out", str(prep), "--min-count", str(min_count)], check=True)
+    return prep
 
 
 def dlrm_ab(*args: str) -> dict:
@@ -126,7 +130,7 @@ def ab_line(ab: dict, what: str) -> str:
 
 def dlrm_section(rounds: int) -> str:
     res = measure(HERE / "e2e_dlrm.py", e2e_dlrm.CONFIGS, rounds)
-    ab, data = dlrm_ab(), e2e_data()
+    ab, data = dlrm_ab(), generated(Path("runs/bench-e2e/d.tsv"), 200_000, min_count=1)
     ab_e2e = dlrm_ab(str(data))
     return "\n".join([
         "## DLRM train step (issue: data, training loop, models)",
@@ -170,13 +174,9 @@ def deepfm_section() -> str:
 
 def accuracy_section(data_dir: Path = Path("runs/demo"), out: Path = Path("runs/bench-compare")) -> str:
     """Every method at 1/4 and 1/16 of `full`'s bytes on the demo's generated data (made if missing)."""
-    cli = [sys.executable, "-m", "rectables.cli"]
-    tsv, prep = data_dir / "criteo_synth.tsv", data_dir / "prep"
-    if not tsv.exists():
-        subprocess.run(cli + ["synth", "--rows", "1000000", "--out", str(tsv), "--seed", "0"], check=True)
-    if not (prep / "meta.json").exists():
-        subprocess.run(cli + ["preprocess", str(tsv), "--out", str(prep), "--min-count", "2"], check=True)
-    subprocess.run(cli + ["compare", "--data", str(prep), "--budgets", "1/4,1/16", "--epochs", "2", "--quiet",
+    tsv = data_dir / "criteo_synth.tsv"
+    prep = generated(tsv, 1_000_000, min_count=2)
+    subprocess.run(CLI + ["compare", "--data", str(prep), "--budgets", "1/4,1/16", "--epochs", "2", "--quiet",
                           "--out", str(out)], check=True, capture_output=True)
     facts = Path(str(tsv) + ".json")
     synth_meta = json.loads(facts.read_text()) if facts.exists() else {}

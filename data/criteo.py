@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - depends on the build
     _criteo_parse = None
 
 NUM_DENSE, NUM_SPARSE = 13, 26
+_THREADS = max(1, min(4, os.cpu_count() or 1))  # parts per block, parsed in parallel
 DENSE_NAMES = [f"I{i}" for i in range(1, NUM_DENSE + 1)]
 SPARSE_NAMES = [f"C{i}" for i in range(1, NUM_SPARSE + 1)]
 COLUMNS = ["label", *DENSE_NAMES, *SPARSE_NAMES]
@@ -131,7 +132,7 @@ def _fast_block(block, line: int, labelled: bool) -> Chunk | None:
     thread; None if some line is not well formed (or the extension is not built)."""
     if _criteo_parse is None:
         return None
-    parts = _split_lines(block, min(4, os.cpu_count() or 1))
+    parts = _split_lines(block, _THREADS)
     counts = [_criteo_parse.count_lines(p) for p in parts]
     starts = np.cumsum([0, *counts])
     n = int(starts[-1])
@@ -167,7 +168,7 @@ def _pool() -> ThreadPoolExecutor:
 
 @functools.cache
 def _pool_of(pid: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
+    return ThreadPoolExecutor(_THREADS)
 
 
 def _strict_block(block, line: int, path: Path, labelled: bool, skip_bad_lines: bool) -> tuple[Chunk, int]:

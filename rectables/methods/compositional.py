@@ -104,9 +104,8 @@ class CompositionalTable(Table):
         self.combine = "concat" if self.plain else _COMBINE[combine]
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("keys", torch.tensor([hashing.salt_key(seed, f) for f in range(len(feature_names))]))
-        # first row of each of the k tables inside the stacked one ([k, 1]; zeros if not stacked)
-        starts = [sum(self.sizes[:j]) if self.stacked else 0 for j in range(len(self.sizes))]
-        self._starts = torch.tensor(starts, dtype=torch.int64).unsqueeze(1)
+        if self.stacked:  # first row of each of the k tables inside the stacked one [k, 1]
+            self._starts = torch.tensor([sum(self.sizes[:j]) for j in range(len(self.sizes))]).unsqueeze(1)
 
     @classmethod
     def for_budget(cls, name, embedding_dim, feature_names, num_ids, fraction, seed=0):
@@ -130,7 +129,8 @@ class CompositionalTable(Table):
         return [0] * len(self.sizes) if self.stacked else list(range(len(self.sizes)))
 
     def init_bound(self, k: int) -> float:
-        """Symmetric U(-b, b).  For mult, b = n^(-1/(2K)) so that a product of K rows has
+        """Symmetric U(-b, b) for partition table k (each range of the stacked table for
+        add).  For mult, b = n^(-1/(2K)) so that a product of K rows has
         the spread of a plain table's U(-sqrt(1/n), sqrt(1/n)) (the reference draws from
         [sqrt(1/n), 1], all positive, which biases mult)."""
         if self.combine == "mult":
