@@ -1,11 +1,14 @@
 /* Fast path of the Criteo TSV reader (data/criteo.py): one pass over a block of whole
- * lines, straight into the output arrays.  It accepts only strictly well-formed lines
- * (label 0/1, 13 optional integers, 26 empty-or-8-hex-digit ids, nothing else); on the
- * first line that is not, it returns -(index of that line) - 1 and the caller parses the
- * block again with the strict pandas path, which names the line and column.
+ * lines, straight into the output arrays.  It accepts exactly the language of the
+ * reference parser ``data.criteo.parse_line``: lines end in '\n' (one '\r' before it is
+ * dropped); label "0" or "1"; 13 fields empty or [+-]?[0-9]+ within int64; 26 fields
+ * empty or 8 hex digits; tabs between, nothing else.  It stops at the first line that is
+ * not well formed and says where; the caller lets the reference parser name the column
+ * (or skip the line) and calls again after it.
  *
  *   count_lines(block) -> number of '\n'
- *   parse(block, labelled, labels f32[R], dense f32[R*13], sparse i64[R*26]) -> rows or -(i + 1)
+ *   parse(block, labelled, labels f32[R], dense f32[R*13], sparse i64[R*26])
+ *       -> (rows parsed, byte offset of the first bad line or -1)
  *
  * The GIL is released while parsing, so two threads can parse two halves of a block.
  */
@@ -34,17 +37,20 @@ static int parse_line(const char *p, const char *end, int labelled, float *label
         p += 2;
     }
     for (int j = 0; j < NUM_DENSE; j++) {
-        int64_t v = 0;
-        int neg = 0, digits = 0;
-        if (p < end && *p == '-') { neg = 1; p++; }
+        uint64_t v = 0;
+        int neg = 0, sign = 0, digits = 0;
+        if (p < end && (*p == '-' || *p == '+')) { neg = *p == '-'; sign = 1; p++; }
         while (p < end && *p >= '0' && *p <= '9') {
-            if (++digits > 18) return -1;  /* beyond int64: let the strict path decide */
-            v = v * 10 + (*p++ - '0');
+            uint64_t d = (uint64_t)(*p++ - '0');
+            if (v > (UINT64_MAX - d) / 10) return -1;
+            v = v * 10 + d;
+            digits++;
         }
-        if (neg && !digits) return -1;
+        if (v > (uint64_t)INT64_MAX + (uint64_t)neg) return -1;  /* outside int64 */
+        if (sign && !digits) return -1;
         if (p >= end || *p != '\t') return -1;
         p++;
-        dense[j] = (float)(double)(neg ? -v : v);
+        dense[j] = (float)(neg && v ? -(double)v : (double)v);  /* as Python: float(int(text)) */
     }
     for (int j = 0; j < NUM_SPARSE; j++) {
         if (p == end || *p == '\t') {
@@ -89,42 +95,40 @@ static PyObject *parse(PyObject *self, PyObject *args) {
     int labelled;
     if (!PyArg_ParseTuple(args, "y*pw*w*w*", &buf, &labelled, &labels, &dense, &sparse)) return NULL;
     Py_ssize_t rows = labels.len / (Py_ssize_t)sizeof(float);
-    Py_ssize_t result = 0;
-    if (dense.len < rows * NUM_DENSE * (Py_ssize_t)sizeof(float) ||
-        sparse.len < rows * NUM_SPARSE * (Py_ssize_t)sizeof(int64_t)) {
-        result = -2 - rows;  /* flagged below */
-    } else {
-        const char *p = buf.buf, *end = p + buf.len;
+    Py_ssize_t i = 0, bad = -1;
+    int small = dense.len < rows * NUM_DENSE * (Py_ssize_t)sizeof(float) ||
+                sparse.len < rows * NUM_SPARSE * (Py_ssize_t)sizeof(int64_t);
+    if (!small) {
+        const char *start = buf.buf, *p = start, *end = p + buf.len;
         Py_BEGIN_ALLOW_THREADS
-        Py_ssize_t i = 0;
         while (p < end) {
             const char *nl = memchr(p, '\n', end - p);
+            const char *stop = nl != NULL && nl > p && nl[-1] == '\r' ? nl - 1 : nl;
             if (nl == NULL || i >= rows ||
-                parse_line(p, nl, labelled, (float *)labels.buf + i, (float *)dense.buf + i * NUM_DENSE,
+                parse_line(p, stop, labelled, (float *)labels.buf + i, (float *)dense.buf + i * NUM_DENSE,
                            (int64_t *)sparse.buf + i * NUM_SPARSE)) {
-                result = -(i + 1);
+                bad = p - start;
                 break;
             }
             p = nl + 1;
             i++;
         }
-        if (result == 0) result = i;
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&buf);
     PyBuffer_Release(&labels);
     PyBuffer_Release(&dense);
     PyBuffer_Release(&sparse);
-    if (result < -1 - rows) {
+    if (small) {
         PyErr_SetString(PyExc_ValueError, "output arrays are too small for the rows");
         return NULL;
     }
-    return PyLong_FromSsize_t(result);
+    return Py_BuildValue("(nn)", i, bad);
 }
 
 static PyMethodDef methods[] = {
     {"count_lines", count_lines, METH_VARARGS, "Number of newlines in a bytes-like block."},
-    {"parse", parse, METH_VARARGS, "Parse a block of Criteo lines into the output arrays; rows or -(bad line + 1)."},
+    {"parse", parse, METH_VARARGS, "Parse Criteo lines into the output arrays; (rows, offset of the first bad line or -1)."},
     {NULL, NULL, 0, NULL},
 };
 

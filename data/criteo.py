@@ -1,33 +1,39 @@
 """Streaming reader of Criteo-format TSV (label, I1..I13, C1..C26; plain or .gz; no header).
 
-Policy (documented, tested):
-- C columns: 8 hex digits -> int64 raw id in [0, 2^32); empty -> ``MISSING_ID`` (-1),
-  which can never collide with a real id.
-- I columns: integers; empty -> 0 (a missing integer and a 0 read the same after
-  ``dense_transform``); the transform is log(1 + max(x, 0)).
-- A malformed line (wrong column count, non-hex id, non-integer dense value, label
-  not 0/1, empty line) raises ``CriteoFormatError`` naming file, line and column,
-  unless ``skip_bad_lines`` is set: then it is dropped and counted.
+The language (documented, tested; :func:`parse_line` is its reference):
+- Lines end in ``\n``; one ``\r`` right before it is dropped (CRLF files).  Fields are
+  separated by tabs: 40 of them, or 39 without the label.
+- label: ``0`` or ``1``.
+- I columns: empty (read as 0) or an integer ``[+-]?[0-9]+`` within int64, stored as the
+  nearest float32 (so always finite); ``dense_transform`` is log(1 + max(x, 0)).
+  Anything else (``1.5``, ``1e39``, ``nan``, ``NA``, ``inf``, spaces) is malformed.
+- C columns: empty -> ``MISSING_ID`` (-1), which can never collide with a real id, or
+  exactly 8 hex digits (either case) -> int64 raw id in [0, 2^32).
+- A malformed line (also an empty one, or one with a stray ``\r`` or non-ASCII byte)
+  raises ``CriteoFormatError`` naming file, line and column, unless ``skip_bad_lines``
+  is set: then it is dropped and counted.  A truncated or corrupt gzip is an error
+  naming the file.
 
 Speed: each block of lines is parsed by a small C extension (``_criteo_parse.c``), one
-part per core, straight into the output arrays; a block in which anything is off is
-parsed again by the strict pandas path, which finds and names the line.
+part per core, straight into the output arrays.  It stops at a line that is not well
+formed; :func:`parse_line` then names the column (or the line is skipped) and the C
+parser goes on after it.  Without the extension every line takes :func:`parse_line`.
 """
 from __future__ import annotations
 
 import functools
 import gzip
-import io
 import os
+import re
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import pandas as pd
 
-try:  # built by `pip install -e .` (setup.py); without it every block takes the strict path
+try:  # built by `pip install -e .` (setup.py); without it every line takes parse_line
     from data import _criteo_parse
 except ImportError:  # pragma: no cover - depends on the build
     _criteo_parse = None
@@ -38,12 +44,9 @@ DENSE_NAMES = [f"I{i}" for i in range(1, NUM_DENSE + 1)]
 SPARSE_NAMES = [f"C{i}" for i in range(1, NUM_SPARSE + 1)]
 COLUMNS = ["label", *DENSE_NAMES, *SPARSE_NAMES]
 MISSING_ID = -1
-
-_HEX = np.full(256, 255, dtype=np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX[_c] = _i
-for _i, _c in enumerate(b"ABCDEF"):
-    _HEX[_c] = 10 + _i
+_INT = re.compile(rb"[+-]?[0-9]+")
+_HEX8 = re.compile(rb"[0-9a-fA-F]{8}")
+_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 class CriteoFormatError(ValueError):
@@ -82,8 +85,9 @@ def _blocks(path: Path, block_bytes: int) -> Iterator[memoryview]:
             buf[: len(rest)] = rest
             try:
                 n = f.readinto(memoryview(buf)[len(rest) : len(rest) + block_bytes])
-            except (EOFError, gzip.BadGzipFile) as e:
-                raise CriteoFormatError(f"{path}: truncated or corrupt gzip ({e})") from e
+            except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+                raise CriteoFormatError(f"{path}: truncated or corrupt gzip ({e}); the file needs to be "
+                                        "downloaded or written again") from e
             if not n:
                 break
             end = len(rest) + n
@@ -95,45 +99,69 @@ def _blocks(path: Path, block_bytes: int) -> Iterator[memoryview]:
         yield memoryview(rest + b"\n")
 
 
-def _hex_to_int(col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed-width bytes [R] ('S9' to catch 9+ chars) -> (ids int64 [R], bad bool [R])."""
-    raw = col.view(np.uint8).reshape(len(col), -1)
-    width = (raw != 0).sum(1)
-    nib = _HEX[raw[:, :8]]
-    bad = ((nib == 255) & (raw[:, :8] != 0)).any(1) | (width > 8) | ((width > 0) & (width < 8))
-    pairs = np.ascontiguousarray((nib[:, 0::2] << 4) | (nib[:, 1::2] & 15))  # [R, 4] bytes
-    ids = pairs.view(">u4").ravel().astype(np.int64)
-    ids[width == 0] = MISSING_ID
-    return ids, bad
+class BadLine(ValueError):
+    """A line that is not in the language; the message names the column."""
+
+
+def _show(field: bytes) -> str:
+    return repr(field[:24] + (b"..." if len(field) > 24 else b""))
+
+
+def parse_line(line: bytes, labelled: bool = True) -> tuple[float, list[float], list[int]]:
+    """The reference parser: one line (without its ``\n``) -> (label, 13 dense, 26 ids).
+
+    Raises :class:`BadLine` naming the column.  The C fast path accepts exactly the same
+    lines and gives the same values (tested on mutants)."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    fields = line.split(b"\t")
+    ncol = len(COLUMNS) - (0 if labelled else 1)
+    if len(fields) != ncol:
+        raise BadLine(f"expected {ncol} tab-separated columns, found {len(fields)}")
+    label = 0.0
+    if labelled:
+        f, fields = fields[0], fields[1:]
+        if f not in (b"0", b"1"):
+            raise BadLine(f"label must be 0 or 1, got {_show(f)}")
+        label = float(f)
+    dense = []
+    for name, f in zip(DENSE_NAMES, fields):
+        if not f:
+            dense.append(0.0)
+            continue
+        if not _INT.fullmatch(f):
+            raise BadLine(f"column {name}: not an integer: {_show(f)}")
+        v = int(f)
+        if not _INT64[0] <= v <= _INT64[1]:
+            raise BadLine(f"column {name}: integer outside int64: {_show(f)}")
+        dense.append(float(np.float32(float(v))))
+    sparse = []
+    for name, f in zip(SPARSE_NAMES, fields[NUM_DENSE:]):
+        if not f:
+            sparse.append(MISSING_ID)
+        elif _HEX8.fullmatch(f):
+            sparse.append(int(f, 16))
+        else:
+            raise BadLine(f"column {name}: not 8 hex digits: {_show(f)}")
+    return label, dense, sparse
 
 
 def read_criteo(
     path: str | Path, chunk_rows: int = 200_000, skip_bad_lines: bool = False, labelled: bool = True
 ) -> Iterator[Chunk]:
-    """Yield :class:`Chunk` s of about ``chunk_rows`` rows; never the whole file in memory.
-
-    Each block of whole lines goes through the C fast path; a block with anything
-    unexpected in it is parsed again by the strict path, which names the line and column
-    (or drops and counts bad lines with ``skip_bad_lines``).
-    """
+    """Yield :class:`Chunk` s of about ``chunk_rows`` rows; never the whole file in memory."""
     path = Path(path)
     line = 1
     for block in _blocks(path, chunk_rows * 240):
-        chunk = _fast_block(block, line, labelled)
-        lines = len(chunk.labels) if chunk is not None else None
-        if chunk is None:
-            chunk, lines = _strict_block(block, line, path, labelled, skip_bad_lines)
+        chunk, lines = _parse_block(block, line, path, labelled, skip_bad_lines)
         line += lines
         yield chunk
 
 
-def _fast_block(block, line: int, labelled: bool) -> Chunk | None:
-    """C parse of a block of well-formed lines (``data/_criteo_parse.c``), one part per
-    thread; None if some line is not well formed (or the extension is not built)."""
-    if _criteo_parse is None:
-        return None
-    parts = _split_lines(block, _THREADS)
-    counts = [_criteo_parse.count_lines(p) for p in parts]
+def _parse_block(block, line: int, path: Path, labelled: bool, skip: bool) -> tuple[Chunk, int]:
+    """A block of whole lines -> (chunk, lines in the block), parts parsed in parallel."""
+    parts = _split_lines(block, _THREADS if _criteo_parse is not None else 1)
+    counts = [_count_lines(p) for p in parts]
     starts = np.cumsum([0, *counts])
     n = int(starts[-1])
     labels = np.zeros(n, dtype=np.float32)
@@ -142,10 +170,41 @@ def _fast_block(block, line: int, labelled: bool) -> Chunk | None:
 
     def parse(i: int) -> int:
         s, e = starts[i], starts[i + 1]
-        return _criteo_parse.parse(parts[i], labelled, labels[s:e], dense[s:e], sparse[s:e])
+        return _parse_part(parts[i], line + int(s), path, labelled, skip, labels[s:e], dense[s:e], sparse[s:e])
 
-    done = list(_pool().map(parse, range(len(parts)))) if len(parts) > 1 else [parse(0)]
-    return Chunk(labels, dense, sparse, line) if done == counts else None
+    rows = list(_pool().map(parse, range(len(parts)))) if len(parts) > 1 else [parse(i) for i in range(len(parts))]
+    if rows != counts:  # skipped lines: keep each part's parsed prefix
+        keep = np.concatenate([np.arange(s, s + r) for s, r in zip(starts, rows)]).astype(np.int64)
+        labels, dense, sparse = labels[keep], dense[keep], sparse[keep]
+    return Chunk(labels, dense, sparse, line, n - sum(rows)), n
+
+
+def _count_lines(part) -> int:
+    return _criteo_parse.count_lines(part) if _criteo_parse is not None else bytes(part).count(b"\n")
+
+
+def _parse_part(part, line: int, path: Path, labelled: bool, skip: bool, labels, dense, sparse) -> int:
+    """Whole lines of ``part`` (first one is ``line``) into the arrays; returns rows written.
+    The C parser runs up to a bad line, :func:`parse_line` takes that line, and so on."""
+    rows = pos = 0
+    data = None  # bytes of the part, made once a line has to be read in Python
+    while pos < len(part):
+        if _criteo_parse is not None:
+            n, bad = _criteo_parse.parse(part[pos:], labelled, labels[rows:], dense[rows:], sparse[rows:])
+            rows, line = rows + n, line + n
+            if bad < 0:
+                break
+            pos += bad
+        data = data if data is not None else bytes(part)
+        end = data.index(b"\n", pos)
+        try:
+            labels[rows], dense[rows], sparse[rows] = parse_line(data[pos:end], labelled)
+            rows += 1
+        except BadLine as e:
+            if not skip:
+                raise CriteoFormatError(f"{path}:{line}: {e}") from None
+        line, pos = line + 1, end + 1
+    return rows
 
 
 def _split_lines(block, k: int) -> list:
@@ -169,82 +228,3 @@ def _pool() -> ThreadPoolExecutor:
 @functools.cache
 def _pool_of(pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(_THREADS)
-
-
-def _strict_block(block, line: int, path: Path, labelled: bool, skip_bad_lines: bool) -> tuple[Chunk, int]:
-    """Column counts by tab positions, then pandas; names the first bad line.  Returns
-    (chunk, lines in the block)."""
-    ncol = len(COLUMNS) - (0 if labelled else 1)
-    names = COLUMNS if labelled else COLUMNS[1:]
-    buf = np.frombuffer(block, dtype=np.uint8)
-    ends = np.flatnonzero(buf == 10)
-    tabs = np.searchsorted(np.flatnonzero(buf == 9), ends)  # tabs before each line end
-    per_line = np.diff(tabs, prepend=0) + 1
-    bad = per_line != ncol
-    if bad.any() and not skip_bad_lines:
-        i = int(np.flatnonzero(bad)[0])
-        raise CriteoFormatError(f"{path}:{line + i}: expected {ncol} tab-separated columns, found {per_line[i]}")
-    if bad.any():
-        starts = np.concatenate([[0], ends[:-1] + 1])
-        keep = [block[s : e + 1] for s, e, b in zip(starts, ends, bad) if not b]
-        rows_line = line + np.flatnonzero(~bad)
-        block = b"".join(keep)
-    else:
-        rows_line = line + np.arange(len(ends))
-    skipped = int(bad.sum())
-    if not len(block):
-        return Chunk(np.zeros(0, np.float32), np.zeros((0, NUM_DENSE), np.float32),
-                     np.zeros((0, NUM_SPARSE), np.int64), line, skipped), len(ends)
-    data = io.BytesIO(block)
-    common = dict(sep="\t", header=None, names=names, engine="c", quoting=3)
-    try:  # typed columns
-        df = pd.read_csv(data, dtype={**{c: "float64" for c in names[: ncol - NUM_SPARSE]},
-                                      **{c: object for c in SPARSE_NAMES}}, **common)
-    except ValueError:  # a non-numeric value somewhere: all text, checked column by column
-        data.seek(0)
-        df = pd.read_csv(data, dtype=object, keep_default_na=False, na_values=[""], **common)
-    return _convert(df, path, rows_line, labelled, skip_bad_lines, skipped), len(ends)
-
-
-def _numeric(s: pd.Series) -> np.ndarray:
-    if s.dtype == object:
-        return pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    return s.to_numpy(dtype=np.float64)
-
-
-def _convert(df: pd.DataFrame, path, rows_line, labelled, skip_bad_lines, skipped) -> Chunk:
-    n = len(df)
-    bad_row = np.zeros(n, dtype=bool)
-    errors: list[tuple[int, str]] = []
-
-    def fail(mask: np.ndarray, what: str) -> None:
-        if mask.any():
-            bad_row[mask] = True
-            errors.append((int(np.flatnonzero(mask)[0]), what))
-
-    labels = np.zeros(n, dtype=np.float32)
-    if labelled:
-        lab = _numeric(df["label"])
-        fail(~np.isin(lab, (0.0, 1.0)), "label must be 0 or 1")
-        labels = np.nan_to_num(lab).astype(np.float32)
-    dense = np.zeros((n, NUM_DENSE), dtype=np.float32)
-    for j, c in enumerate(DENSE_NAMES):
-        s = df[c]
-        v = _numeric(s)
-        text_bad = np.isnan(v) & s.notna().to_numpy() if s.dtype == object else np.isinf(v)
-        fail(text_bad | (np.isfinite(v) & (v != np.round(v))), f"column {c}: not an integer")
-        dense[:, j] = np.nan_to_num(v, nan=0.0)
-    sparse = np.empty((n, NUM_SPARSE), dtype=np.int64)
-    for j, c in enumerate(SPARSE_NAMES):
-        col = df[c].fillna("").to_numpy().astype("S9")
-        ids, bad = _hex_to_int(col)
-        fail(bad, f"column {c}: not 8 hex digits")
-        sparse[:, j] = ids
-    if errors and not skip_bad_lines:
-        i, what = min(errors)
-        raise CriteoFormatError(f"{path}:{rows_line[i]}: {what}")
-    if bad_row.any():
-        keep = ~bad_row
-        labels, dense, sparse = labels[keep], dense[keep], sparse[keep]
-        skipped += int(bad_row.sum())
-    return Chunk(labels, dense, sparse, int(rows_line[0]), skipped)

@@ -58,43 +58,6 @@ def test_error_line_counts_across_blocks(tmp_path):
     assert [c.first_line for c in chunks] == sorted(c.first_line for c in chunks)
 
 
-def test_fast_path_equals_strict_path(tmp_path):
-    synth(3000, tmp_path / "d.tsv", seed=2, scale=0.001)
-    text = (tmp_path / "d.tsv").read_text()
-    text += GOOD.upper() + "\n" + "\t".join(["0"] + [""] * 13 + [""] * 26) + "\n"  # upper-case hex, all missing
-    (tmp_path / "d.tsv").write_text(text)
-    fast = list(read_criteo(tmp_path / "d.tsv"))
-    strict, _ = criteo._strict_block(memoryview(text.encode()), 1, tmp_path / "d.tsv", True, False)
-    assert criteo._fast_block(memoryview(text.encode()), 1, True) is not None
-    for name in ("labels", "dense", "sparse"):
-        np.testing.assert_array_equal(np.concatenate([getattr(c, name) for c in fast]), getattr(strict, name))
-    assert fast[-1].sparse[-1].tolist() == [MISSING_ID] * 26 and fast[-1].sparse[-2, 0] == 0x68FD1E64
-
-
-def test_fast_path_accepts_exactly_hex_digits():
-    rng = np.random.default_rng(0)
-    for i, v in enumerate(rng.integers(0, 2**32, 2048)):  # every byte value at every position
-        b = bytearray(f"{v:08x}".upper() if i % 2 else f"{v:08x}", "ascii")
-        b[i // 256] = i % 256
-        text = b.decode("latin-1")
-        line = GOOD.encode().replace(b"68fd1e64", bytes(b)) + b"\n"
-        got = criteo._fast_block(memoryview(line), 1, True)
-        if all(c in "0123456789abcdefABCDEF" for c in text):
-            assert got is not None and int(got.sparse[0, 0]) == int(text, 16), text
-        else:
-            assert got is None, b
-
-
-@pytest.mark.parametrize("dense, ok", [("-7", True), ("", True), ("123456789012345678", True), ("-", False),
-                                       ("1234567890123456789", False), ("+3", False), ("1.0", False)])
-def test_fast_path_dense_values(dense, ok):
-    line = GOOD.replace("\t3\t", f"\t{dense}\t", 1).encode() + b"\n"
-    got = criteo._fast_block(memoryview(line), 1, True)
-    assert (got is not None) == ok  # anything else goes to the strict path
-    if ok:
-        assert got.dense[0, 2] == np.float32(float(dense or 0))
-
-
 def test_unlabelled_file_reads_like_a_labelled_one(tmp_path):
     labelled = _write(tmp_path, [GOOD, GOOD.upper()], "l.tsv")
     unlabelled = _write(tmp_path, [GOOD.split("\t", 1)[1], GOOD.upper().split("\t", 1)[1]], "u.tsv")
