@@ -124,9 +124,14 @@ class _Collection(nn.Module):
         not named are ``full``.  torchrec's ``num_embeddings`` fills the method's size
         argument (``num_ids``, ``num_buckets``) unless the options give it.
         """
-        methods = methods or {}
+        methods = dict(methods or {})
+        names = [c.name for c in configs]
+        unknown = [k for k in methods if k not in names]
+        if unknown:
+            raise ValueError(f"methods names table(s) {unknown} that no config has; tables: {names}")
         tables = []
         for c in configs:
+            _check_config(c)
             spec = methods.get(c.name, "full")
             name, options = (spec, {}) if isinstance(spec, str) else spec
             options = dict(options)
@@ -158,9 +163,8 @@ class _Collection(nn.Module):
         Returns (kjt, {group: output}, ids per feature, whether the per-id group was
         looked up as the KJT's bags, output [B, *], rather than one bag per id).
         """
+        check_kjt(kjt)
         kjt = self._align(kjt)
-        if kjt.variable_stride_per_key():
-            raise ValueError("variable batch size per feature is not supported")
         B = kjt.stride()
         values, lengths, offsets = kjt.values(), kjt.lengths(), kjt.offsets()
         if values.dtype != torch.int64:
@@ -235,6 +239,67 @@ class _Collection(nn.Module):
     def on_step_end(self, step: int) -> None:
         for t in self.tables:
             t.on_step_end(step)
+
+
+#: torchrec config fields a collection honours; any other field must keep its default
+_HONOURED = {"name", "num_embeddings", "embedding_dim", "feature_names", "pooling"}
+
+
+def _check_config(c) -> None:
+    """Raise ValueError naming every field of torchrec config ``c`` that is set to something
+    rectables would not honour (it would otherwise be ignored without a word)."""
+    import dataclasses
+    import functools
+
+    def same(a, b) -> bool:  # torchrec fills init_fn with a fresh partial of uniform_
+        if isinstance(a, functools.partial) and isinstance(b, functools.partial):
+            return (a.func, a.args, a.keywords) == (b.func, b.args, b.keywords)
+        return a == b
+
+    default = type(c)(num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim, name=c.name,
+                      feature_names=list(c.feature_names))
+    odd = [f.name for f in dataclasses.fields(c)
+           if f.name not in _HONOURED and not same(getattr(c, f.name), getattr(default, f.name))]
+    if odd:
+        raise ValueError(f"table {c.name!r}: config field(s) {odd} are not supported by rectables yet "
+                         f"(only {sorted(_HONOURED)}); leave them at torchrec's defaults")
+
+
+def check_kjt(kjt) -> None:
+    """Raise ValueError unless ``kjt`` is a well-formed batch of integer ids: int32/int64
+    values, no per-id weights (not supported yet), one stride, lengths >= 0 and offsets
+    that agree with them and with the N values.  fbgemm runs without its bounds check,
+    so a malformed KJT would read and update arbitrary rows.  One fused check; the
+    messages are worked out only when it fails."""
+    values = kjt.values()
+    if values.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"KeyedJaggedTensor values must be int64 or int32 ids, got {values.dtype}")
+    if kjt.weights_or_none() is not None:
+        raise ValueError("per-id weights (a weighted KeyedJaggedTensor) are not supported yet; "
+                         "they would be ignored, so pass the KJT without weights")
+    if kjt.variable_stride_per_key():
+        raise ValueError("variable batch size per feature is not supported")
+    n, rows = values.numel(), len(kjt.keys()) * kjt.stride()
+    lengths, offsets = kjt.lengths_or_none(), kjt.offsets_or_none()
+    if (lengths is not None and lengths.numel() != rows) or (offsets is not None and offsets.numel() != rows + 1):
+        raise ValueError(f"KeyedJaggedTensor with {len(kjt.keys())} keys and stride {kjt.stride()} needs "
+                         f"{rows} lengths / {rows + 1} offsets, got "
+                         f"{None if lengths is None else lengths.numel()} / {None if offsets is None else offsets.numel()}")
+    checks = []
+    if lengths is not None:
+        checks += [(lengths < 0).any(), lengths.sum() != n]
+    if offsets is not None and rows:
+        checks += [offsets[0] != 0, offsets[-1] != n, (offsets.diff() < 0).any()]
+        if lengths is not None:
+            checks.append((offsets.diff() != lengths).any())
+    if not checks or not bool(torch.stack(checks).any()):
+        return
+    if lengths is not None and bool((lengths < 0).any()):
+        raise ValueError(f"KeyedJaggedTensor has a negative length ({int(lengths.min())})")
+    if lengths is not None and int(lengths.sum()) != n:
+        raise ValueError(f"KeyedJaggedTensor lengths sum to {int(lengths.sum())} but it holds {n} values")
+    raise ValueError(f"KeyedJaggedTensor offsets must rise from 0 to the {n} values and agree with its lengths; "
+                     f"got offsets starting {offsets[:4].tolist()} and ending at {int(offsets[-1])}")
 
 
 def _one_id_per_bag(lane_ids: list[int]) -> torch.Tensor:

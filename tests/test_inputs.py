@@ -79,3 +79,23 @@ def test_swap_torchrec_ec_for_rectables():
     for f in ["a", "b"]:
         torch.testing.assert_close(a[f].values(), b[f].values())
         assert torch.equal(a[f].lengths(), b[f].lengths())
+
+
+def test_methods_key_that_names_no_table_raises():
+    configs = [EmbeddingBagConfig(name="t_user", embedding_dim=8, num_embeddings=100, feature_names=["user"])]
+    with pytest.raises(ValueError, match=r"\['user'\].*t_user"):
+        rectables.EmbeddingBagCollection.from_configs(configs, methods={"user": "hash"})
+
+
+@pytest.mark.parametrize("field", [
+    {"data_type": __import__("torchrec").modules.embedding_configs.DataType.FP16},
+    {"weight_init_min": -1.0, "weight_init_max": 1.0},
+    {"init_fn": torch.nn.init.zeros_},
+    {"need_pos": True},
+])
+def test_config_fields_not_honoured_are_rejected(field):
+    config = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["a"], **field)
+    with pytest.raises(ValueError, match=rf"table 't': config field\(s\) .*{next(iter(field))}"):
+        rectables.EmbeddingBagCollection.from_configs([config])
+    plain = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["a"])
+    rectables.EmbeddingBagCollection.from_configs([plain])  # torchrec's defaults are fine
