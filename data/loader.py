@@ -1,7 +1,6 @@
 """Fixed-size batches straight from the memmaps into KeyedJaggedTensor + dense + labels."""
 from __future__ import annotations
 
-import json
 import queue
 import threading
 from dataclasses import dataclass
@@ -28,8 +27,10 @@ class CriteoBatches:
     """
 
     def __init__(self, data_dir, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, prefetch: bool = True):
+        from data.preprocess import open_dataset
+
         d = Path(data_dir)
-        self.meta = json.loads((d / "meta.json").read_text())
+        self.meta = open_dataset(d)
         self.features = self.meta["features"]
         self.labels = np.load(d / "labels.npy", mmap_mode="r")
         self.dense = np.load(d / "dense.npy", mmap_mode="r")

@@ -7,16 +7,25 @@ Id modes, recorded in ``meta.json``:
   stored as ``vocab_C<i>.npy`` (sorted raw ids), never pickled.
 
 The split (train / val / test row indices, ``split_<name>.npy``) is a seeded permutation.
+
+A dataset is written whole into a temporary sibling directory and then swapped in (an
+atomic directory exchange on Linux), so a kill at any point leaves the old dataset or
+the new one, never a mix; :func:`open_dataset` checks every array against ``meta.json``.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from data.criteo import NUM_DENSE, NUM_SPARSE, SPARSE_NAMES, dense_transform, read_criteo
+from data.criteo import NUM_DENSE, NUM_SPARSE, SPARSE_NAMES, CriteoFormatError, dense_transform, read_criteo
+
+FORMAT = 1  # version of the directory layout, in meta.json
 
 ARRAYS = {"labels": (np.float32, ()), "dense": (np.float32, (NUM_DENSE,)), "sparse": (np.int64, (NUM_SPARSE,))}
 
@@ -45,27 +54,60 @@ def apply_vocab(col: np.ndarray, vocab: np.ndarray) -> np.ndarray:
     return np.where(vocab[pos] == col, pos + 1, 0)
 
 
+class DatasetError(ValueError):
+    """A preprocessed directory that is missing, incomplete or not what a run expects."""
+
+
 def preprocess(
     src: str | Path, out_dir: str | Path, mode: str = "vocab", min_count: int = 1,
     val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, skip_bad_lines: bool = False,
+    overwrite: bool = False,
 ) -> dict:
+    """Parse ``src`` into a dataset directory ``out_dir``; returns its meta.
+
+    An existing dataset at ``out_dir`` is replaced atomically; a non-empty directory that
+    is not a dataset is refused unless ``overwrite``.  An input without rows, or too few
+    for every split to get one, is refused."""
     if mode not in ("raw", "vocab"):
         raise ValueError(f"mode must be 'raw' or 'vocab', got {mode!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction and test_fraction must be > 0 and sum to < 1, got {val_fraction}, {test_fraction}")
+    out = Path(out_dir).absolute()
+    _check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        meta = _write(Path(src), tmp, mode, min_count, val_fraction, test_fraction, seed, skip_bad_lines)
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the new data if it failed, else the old dataset
+    return meta
+
+
+def _write(src: Path, out: Path, mode, min_count, val_fraction, test_fraction, seed, skip_bad_lines) -> dict:
     files = {k: open(out / f"{k}.raw", "wb") for k in ARRAYS}
     rows = skipped = 0
-    for ch in read_criteo(src, skip_bad_lines=skip_bad_lines):
-        files["labels"].write(ch.labels.tobytes())
-        files["dense"].write(dense_transform(ch.dense).tobytes())
-        files["sparse"].write(ch.sparse.tobytes())
-        rows += len(ch.labels)
-        skipped += ch.skipped
-    for k, fh in files.items():
-        fh.close()
+    try:
+        for ch in read_criteo(src, skip_bad_lines=skip_bad_lines):
+            files["labels"].write(ch.labels.tobytes())
+            files["dense"].write(dense_transform(ch.dense).tobytes())
+            files["sparse"].write(ch.sparse.tobytes())
+            rows += len(ch.labels)
+            skipped += ch.skipped
+    finally:
+        for fh in files.values():
+            fh.close()
+    n_test, n_val = int(rows * test_fraction), int(rows * val_fraction)
+    if min(n_test, n_val, rows - n_test - n_val) < 1:
+        raise CriteoFormatError(f"{src}: {rows} rows ({skipped} bad lines skipped) are too few for a train, "
+                                f"validation and test split of at least one row each; nothing was written")
+    for k in ARRAYS:
         _finish_npy(out / f"{k}.raw", out / f"{k}.npy", ARRAYS[k][0], ARRAYS[k][1], rows)
     perm = np.random.default_rng(seed).permutation(rows)
-    n_test, n_val = int(rows * test_fraction), int(rows * val_fraction)
     splits = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
     for name, idx in splits.items():
         np.save(out / f"split_{name}.npy", np.sort(idx))
@@ -82,11 +124,98 @@ def preprocess(
         else:
             cards.append(int(len(np.unique(col[train]))))
     sparse.flush()
+    del sparse
     meta = {
-        "source": str(src), "mode": mode, "rows": rows, "skipped_lines": skipped, "min_count": min_count,
-        "seed": seed, "splits": {k: len(v) for k, v in splits.items()}, "features": SPARSE_NAMES,
-        "cardinalities": cards, "oov_id": 0 if mode == "vocab" else None,
+        "format": FORMAT, "source": str(src.absolute()), "mode": mode, "rows": rows, "skipped_lines": skipped,
+        "min_count": min_count, "seed": seed, "splits": {k: len(v) for k, v in splits.items()},
+        "features": SPARSE_NAMES, "cardinalities": cards, "oov_id": 0 if mode == "vocab" else None,
         "missing_id": -1, "dense_transform": "log(1 + max(x, 0)), missing -> 0",
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def open_dataset(data_dir: str | Path) -> dict:
+    """meta.json of a dataset directory, after checking that every array it names is
+    there with the rows meta.json says; :class:`DatasetError` says what is wrong."""
+    d = Path(data_dir)
+    if not (d / "meta.json").is_file():
+        raise DatasetError(f"{d} is not a preprocessed dataset (no meta.json); run `rectables preprocess` first")
+    def load(name: str) -> np.ndarray:
+        try:
+            return np.load(d / name, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{d / name}: cannot be read ({e})") from e
+
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+        rows, splits = meta["rows"], meta["splits"]
+        for k, (dtype, tail) in ARRAYS.items():
+            a = load(f"{k}.npy")
+            if a.dtype != dtype or a.shape != (rows, *tail):
+                raise DatasetError(f"{k}.npy holds {a.dtype} {a.shape}, meta.json says {np.dtype(dtype)} {(rows, *tail)}")
+        for k, n in splits.items():
+            idx = load(f"split_{k}.npy")
+            if len(idx) != n or (n and not 0 <= idx[0] <= idx[-1] < rows):
+                raise DatasetError(f"split_{k}.npy does not match meta.json")
+        if meta["mode"] == "vocab":
+            for name, card in zip(meta["features"], meta["cardinalities"]):
+                if len(load(f"vocab_{name}.npy")) != card - 1:
+                    raise DatasetError(f"vocab_{name}.npy does not match meta.json")
+    except (OSError, ValueError, KeyError) as e:
+        raise DatasetError(f"dataset {d} is incomplete or inconsistent: {e}; run `rectables preprocess` again") from e
+    return meta
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file() and not overwrite:
+        raise FileExistsError(f"{out} is a non-empty directory that is not a dataset; "
+                              "choose another --out or pass --overwrite to replace it")
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove temporaries left by killed runs (their pid is gone) next to ``out``."""
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = p.name[len(out.name) + 6 :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Make ``new`` the directory ``out``; the old ``out`` (if any) ends up at ``new``.
+    Atomic: renameat2(RENAME_EXCHANGE) on Linux; elsewhere two renames (a kill between
+    them leaves no ``out``, and the old data at ``new``)."""
+    try:
+        os.rename(new, out)  # out missing or empty: atomic
+        return
+    except OSError:
+        pass
+    libc = ctypes.CDLL(None, use_errno=True)
+    exchange = getattr(libc, "renameat2", None)
+    if exchange is not None:
+        AT_FDCWD, RENAME_EXCHANGE = -100, 2
+        if exchange(AT_FDCWD, bytes(new), AT_FDCWD, bytes(out), RENAME_EXCHANGE) == 0:
+            return
+    side = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, side / "old")
+    os.rename(new, out)
+    os.rename(side / "old", new)
+    side.rmdir()

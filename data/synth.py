@@ -12,6 +12,7 @@ probabilities) is the ceiling any model can reach on the data.
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -91,14 +92,16 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def synth(rows: int, out: str | Path, seed: int = 0, scale: float = 1.0, chunk_rows: int = 250_000) -> dict:
-    """Write ``rows`` Criteo-format rows to ``out`` (.tsv or .tsv.gz); returns facts incl. Bayes AUC."""
+    """Write ``rows`` Criteo-format rows to ``out`` (.tsv or .tsv.gz); returns facts incl. Bayes AUC.
+    The file is written under a temporary name and renamed when whole."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     cards = cardinalities(scale)
     probs, labels_all = [], []
     opener = gzip.open if out.suffix == ".gz" else open
-    with opener(out, "wt", newline="") as fh:
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with opener(tmp, "wt", newline="") as fh:
         done = 0
         while done < rows:
             n = min(chunk_rows, rows - done)
@@ -113,6 +116,7 @@ def synth(rows: int, out: str | Path, seed: int = 0, scale: float = 1.0, chunk_r
             probs.append(p)
             labels_all.append(labels)
             done += n
+    os.replace(tmp, out)
     p, y = np.concatenate(probs), np.concatenate(labels_all)
     return {"rows": rows, "seed": seed, "scale": scale, "cardinalities": cards,
             "positive_rate": float(y.mean()), "bayes_auc": auc(p, y), "path": str(out)}

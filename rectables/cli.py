@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from rectables.presets import PRESETS, parse_fraction
@@ -63,7 +64,7 @@ def cmd_preprocess(args) -> int:
     from data.preprocess import preprocess
 
     meta = preprocess(args.src, args.out, mode=args.mode, min_count=args.min_count, seed=args.seed,
-                      skip_bad_lines=args.skip_bad_lines)
+                      skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite)
     print(f"{meta['rows']:,} rows ({meta['skipped_lines']} bad lines skipped), mode {meta['mode']}, "
           f"splits {meta['splits']}, {sum(meta['cardinalities']):,} ids -> {args.out}")
     return 0
@@ -83,8 +84,8 @@ def _spec(args) -> dict:
 def cmd_train(args) -> int:
     from rectables.experiment import run_training
 
-    s = run_training(_spec(args), args.run, resume=args.resume)
-    print(f"best val AUC {s['best_val_auc']:.4f}; test AUC {s['test']['auc']:.4f}, logloss {s['test']['logloss']:.4f} -> {args.run}")
+    s = run_training(_spec(args), args.run, resume=args.resume, overwrite=args.overwrite)
+    print(f"best val AUC {s['best_val_auc']:.4f} (epoch {s['best_epoch']}, chosen by {s['selected_by']}); test AUC {s['test']['auc']:.4f}, logloss {s['test']['logloss']:.4f} -> {args.run}")
     return 0
 
 
@@ -101,7 +102,8 @@ def cmd_compare(args) -> int:
     from rectables.registry import list_tables
 
     methods = args.methods.split(",") if args.methods else list_tables()
-    compare(_spec(args), methods, [parse_fraction(b) for b in args.budgets.split(",")], args.out)
+    compare(_spec(args), methods, [parse_fraction(b) for b in args.budgets.split(",")], args.out,
+            overwrite=args.overwrite)
     return 0
 
 
@@ -122,7 +124,28 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; errors are one line on stderr (exit 1; 2 for usage) unless --debug."""
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.debug:
+        return args.func(args)
+    show = warnings.showwarning
+    warnings.showwarning = lambda msg, *a, **k: print(f"rectables: warning: {msg}", file=sys.stderr)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("rectables: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line, not a traceback; --debug shows it
+        print(f"rectables: error: {e}" + ("" if str(e) else type(e).__name__), file=sys.stderr)
+        return 1
+    finally:
+        warnings.showwarning = show
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rectables", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("synth", help="generate Criteo-format data with a planted signal")
     s.add_argument("--rows", type=int, required=True)
@@ -137,13 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--min-count", type=int, default=1)
     pp.add_argument("--seed", type=int, default=0)
     pp.add_argument("--skip-bad-lines", action="store_true")
+    pp.add_argument("--overwrite", action="store_true", help="replace --out even if it is a directory that is not a dataset")
     pp.set_defaults(func=cmd_preprocess)
     t = sub.add_parser("train", help="train one method on preprocessed data")
     _train_args(t)
     t.add_argument("--method", default="full")
     t.add_argument("--budget", default="1", help="fraction of full bytes, e.g. 1/4")
     t.add_argument("--run", required=True, help="run directory")
-    t.add_argument("--resume", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue the run in --run (same settings; more --epochs allowed)")
+    t.add_argument("--overwrite", action="store_true", help="start over, removing the run already in --run")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("eval", help="score a Criteo-format file with a trained run")
     e.add_argument("--run", required=True)
@@ -154,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--methods", default="", help="comma list; default every registered method")
     c.add_argument("--budgets", default="1/4,1/16")
     c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true",
+                   help="start every run over (by default a run already in --out with the same settings is resumed)")
     c.set_defaults(func=cmd_compare)
     m = sub.add_parser("memory", help="bytes of every method at a preset's cardinalities (meta device)")
     m.add_argument("--preset", choices=sorted(PRESETS), default="criteo-kaggle")
@@ -162,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--methods", default="", help="comma list; default every registered method")
     m.add_argument("--budgets", default="1/4,1/16", help="fractions of the full bytes, e.g. 1/4,1/16")
     m.set_defaults(func=cmd_memory)
-    args = p.parse_args(argv)
-    return args.func(args)
+    return p
 
 
 if __name__ == "__main__":

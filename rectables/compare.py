@@ -6,12 +6,19 @@ from pathlib import Path
 from rectables.experiment import run_training
 
 
-def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str | Path) -> list[dict]:
+def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str | Path, overwrite: bool = False) -> list[dict]:
+    """A run per method and budget in ``out_dir``; a run already there with the same
+    settings is resumed (a finished one is only scored again), unless ``overwrite``."""
+    from rectables.registry import table_class
+
+    for m in methods:
+        table_class(m)  # an unknown name fails before any training
     out = Path(out_dir)
     rows = []
     for method in methods:
         for budget in [1.0] if method == "full" else budgets:
-            s = run_training({**spec, "method": method, "budget": budget}, out / f"{method}_{budget:g}")
+            s = run_training({**spec, "method": method, "budget": budget}, out / f"{method}_{budget:g}",
+                             resume=not overwrite, overwrite=overwrite)
             tables = s["memory"]["tables"].values()
             rows.append({
                 "method": method, "budget": budget,

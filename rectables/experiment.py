@@ -16,7 +16,7 @@ import torch
 
 from rectables.optim import SparseOptimizer
 from rectables.registry import table_class
-from rectables.runs import write_json
+from rectables.runs import RunError, read_checkpoint, start_run, write_json
 from rectables.train import TrainConfig, evaluate, fit
 
 DEFAULT_SPEC = {"method": "full", "budget": 1.0, "dim": 16, "model": "dlrm",
@@ -38,17 +38,31 @@ def build_model(spec: dict, meta: dict):
     raise ValueError(f"unknown model {spec['model']!r}")
 
 
-def run_training(spec: dict, run_dir: str | Path, resume: bool = False) -> dict:
+def dataset_facts(meta: dict) -> dict:
+    """What a trained model depends on in its dataset: a run records it and checks it."""
+    return {k: meta[k] for k in ("mode", "rows", "cardinalities", "min_count", "seed", "source")}
+
+
+def run_training(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train ``spec`` into ``run_dir``.  A directory holding a run needs ``resume`` (same
+    settings, more epochs allowed) or ``overwrite``; both are checked before anything
+    is written."""
     from data.loader import CriteoBatches
+    from data.preprocess import open_dataset
 
     spec = {**DEFAULT_SPEC, **spec}
+    unknown = set(spec) - set(DEFAULT_SPEC) - {"data", "train"}
+    if unknown:
+        raise ValueError(f"unknown spec entries {sorted(unknown)}; known: {sorted(DEFAULT_SPEC) + ['data', 'train']}")
     run = Path(run_dir)
-    meta = json.loads((Path(spec["data"]) / "meta.json").read_text())
+    spec["data"] = str(Path(spec["data"]).absolute())
+    meta = open_dataset(spec["data"])
     cfg = TrainConfig(**spec.get("train", {}))
+    config = {**spec, "train": asdict(cfg), "id_mode": meta["mode"], "dataset": dataset_facts(meta),
+              "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+    resume = start_run(run, config, resume, overwrite)
     torch.manual_seed(cfg.seed)
     model = build_model(spec, meta)
-    write_json(run / "config.json", {**spec, "train": asdict(cfg), "id_mode": meta["mode"],
-                                     "versions": {"torch": torch.__version__, "python": platform.python_version()}})
     train = CriteoBatches(spec["data"], "train", cfg.batch_size, shuffle=True, seed=cfg.seed)
     val = CriteoBatches(spec["data"], "val", 8192)
     summary = fit(model, train, val, cfg, run, resume=resume)
@@ -59,8 +73,27 @@ def run_training(spec: dict, run_dir: str | Path, resume: bool = False) -> dict:
 
 
 def load_best(model, run: Path) -> None:
-    blob = torch.load(Path(run) / "best.pt", weights_only=True)
-    model.load_state_dict(blob["model"])
+    model.load_state_dict(read_checkpoint(Path(run) / "best.pt")["model"])
+
+
+def _open_run(run: Path) -> tuple[dict, dict]:
+    """(config, meta) of a trained run whose dataset is still the one it was trained on."""
+    from data.preprocess import open_dataset
+
+    if not (run / "config.json").is_file():
+        raise RunError(f"{run} holds no run (no config.json)")
+    spec = json.loads((run / "config.json").read_text())
+    meta = open_dataset(spec["data"])
+    if "dataset" in spec and dataset_facts(meta) != spec["dataset"]:
+        was, now = spec["dataset"], dataset_facts(meta)
+        diff = [f"{k}: {_short(was.get(k))} -> {_short(now.get(k))}" for k in now if was.get(k) != now.get(k)]
+        raise RunError(f"the dataset {spec['data']} has changed since run {run} was trained on it "
+                       f"({'; '.join(diff)}); preprocess it again as it was, or train a new run")
+    return spec, meta
+
+
+def _short(v) -> str:
+    return repr(v) if not isinstance(v, list) or len(v) <= 4 else f"[{', '.join(map(str, v[:4]))}, ...]"
 
 
 def score_file(run_dir: str | Path, path: str | Path) -> dict:
@@ -71,9 +104,10 @@ def score_file(run_dir: str | Path, path: str | Path) -> dict:
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     run = Path(run_dir)
-    spec = json.loads((run / "config.json").read_text())
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a directory; eval --data takes a Criteo-format file (.tsv or .tsv.gz)")
+    spec, meta = _open_run(run)
     data = Path(spec["data"])
-    meta = json.loads((data / "meta.json").read_text())
     model = build_model(spec, meta)
     load_best(model, run)
     model.eval()
