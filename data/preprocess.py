@@ -155,6 +155,8 @@ def open_dataset(data_dir: str | Path) -> dict:
             if a.dtype != dtype or a.shape != (rows, *tail):
                 raise DatasetError(f"{k}.npy holds {a.dtype} {a.shape}, meta.json says {np.dtype(dtype)} {(rows, *tail)}")
         for k, n in splits.items():
+            if n < 1:
+                raise DatasetError(f"its {k} split is empty")
             idx = load(f"split_{k}.npy")
             if len(idx) != n or (n and not 0 <= idx[0] <= idx[-1] < rows):
                 raise DatasetError(f"split_{k}.npy does not match meta.json")
