@@ -47,14 +47,23 @@ class _Collection(nn.Module):
         tables: list[Table],
         optimizer: SparseOptimizer | None = None,
         device: str | torch.device | None = None,
+        is_weighted: bool = False,
     ) -> None:
         super().__init__()
         names = [t.name for t in tables]
         feats = [f for t in tables for f in t.feature_names]
-        if not tables or len(set(names)) != len(names) or len(set(feats)) != len(feats):
-            raise ValueError(f"need >= 1 table, unique table names and features; got {names}, {feats}")
+        if not tables or len(set(names)) != len(names) or any(len(set(t.feature_names)) != len(t.feature_names)
+                                                               for t in tables):
+            raise ValueError(f"need >= 1 table, unique table names, and no feature twice in one table; "
+                             f"got {names}, {[t.feature_names for t in tables]}")
+        if is_weighted and not self.pooled:
+            raise ValueError("per-id weights need pooled output (EmbeddingBagCollection), as in torchrec")
         self.tables = nn.ModuleList(tables)
+        self._is_weighted = bool(is_weighted)
+        #: the KJT key each output reads (a feature served by several tables appears once per table)
         self.feature_names = feats
+        #: output keys, torchrec's naming: the feature, or ``feature@table`` when several tables serve it
+        self.output_names = [f if feats.count(f) == 1 else f"{f}@{t.name}" for t in tables for f in t.feature_names]
         self.dims = [d for t in tables for d in t.feature_dims()]
         # storage groups: "bags" pooled by the TBE; "rows" one row per id (sequence output,
         # and mult tables, which sum products per bag).  A pooled table whose K summed lanes
@@ -117,6 +126,7 @@ class _Collection(nn.Module):
         methods: dict[str, str | tuple[str, dict]] | None = None,
         optimizer: SparseOptimizer | None = None,
         device: str | torch.device | None = None,
+        is_weighted: bool = False,
     ):
         """Build from torchrec ``EmbeddingBagConfig`` / ``EmbeddingConfig`` objects.
 
@@ -145,7 +155,11 @@ class _Collection(nn.Module):
                     feature_names=list(c.feature_names), pooling=pooling, **options,
                 )
             )
-        return cls(tables, optimizer, device)
+        return cls(tables, optimizer, device, is_weighted=is_weighted) if is_weighted else cls(tables, optimizer, device)
+
+    def is_weighted(self) -> bool:
+        """True if lookups take per-id weights (torchrec's ``is_weighted``)."""
+        return self._is_weighted
 
     # ---- lookup --------------------------------------------------------------------
     def _align(self, kjt):
@@ -163,36 +177,43 @@ class _Collection(nn.Module):
         Returns (kjt, {group: output}, ids per feature, whether the per-id group was
         looked up as the KJT's bags, output [B, *], rather than one bag per id).
         """
-        check_kjt(kjt)
+        check_kjt(kjt, self._is_weighted)
         kjt = self._align(kjt)
         B = kjt.stride()
         values, lengths, offsets = kjt.values(), kjt.lengths(), kjt.offsets()
+        weights = kjt.weights() if self._is_weighted else None
         if values.dtype != torch.int64:
             values, offsets = values.long(), offsets.long()
         bounds = offsets[::B].tolist() if B else [0] * (len(self.feature_names) + 1)
         counts = [bounds[i + 1] - bounds[i] for i in range(len(self.feature_names))]
         if self._all_passthrough:
             self._check_ids(values, bounds)
-            return kjt, {"bags": self.storage(values, offsets)}, counts, False
-        # per group, per slot (lane k when lane-major, else one slot): ids, bag lengths, id counts
+            return kjt, {"bags": self.storage(values, offsets, weights)}, counts, False
+        # per group, per slot (lane k when lane-major, else one slot): ids, bag lengths, id
+        # counts, per-id weights (the per-id group is weighted after its combine, in forward)
         parts: dict[str, list] = {g: [[] for _ in range(self._slots(g))] for g in self.storages}
         lens: dict[str, list] = {g: [[] for _ in range(self._slots(g))] for g in self.storages}
         lane_ids: dict[str, list] = {g: [[] for _ in range(self._slots(g))] for g in self.storages}
+        wparts: dict[str, list] = {g: [[] for _ in range(self._slots(g))] for g in self.storages}
         for t, g, f0, merged in zip(self.tables, self.groups, self._first, self._merged):
             nf = len(t.feature_names)
             rows = t.remap(values[bounds[f0] : bounds[f0 + nf]], counts[f0 : f0 + nf])
             for i, r in enumerate(rows):
                 seg = lengths[(f0 + i) * B : (f0 + i + 1) * B]
+                w = weights[bounds[f0 + i] : bounds[f0 + i + 1]] if weights is not None and g == "bags" else None
                 if merged and r.shape[0] > 1:  # the K rows of each id side by side, bags K times longer
-                    seg, r = seg * r.shape[0], r.t().reshape(1, -1)
+                    seg, w = seg * r.shape[0], None if w is None else w.repeat_interleave(r.shape[0])
+                    r = r.t().reshape(1, -1)
                 for k in range(r.shape[0]):
                     slot = k if self._lane_major[g] else 0
                     parts[g][slot].append(r[k])
                     lens[g][slot].append(seg)
                     lane_ids[g][slot].append(r.shape[1])
+                    wparts[g][slot].append(w)
         parts = {g: [x for slot in p for x in slot] for g, p in parts.items()}
         lens = {g: [x for slot in p for x in slot] for g, p in lens.items()}
         lane_ids = {g: [x for slot in p for x in slot] for g, p in lane_ids.items()}
+        wparts = {g: [x for slot in p for x in slot] for g, p in wparts.items()}
         out = {}
         rows_as_bags = "rows" in self.storages and self._rows_pooled(lengths, B)
         for g, storage in self.storages.items():
@@ -205,7 +226,8 @@ class _Collection(nn.Module):
                 lens_all = torch.cat(lens[g]) if len(lens[g]) > 1 else lens[g][0]
                 tbe_offsets = torch.zeros(lens_all.numel() + 1, dtype=torch.int64)
                 torch.cumsum(lens_all, 0, out=tbe_offsets[1:])
-            out[g] = storage(indices, tbe_offsets)
+            w = None if weights is None or g == "rows" else (torch.cat(wparts[g]) if len(wparts[g]) > 1 else wparts[g][0])
+            out[g] = storage(indices, tbe_offsets, w)
         return kjt, out, counts, rows_as_bags
 
     def _slots(self, g: str) -> int:
@@ -265,18 +287,24 @@ def _check_config(c) -> None:
                          f"(only {sorted(_HONOURED)}); leave them at torchrec's defaults")
 
 
-def check_kjt(kjt) -> None:
+def check_kjt(kjt, weighted: bool = False) -> None:
     """Raise ValueError unless ``kjt`` is a well-formed batch of integer ids: int32/int64
-    values, no per-id weights (not supported yet), one stride, lengths >= 0 and offsets
+    values, float per-id weights [N] iff ``weighted``, one stride, lengths >= 0 and offsets
     that agree with them and with the N values.  fbgemm runs without its bounds check,
     so a malformed KJT would read and update arbitrary rows.  One fused check; the
     messages are worked out only when it fails (~0.17 ms at B = 4096, F = 26, about 1.5% of an embedding step)."""
     values = kjt.values()
     if values.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"KeyedJaggedTensor values must be int64 or int32 ids, got {values.dtype}")
-    if kjt.weights_or_none() is not None:
-        raise ValueError("per-id weights (a weighted KeyedJaggedTensor) are not supported yet; "
-                         "they would be ignored, so pass the KJT without weights")
+    w = kjt.weights_or_none()
+    if w is not None and not weighted:
+        raise ValueError("this collection is not weighted, so it would ignore the KeyedJaggedTensor's per-id "
+                         "weights; build it with is_weighted=True, or pass the KJT without weights")
+    if w is None and weighted:
+        raise ValueError("this collection is weighted (is_weighted=True): the KeyedJaggedTensor needs per-id weights")
+    if w is not None and (not w.dtype.is_floating_point or w.shape != values.shape or w.requires_grad):
+        raise ValueError(f"KeyedJaggedTensor weights must be float [N] = {list(values.shape)} without grad, "
+                         f"got {w.dtype} {list(w.shape)}{' with grad' if w.requires_grad else ''}")
     if kjt.variable_stride_per_key():
         raise ValueError("variable batch size per feature is not supported")
     n, rows = values.numel(), len(kjt.keys()) * kjt.stride()
@@ -377,6 +405,13 @@ class _LaneProduct(torch.autograd.Function):
         return out
 
 
+def _starts(counts: list[int]) -> list[int]:
+    out = [0]
+    for c in counts:
+        out.append(out[-1] + c)
+    return out
+
+
 def _first_rows(block: torch.Tensor, n: int) -> torch.Tensor:
     return block if n == block.shape[0] else block[:n]
 
@@ -386,8 +421,8 @@ class EmbeddingBagCollection(_Collection):
 
     pooled = True
 
-    def __init__(self, tables, optimizer=None, device=None) -> None:
-        super().__init__(tables, optimizer, device)
+    def __init__(self, tables, optimizer=None, device=None, is_weighted: bool = False) -> None:
+        super().__init__(tables, optimizer, device, is_weighted)
         self._mean = any(t.pooling == "mean" for t in tables)
         self._is_mean = torch.tensor([t.pooling == "mean" for t in tables for _ in t.feature_names])
         self._dims_t = torch.tensor(self.dims)
@@ -406,7 +441,9 @@ class EmbeddingBagCollection(_Collection):
         for g, out in outs.items():
             combined = _combine_lanes(out, self._group_combines[g], self._lane_major[g])
             if g == "rows" and not rows_as_bags:
-                combined = self._pool_per_id(combined, kjt.lengths(), counts, B)
+                combined = self._pool_per_id(combined, kjt, counts, B)
+            elif g == "rows" and self._is_weighted:  # bags of at most one id: scale by that id's weight
+                combined = combined * self._bag_weights(kjt, counts, B)
             parts.append(combined)
         if self._interleaved:  # one split per group (one copy in backward), one cat
             blocks = {g: p.split([self.dims[f] for f in self._group_features[g]], dim=1) for g, p in zip(outs, parts)}
@@ -414,16 +451,29 @@ class EmbeddingBagCollection(_Collection):
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         if self._mean:
             out = out * self._mean_scale(kjt.lengths(), B)
-        return KeyedTensor(keys=self.feature_names, length_per_key=self.dims, values=out)
+        return KeyedTensor(keys=self.output_names, length_per_key=self.dims, values=out)
 
-    def _pool_per_id(self, rows: torch.Tensor, lengths: torch.Tensor, counts: list[int], B: int) -> torch.Tensor:
-        """Per-id rows [B', sum D] of the per-id features -> sums per bag [B, sum D]."""
-        feats = self._group_features["rows"]
+    def _pool_per_id(self, rows: torch.Tensor, kjt, counts: list[int], B: int) -> torch.Tensor:
+        """Per-id rows [B', sum D] of the per-id features -> (weighted) sums per bag [B, sum D]."""
+        feats, lengths, start = self._group_features["rows"], kjt.lengths(), _starts(counts)
         pooled = []
         for f, block in zip(feats, rows.split([self.dims[f] for f in feats], dim=1)):
             bag = torch.repeat_interleave(torch.arange(B), lengths[f * B : (f + 1) * B], output_size=counts[f])
-            pooled.append(block.new_zeros(B, block.shape[1]).index_add_(0, bag, _first_rows(block, counts[f])))
+            block = _first_rows(block, counts[f])
+            if self._is_weighted:
+                block = block * kjt.weights()[start[f] : start[f] + counts[f]].unsqueeze(1)
+            pooled.append(block.new_zeros(B, block.shape[1]).index_add_(0, bag, block))
         return torch.cat(pooled, dim=1) if len(pooled) > 1 else pooled[0]
+
+    def _bag_weights(self, kjt, counts: list[int], B: int) -> torch.Tensor:
+        """[B, sum D of per-id features]: the weight of each bag's one id (0 for an empty bag)."""
+        feats, lengths, start = self._group_features["rows"], kjt.lengths(), _starts(counts)
+        cols = []
+        for f in feats:
+            bag = torch.repeat_interleave(torch.arange(B), lengths[f * B : (f + 1) * B], output_size=counts[f])
+            w = torch.zeros(B).index_put_((bag,), kjt.weights()[start[f] : start[f] + counts[f]].float())
+            cols.append(w.unsqueeze(1).expand(B, self.dims[f]))
+        return torch.cat(cols, dim=1)
 
     def _mean_scale(self, lengths: torch.Tensor, B: int) -> torch.Tensor:
         """[B, sum D]: 1/max(L, 1) on columns of mean-pooled features, 1 elsewhere."""
@@ -453,6 +503,6 @@ class EmbeddingCollection(_Collection):
         rows = _combine_lanes(out, self._group_combines["rows"], self._lane_major["rows"])
         blocks = rows.split(self.dims, dim=1)
         result = {}
-        for f, (name, block) in enumerate(zip(self.feature_names, blocks)):
+        for f, (name, block) in enumerate(zip(self.output_names, blocks)):
             result[name] = JaggedTensor(values=_first_rows(block, counts[f]), lengths=lengths[f * B : (f + 1) * B])
         return result

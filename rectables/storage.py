@@ -138,30 +138,33 @@ class FusedStorage(nn.Module):
         self.tbe.set_learning_rate(lr)
 
     # ---- lookup --------------------------------------------------------------------
-    def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def forward(self, indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Bag sums [B, sum_t D_t]; ``weights`` [N] (optional) scale each id's row."""
         if self._lane_perm is not None:
-            indices, offsets = self._sort_lanes(indices, offsets)
+            indices, offsets, weights = self._sort_lanes(indices, offsets, weights)
         if self.optimizer.name == "adam" and torch.is_grad_enabled():
-            out = _AdamLookup.apply(self, indices, offsets, self._anchor)
+            out = _AdamLookup.apply(self, indices, offsets, weights, self._anchor)
         else:
-            out = self.tbe(indices, offsets)
+            out = self.tbe(indices, offsets, per_sample_weights=weights)
         return out if self._lane_perm is None else out.index_select(1, self._col_back)
 
-    def _sort_lanes(self, indices: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ids [N] and offsets [T*B+1] of the caller's lanes -> the same in TBE lane order."""
+    def _sort_lanes(self, indices, offsets, weights):
+        """Ids [N], offsets [T*B+1], weights [N] or None of the caller's lanes -> the same in TBE lane order."""
         T = len(self.lane_tables)
         B = (offsets.numel() - 1) // T
         if B == 0:
-            return indices, offsets
+            return indices, offsets, weights
         bounds = offsets[::B].tolist()
         indices = torch.cat([indices[bounds[i] : bounds[i + 1]] for i in self._lane_perm])
+        if weights is not None:
+            weights = torch.cat([weights[bounds[i] : bounds[i + 1]] for i in self._lane_perm])
         lengths = offsets.diff().view(T, B)[self._lane_perm].reshape(-1)
         sorted_offsets = torch.zeros_like(offsets)
         torch.cumsum(lengths, 0, out=sorted_offsets[1:])
-        return indices, sorted_offsets
+        return indices, sorted_offsets, weights
 
     @torch.no_grad()
-    def adam_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor) -> None:
+    def adam_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor, weights=None) -> None:
         """Sum the gradient per touched row and apply row-wise Adam, table by table."""
         self.adam_step += 1
         step = int(self.adam_step)
@@ -176,6 +179,8 @@ class FusedStorage(nn.Module):
             ids = indices[s:e]
             bag = torch.repeat_interleave(torch.arange(B), offsets[lane * B : (lane + 1) * B + 1].diff(), output_size=e - s)
             g = grad[:, self._col[lane] : self._col[lane + 1]].index_select(0, bag)
+            if weights is not None:
+                g = g * weights[s:e].unsqueeze(1)
             acc = per_table.setdefault(k, ([], []))
             acc[0].append(ids)
             acc[1].append(g)
@@ -190,14 +195,14 @@ class _AdamLookup(torch.autograd.Function):
     """TBE lookup whose backward applies sparse Adam instead of returning a gradient."""
 
     @staticmethod
-    def forward(ctx, storage, indices, offsets, anchor):  # type: ignore[override]
-        ctx.storage = storage
+    def forward(ctx, storage, indices, offsets, weights, anchor):  # type: ignore[override]
+        ctx.storage, ctx.weights = storage, weights
         ctx.save_for_backward(indices, offsets)
         with torch.no_grad():
-            return storage.tbe(indices, offsets)
+            return storage.tbe(indices, offsets, per_sample_weights=weights)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         indices, offsets = ctx.saved_tensors
-        ctx.storage.adam_update(indices, offsets, grad.contiguous())
-        return None, None, None, None
+        ctx.storage.adam_update(indices, offsets, grad.contiguous(), ctx.weights)
+        return None, None, None, None, None

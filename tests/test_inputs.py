@@ -99,3 +99,23 @@ def test_config_fields_not_honoured_are_rejected(field):
         rectables.EmbeddingBagCollection.from_configs([config])
     plain = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=10, feature_names=["a"])
     rectables.EmbeddingBagCollection.from_configs([plain])  # torchrec's defaults are fine
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_one_feature_in_two_tables_uses_torchrec_names(pooled):
+    cls = TorchrecEBC if pooled else TorchrecEC
+    Config = EmbeddingBagConfig if pooled else EmbeddingConfig
+    configs = [Config(name="t1", embedding_dim=8, num_embeddings=30, feature_names=["a", "b"]),
+               Config(name="t2", embedding_dim=8, num_embeddings=20, feature_names=["a"])]
+    theirs = cls(tables=configs)
+    ours = (rectables.EmbeddingBagCollection if pooled else rectables.EmbeddingCollection).from_configs(configs)
+    _copy_from_torchrec(ours, theirs)
+    kjt = random_kjt(["b", "a"], 4, 3, num_ids=20)
+    a, b = theirs(kjt), ours(kjt)
+    if pooled:
+        assert b.keys() == a.keys() == ["a@t1", "b", "a@t2"]
+        torch.testing.assert_close(a.values(), b.values())
+    else:
+        assert sorted(b) == sorted(a) == ["a@t1", "a@t2", "b"]
+        for k in a:
+            torch.testing.assert_close(a[k].values(), b[k].values())

@@ -68,5 +68,5 @@ def test_weighted_kjt_is_rejected_not_ignored(method):
     ebc = COLLECTIONS[(method, True)]
     kjt = KeyedJaggedTensor.from_lengths_sync(keys=["a", "b"], values=torch.tensor([1, 2]),
                                               lengths=torch.tensor([1, 1]), weights=torch.tensor([0.5, 2.0]))
-    with pytest.raises(ValueError, match="weights"):
+    with pytest.raises(ValueError, match="would ignore the KeyedJaggedTensor's per-id weights"):
         ebc(kjt)
