@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rectables.compat import check_kjt, is_config, tables_from_configs
 from rectables.optim import SparseOptimizer
-from rectables.registry import create_table, table_class
 from rectables.storage import FusedStorage
 from rectables.table import Table
 
@@ -50,6 +50,8 @@ class _Collection(nn.Module):
         is_weighted: bool = False,
     ) -> None:
         super().__init__()
+        if tables and all(is_config(c) for c in tables):  # torchrec's constructor: configs, every table full
+            tables = tables_from_configs(tables)
         names = [t.name for t in tables]
         feats = [f for t in tables for f in t.feature_names]
         if not tables or len(set(names)) != len(names) or any(len(set(t.feature_names)) != len(t.feature_names)
@@ -92,14 +94,19 @@ class _Collection(nn.Module):
         lanes = {g: ([fl[f][k] for k in range(len(fl[0])) for f in range(len(fl))] if self._lane_major.get(g)
                      else [k for f in fl for k in f]) for g, fl in feature_lanes.items()}
         opt = optimizer or SparseOptimizer()
-        self.storages = nn.ModuleDict(
-            {g: FusedStorage(shapes[g], lanes[g], opt, device=device) for g in shapes if shapes[g]}
-        )
-        for t, g, base in zip(tables, self.groups, self._base):
-            for k in range(len(t.physical_shapes())):
-                w = self.storages[g].weight(base + k)
-                if w.device.type != "meta":
-                    t.init_weight_(k, w)
+        dtypes = {g: {t.dtype for t, tg in zip(tables, self.groups) if tg == g} for g in shapes}
+        if any(len(d) > 1 for d in dtypes.values()):
+            raise ValueError(f"the tables of one storage must share a data_type (one fused TBE, one precision); "
+                             f"got {[(t.name, str(t.dtype)) for t in tables]}")
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        self.storages = nn.ModuleDict({g: FusedStorage(shapes[g], lanes[g], opt, device=device, dtype=dtypes[g].pop())
+                                       for g in shapes if shapes[g]})
+        # the random numbers torchrec draws: its EBC builds every nn.EmbeddingBag (N(0, 1) rows)
+        # before its init_fns; its EC builds and inits table by table
+        if self.pooled:
+            for t in tables:
+                _torchrec_draws(t, self.device)
+        self._init_tables(draws=not self.pooled)
         self._all_passthrough = self.pooled and all(t.passthrough for t in tables)
         self._one_lane = not any(self._merged) and all(len(d) == 1 for dims in self._lane_dims for d in dims)
         self._rows_features = torch.tensor(self._group_features.get("rows", []), dtype=torch.int64)
@@ -107,6 +114,32 @@ class _Collection(nn.Module):
         for t in tables:
             self._first.append(self._first[-1] + len(t.feature_names))
         self._limits = torch.tensor([t.physical_shapes()[0][0] for t in tables])
+
+    def reset_parameters(self) -> None:
+        """Initialise every physical table (the table's ``init_fn`` or its method's init, drawn
+        into a contiguous [M_k, D_k] tensor: the same random numbers as torchrec's tables) and
+        zero the optimizer state."""
+        self._init_tables(draws=False)
+
+    @torch.no_grad()
+    def _init_tables(self, draws: bool) -> None:
+        for t, g, base in zip(self.tables, self.groups, self._base):
+            if draws:
+                _torchrec_draws(t, self.device)
+            st = self.storages[g]
+            for k in range(len(t.physical_shapes())):
+                w = st.weight(base + k)
+                if w.device.type == "meta":
+                    continue
+                fresh = torch.empty(w.shape, dtype=w.dtype)
+                t.init_fn(fresh) if t.init_fn is not None else t.init_weight_(k, fresh)
+                w.copy_(fresh)
+                for state in st.optimizer_state(base + k).values():
+                    state.zero_()
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.storages.values())).tbe.weights_host.device
 
     def table_storage(self, i: int) -> tuple[FusedStorage, int]:
         """(storage, index of its first physical table) of the i-th table."""
@@ -134,27 +167,7 @@ class _Collection(nn.Module):
         not named are ``full``.  torchrec's ``num_embeddings`` fills the method's size
         argument (``num_ids``, ``num_buckets``) unless the options give it.
         """
-        methods = dict(methods or {})
-        names = [c.name for c in configs]
-        unknown = [k for k in methods if k not in names]
-        if unknown:
-            raise ValueError(f"methods names table(s) {unknown} that no config has; tables: {names}")
-        tables = []
-        for c in configs:
-            _check_config(c)
-            spec = methods.get(c.name, "full")
-            name, options = (spec, {}) if isinstance(spec, str) else spec
-            options = dict(options)
-            size_arg = table_class(name).size_arg
-            if size_arg:
-                options.setdefault(size_arg, c.num_embeddings)
-            pooling = getattr(getattr(c, "pooling", None), "name", "SUM").lower()
-            tables.append(
-                create_table(
-                    name, name=c.name, embedding_dim=c.embedding_dim,
-                    feature_names=list(c.feature_names), pooling=pooling, **options,
-                )
-            )
+        tables = tables_from_configs(configs, methods)
         return cls(tables, optimizer, device, is_weighted=is_weighted) if is_weighted else cls(tables, optimizer, device)
 
     def is_weighted(self) -> bool:
@@ -263,73 +276,9 @@ class _Collection(nn.Module):
             t.on_step_end(step)
 
 
-#: torchrec config fields a collection honours; any other field must keep its default
-_HONOURED = {"name", "num_embeddings", "embedding_dim", "feature_names", "pooling"}
-
-
-def _check_config(c) -> None:
-    """Raise ValueError naming every field of torchrec config ``c`` that is set to something
-    rectables would not honour (it would otherwise be ignored without a word)."""
-    import dataclasses
-    import functools
-
-    def same(a, b) -> bool:  # torchrec fills init_fn with a fresh partial of uniform_
-        if isinstance(a, functools.partial) and isinstance(b, functools.partial):
-            return (a.func, a.args, a.keywords) == (b.func, b.args, b.keywords)
-        return a == b
-
-    default = type(c)(num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim, name=c.name,
-                      feature_names=list(c.feature_names))
-    odd = [f.name for f in dataclasses.fields(c)
-           if f.name not in _HONOURED and not same(getattr(c, f.name), getattr(default, f.name))]
-    if odd:
-        raise ValueError(f"table {c.name!r}: config field(s) {odd} are not supported by rectables yet "
-                         f"(only {sorted(_HONOURED)}); leave them at torchrec's defaults")
-
-
-def check_kjt(kjt, weighted: bool = False) -> None:
-    """Raise ValueError unless ``kjt`` is a well-formed batch of integer ids: int32/int64
-    values, float per-id weights [N] iff ``weighted``, one stride, lengths >= 0 and offsets
-    that agree with them and with the N values.  fbgemm runs without its bounds check,
-    so a malformed KJT would read and update arbitrary rows.  One fused check; the
-    messages are worked out only when it fails (~0.17 ms at B = 4096, F = 26, about 1.5% of an embedding step)."""
-    values = kjt.values()
-    if values.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"KeyedJaggedTensor values must be int64 or int32 ids, got {values.dtype}")
-    w = kjt.weights_or_none()
-    if w is not None and not weighted:
-        raise ValueError("this collection is not weighted, so it would ignore the KeyedJaggedTensor's per-id "
-                         "weights; build it with is_weighted=True, or pass the KJT without weights")
-    if w is None and weighted:
-        raise ValueError("this collection is weighted (is_weighted=True): the KeyedJaggedTensor needs per-id weights")
-    if w is not None and (not w.dtype.is_floating_point or w.shape != values.shape or w.requires_grad):
-        raise ValueError(f"KeyedJaggedTensor weights must be float [N] = {list(values.shape)} without grad, "
-                         f"got {w.dtype} {list(w.shape)}{' with grad' if w.requires_grad else ''}")
-    if kjt.variable_stride_per_key():
-        raise ValueError("variable batch size per feature is not supported")
-    n, rows = values.numel(), len(kjt.keys()) * kjt.stride()
-    lengths, offsets = kjt.lengths_or_none(), kjt.offsets_or_none()
-    if (lengths is not None and lengths.numel() != rows) or (offsets is not None and offsets.numel() != rows + 1):
-        raise ValueError(f"KeyedJaggedTensor with {len(kjt.keys())} keys and stride {kjt.stride()} needs "
-                         f"{rows} lengths / {rows + 1} offsets, got "
-                         f"{None if lengths is None else lengths.numel()} / {None if offsets is None else offsets.numel()}")
-    if rows == 0:
-        ok = n == 0
-    elif lengths is not None and offsets is not None:  # lengths >= 0 and equal to the steps: offsets rise
-        ok = int(offsets[0]) == 0 and int(offsets[-1]) == n and int(lengths.min()) >= 0 and \
-            torch.equal(offsets.diff(), lengths.to(offsets.dtype))
-    elif lengths is not None:
-        ok = int(lengths.min()) >= 0 and int(lengths.sum()) == n
-    else:
-        ok = int(offsets[0]) == 0 and int(offsets[-1]) == n and int(offsets.diff().min()) >= 0
-    if ok:
-        return
-    if lengths is not None and bool((lengths < 0).any()):
-        raise ValueError(f"KeyedJaggedTensor has a negative length ({int(lengths.min())})")
-    if lengths is not None and int(lengths.sum()) != n:
-        raise ValueError(f"KeyedJaggedTensor lengths sum to {int(lengths.sum())} but it holds {n} values")
-    raise ValueError(f"KeyedJaggedTensor offsets must rise from 0 to the {n} values and agree with its lengths; "
-                     f"got offsets starting {offsets[:4].tolist()} and ending at {int(offsets[-1])}")
+def _torchrec_draws(t: Table, device: torch.device) -> None:
+    if t.torchrec_draws and device.type != "meta":
+        torch.empty(t.physical_shapes()[0]).normal_()
 
 
 def _one_id_per_bag(lane_ids: list[int]) -> torch.Tensor:
@@ -423,6 +372,7 @@ class EmbeddingBagCollection(_Collection):
 
     def __init__(self, tables, optimizer=None, device=None, is_weighted: bool = False) -> None:
         super().__init__(tables, optimizer, device, is_weighted)
+        tables = list(self.tables)  # (built from configs, if configs were given)
         self._mean = any(t.pooling == "mean" for t in tables)
         self._is_mean = torch.tensor([t.pooling == "mean" for t in tables for _ in t.feature_names])
         self._dims_t = torch.tensor(self.dims)
@@ -491,9 +441,9 @@ class EmbeddingCollection(_Collection):
     pooled = False
 
     def __init__(self, tables, optimizer=None, device=None) -> None:
-        if len({d for t in tables for d in t.feature_dims()}) > 1:
-            raise ValueError("EmbeddingCollection needs one embedding_dim for all tables")
         super().__init__(tables, optimizer, device)
+        if len(set(self.dims)) > 1:
+            raise ValueError("EmbeddingCollection needs one embedding_dim for all tables")
 
     def forward(self, features) -> dict:
         from torchrec.sparse.jagged_tensor import JaggedTensor

@@ -41,7 +41,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
             entry = {
                 "method": t.method,
                 "rows": sum(st.shapes[k][0] for k in ks),
-                "weights": sum(st.weight(k).nbytes for k in ks),
+                "weights": sum(st.weight_bytes(k) for k in ks),
                 "optimizer": sum(s.nbytes for k in ks for s in st.optimizer_state(k).values()),
                 "buffers": _tensor_bytes(t.buffers()),
             }

@@ -65,4 +65,4 @@ def sparse_adam_step(
     bias1 = 1 - opt.beta1**step
     bias2 = 1 - opt.beta2**step
     denom = (v / bias2).sqrt_().add_(opt.eps).unsqueeze(1)
-    weight.index_add_(0, rows, m / denom, alpha=-opt.lr / bias1)
+    weight.index_add_(0, rows, (m / denom).to(weight.dtype), alpha=-opt.lr / bias1)

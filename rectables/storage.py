@@ -7,6 +7,11 @@ Adam runs through :func:`rectables.optim.sparse_adam_step` on the touched rows o
 
 Shapes: T lanes (one TBE "feature" each, several lanes may read one physical table),
 B bags per lane, N ids in all, D_t the dim of lane t, M_k rows of physical table k.
+fbgemm stores rows of a multiple of 4 values: a table of another dim D is stored with
+its rows padded to P = 4 * ceil(D / 4) with zeros that are never read out (their gradient
+is 0, so they stay 0); ``weight(k)`` is the [M, D] view, the bytes count P.
+Row-wise optimizers (row-wise Adagrad, our Adam) then average a row's squared gradient
+over P values instead of D.
 Lookups are always pooled (sum): a per-id lookup is a bag of one id.  (fbgemm's CPU
 unpooled kernels are avoided: their backward is ~15x slower per id, and they read
 wrong rows unless lanes are in table order.)
@@ -39,9 +44,10 @@ class FusedStorage(nn.Module):
         lane_tables: list[int],
         optimizer: SparseOptimizer,
         device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
             BoundsCheckMode,
             EmbeddingLocation,
@@ -55,10 +61,8 @@ class FusedStorage(nn.Module):
         device = torch.device(device or "cpu")
         if device.type not in ("cpu", "meta"):
             raise ValueError(f"fused storage runs on cpu or meta, not {device}")
-        odd = [d for _, d in shapes if d % 4]
-        if odd:
-            raise ValueError(f"fbgemm stores rows of a multiple of 4 floats; physical dims {odd} are not")
         self.shapes = [(int(m), int(d)) for m, d in shapes]
+        self._padded = [-(-d // 4) * 4 for _, d in self.shapes]  # fbgemm's row width
         self.lane_tables = list(lane_tables)
         self.optimizer = optimizer
         # fbgemm's CPU backward takes a run of consecutive lanes to be one table (and breaks
@@ -71,7 +75,8 @@ class FusedStorage(nn.Module):
         perm = sorted(range(len(self.lane_tables)), key=lambda i: rank[self.lane_tables[i]])
         self._tbe_lanes = [self.lane_tables[i] for i in perm]  # table of each TBE lane
         self.tbe = SplitTableBatchedEmbeddingBagsCodegen(
-            [(*self.shapes[k], EmbeddingLocation.HOST, ComputeDevice.CPU) for k in sorted(rank, key=rank.get)],
+            [(self.shapes[k][0], self._padded[k], EmbeddingLocation.HOST, ComputeDevice.CPU)
+             for k in sorted(rank, key=rank.get)],
             feature_table_map=[rank[k] for k in self._tbe_lanes],
             optimizer=getattr(EmbOptimType, _FBGEMM_OPT[optimizer.name]),
             learning_rate=optimizer.lr,
@@ -80,17 +85,19 @@ class FusedStorage(nn.Module):
             # ids are validated (or in range by construction) before they get here;
             # fbgemm's own check costs ~25% of the forward.
             bounds_check_mode=BoundsCheckMode.NONE,
+            weights_precision={torch.float32: SparseType.FP32, torch.float16: SparseType.FP16}[dtype],
             device=device,
         )
         self._w_off = [int(self.tbe.weights_physical_offsets[p]) for p in self._pos]
         self._col = [0]  # columns of each TBE lane in the TBE output
         for k in self._tbe_lanes:
-            self._col.append(self._col[-1] + self.shapes[k][1])
+            self._col.append(self._col[-1] + self._padded[k])
         self._lane_perm = None if perm == sorted(perm) else perm
-        if self._lane_perm is not None:
+        self._col_back = None  # TBE output columns of the caller's lanes, in order, padding dropped
+        if self._lane_perm is not None or self._padded != [d for _, d in self.shapes]:
             where = {lane: j for j, lane in enumerate(perm)}
-            self._col_back = torch.cat([torch.arange(self._col[where[i]], self._col[where[i] + 1])
-                                        for i in range(len(perm))])
+            self._col_back = torch.cat([torch.arange(self._col[where[i]], self._col[where[i]] + self.shapes[k][1])
+                                        for i, k in enumerate(self.lane_tables)])
         if optimizer.name == "adam":
             rows = sum(m for m, _ in self.shapes)
             self.register_buffer("adam_exp_avg", torch.zeros(self.tbe.weights_host.numel(), device=device))
@@ -104,13 +111,21 @@ class FusedStorage(nn.Module):
     # ---- views ---------------------------------------------------------------------
     def weight(self, k: int) -> torch.Tensor:
         """View [M_k, D_k] of physical table k (writes go to the fused buffer)."""
-        m, d = self.shapes[k]
+        return self._stored(k)[:, : self.shapes[k][1]]
+
+    def _stored(self, k: int) -> torch.Tensor:
+        """View [M_k, P_k] of physical table k, padding included."""
+        m, d = self.shapes[k][0], self._padded[k]
         o = self._w_off[k]
         return self.tbe.weights_host.detach()[o : o + m * d].view(m, d)
 
+    def weight_bytes(self, k: int) -> int:
+        """Bytes that physical table k's rows take, padding included."""
+        return self._stored(k).nbytes
+
     def optimizer_state(self, k: int) -> dict[str, torch.Tensor]:
-        """Views of the optimizer state of physical table k (empty for SGD)."""
-        m, d = self.shapes[k]
+        """Views of the optimizer state of physical table k (empty for SGD; [M_k, P_k] per element)."""
+        m, d = self.shapes[k][0], self._padded[k]
         name = self.optimizer.name
         if name in ("adagrad", "rowwise_adagrad"):
             o = int(self.tbe.momentum1_physical_offsets[self._pos[k]])
@@ -146,7 +161,7 @@ class FusedStorage(nn.Module):
             out = _AdamLookup.apply(self, indices, offsets, weights, self._anchor)
         else:
             out = self.tbe(indices, offsets, per_sample_weights=weights)
-        return out if self._lane_perm is None else out.index_select(1, self._col_back)
+        return out if self._col_back is None else out.index_select(1, self._col_back)
 
     def _sort_lanes(self, indices, offsets, weights):
         """Ids [N], offsets [T*B+1], weights [N] or None of the caller's lanes -> the same in TBE lane order."""
@@ -186,9 +201,9 @@ class FusedStorage(nn.Module):
             acc[1].append(g)
         for k, (ids, gs) in per_table.items():
             rows, inv = torch.unique(torch.cat(ids), return_inverse=True)
-            g = torch.zeros(len(rows), self.shapes[k][1]).index_add_(0, inv, torch.cat(gs))
+            g = torch.zeros(len(rows), self._padded[k]).index_add_(0, inv, torch.cat(gs))
             st = self.optimizer_state(k)
-            sparse_adam_step(self.weight(k), st["exp_avg"], st["exp_avg_sq"], rows, g, step, self.optimizer)
+            sparse_adam_step(self._stored(k), st["exp_avg"], st["exp_avg_sq"], rows, g, step, self.optimizer)
 
 
 class _AdamLookup(torch.autograd.Function):

@@ -70,6 +70,14 @@ class Table(nn.Module, abc.ABC):
         self.feature_names = list(feature_names)
         self.pooling = pooling
         self.combine = "concat"
+        #: storage precision of the physical rows (torch.float32 or torch.float16)
+        self.dtype = torch.float32
+        #: if set, called on each physical table [M_k, D_k] instead of the method's own init
+        #: (torchrec's ``init_fn``; rectables applies it to every physical table)
+        self.init_fn = None
+        #: if True, the collection first draws N(0, 1) numbers for the table, as torchrec's
+        #: nn.EmbeddingBag does before its init_fn, so a seed gives torchrec's exact rows
+        self.torchrec_draws = False
 
     # ---- what a method declares -----------------------------------------------------
     @abc.abstractmethod
