@@ -5,6 +5,7 @@ fbgemm TBE, plus a combine step.  ``import rectables`` stays cheap: fbgemm and t
 load when a collection is first built or called.
 """
 from rectables.collection import EmbeddingBagCollection, EmbeddingCollection
+from rectables.compat import from_torchrec
 from rectables.memory import dense_parameters, memory_report
 from rectables.optim import SparseOptimizer
 from rectables.registry import create_table, list_tables, register
@@ -17,6 +18,7 @@ __all__ = [
     "Table",
     "create_table",
     "dense_parameters",
+    "from_torchrec",
     "list_tables",
     "memory_report",
     "register",

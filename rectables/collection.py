@@ -31,16 +31,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rectables.compat import check_kjt, is_config, tables_from_configs
+from rectables.compat import check_kjt, config_of, is_config, tables_from_configs
+from rectables.lanes import combine_lanes, first_rows, group_of, one_id_per_bag, one_table_sum, starts, uniform_reduce
 from rectables.optim import SparseOptimizer
 from rectables.storage import FusedStorage
 from rectables.table import Table
+
+
+class _Rows(nn.Module):
+    """A table's rows as torchrec shows them: ``weight`` [M, D], or ``weight_<k>`` per
+    physical table when the method has several; views into the fused storage.  The fused
+    optimizer updates them inside backward, so they never get a ``.grad``, and a torch
+    optimizer given them (``model.parameters()``) leaves them alone."""
+
+    def __init__(self, views: list[torch.Tensor]) -> None:
+        super().__init__()
+        for k, v in enumerate(views):
+            self.register_parameter("weight" if len(views) == 1 else f"weight_{k}", nn.Parameter(v))
 
 
 class _Collection(nn.Module):
     """Plan shared by the pooled and sequence collections."""
 
     pooled = True
+    _rows_name = "embedding_bags"  # torchrec's attribute (and state_dict prefix) for the rows
 
     def __init__(
         self,
@@ -54,9 +68,8 @@ class _Collection(nn.Module):
             tables = tables_from_configs(tables)
         names = [t.name for t in tables]
         feats = [f for t in tables for f in t.feature_names]
-        if not tables or len(set(names)) != len(names) or any(len(set(t.feature_names)) != len(t.feature_names)
-                                                               for t in tables):
-            raise ValueError(f"need >= 1 table, unique table names, and no feature twice in one table; "
+        if len(set(names)) != len(names) or any(len(set(t.feature_names)) != len(t.feature_names) for t in tables):
+            raise ValueError(f"need unique table names, and no feature twice in one table; "
                              f"got {names}, {[t.feature_names for t in tables]}")
         if is_weighted and not self.pooled:
             raise ValueError("per-id weights need pooled output (EmbeddingBagCollection), as in torchrec")
@@ -71,8 +84,8 @@ class _Collection(nn.Module):
         # and mult tables, which sum products per bag).  A pooled table whose K summed lanes
         # all read one physical table is looked up as one lane whose bags hold all K rows
         # of each id (``_merged``).
-        self.groups = [_group(t, self.pooled) for t in tables]
-        self._merged = [self.pooled and _one_table_sum(t) for t in tables]
+        self.groups = [group_of(t, self.pooled) for t in tables]
+        self._merged = [self.pooled and one_table_sum(t) for t in tables]
         shapes: dict[str, list] = {"bags": [], "rows": []}
         feature_lanes: dict[str, list] = {g: [] for g in shapes}  # per feature: global tables of its lanes
         self._base: list[int] = []
@@ -90,7 +103,7 @@ class _Collection(nn.Module):
         self._group_combines = {g: [per_feature[f][1] for f in fs] for g, fs in self._group_features.items()}
         # a group whose features all reduce their K > 1 lanes alike is laid out lane by lane
         # ([B, K, F_g * d] output: the reduce runs over contiguous blocks); others feature by feature
-        self._lane_major = {g: _uniform_reduce(c) for g, c in self._group_combines.items()}
+        self._lane_major = {g: uniform_reduce(c) for g, c in self._group_combines.items()}
         lanes = {g: ([fl[f][k] for k in range(len(fl[0])) for f in range(len(fl))] if self._lane_major.get(g)
                      else [k for f in fl for k in f]) for g, fl in feature_lanes.items()}
         opt = optimizer or SparseOptimizer()
@@ -99,8 +112,12 @@ class _Collection(nn.Module):
             raise ValueError(f"the tables of one storage must share a data_type (one fused TBE, one precision); "
                              f"got {[(t.name, str(t.dtype)) for t in tables]}")
         device = torch.device(device) if device is not None else torch.get_default_device()
+        self._device = device
         self.storages = nn.ModuleDict({g: FusedStorage(shapes[g], lanes[g], opt, device=device, dtype=dtypes[g].pop())
                                        for g in shapes if shapes[g]})
+        rows = {t.name: _Rows([self.storages[g].weight(b + k) for k in range(len(t.physical_shapes()))])
+                for t, g, b in zip(tables, self.groups, self._base)}
+        self.add_module(self._rows_name, nn.ModuleDict(rows))
         # the random numbers torchrec draws: its EBC builds every nn.EmbeddingBag (N(0, 1) rows)
         # before its init_fns; its EC builds and inits table by table
         if self.pooled:
@@ -137,9 +154,36 @@ class _Collection(nn.Module):
                 for state in st.optimizer_state(base + k).values():
                     state.zero_()
 
+    def _configs(self) -> list:
+        return [config_of(t, self.pooled) for t in self.tables]
+
+    def __prepare_scriptable__(self):
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script yet: its lookup remaps ids in "
+            "Python (see README, 'torchrec compatibility'); use it in eager mode or with torch.compile")
+
+    def _refuse_fx(self) -> None:
+        if torch.fx._symbolic_trace.is_fx_tracing():
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot be traced by torch.fx yet: its lookup depends on the batch's "
+                "lengths (see README, 'torchrec compatibility')")
+
+    def row_parameters(self) -> list[nn.Parameter]:
+        """The rows of every table (updated by the fused optimizer, not a torch one)."""
+        return list(getattr(self, self._rows_name).parameters())
+
+    def optimizer_state_dict(self) -> dict[str, torch.Tensor]:
+        """The fused optimizer's state, apart from ``state_dict()`` (which holds the rows
+        under torchrec's keys): save both to resume training exactly."""
+        return {f"{g}.{k}": v for g, st in self.storages.items() for k, v in st.optimizer_state_dict().items()}
+
+    def load_optimizer_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for g, st in self.storages.items():
+            st.load_optimizer_state_dict({k[len(g) + 1 :]: v for k, v in state.items() if k.startswith(g + ".")})
+
     @property
     def device(self) -> torch.device:
-        return next(iter(self.storages.values())).tbe.weights_host.device
+        return self._device
 
     def table_storage(self, i: int) -> tuple[FusedStorage, int]:
         """(storage, index of its first physical table) of the i-th table."""
@@ -232,7 +276,7 @@ class _Collection(nn.Module):
         for g, storage in self.storages.items():
             indices = torch.cat(parts[g]) if len(parts[g]) > 1 else parts[g][0]
             if g == "rows" and not rows_as_bags:
-                tbe_offsets = _one_id_per_bag(lane_ids[g])
+                tbe_offsets = one_id_per_bag(lane_ids[g])
             elif self._one_lane and len(self.storages) == 1:  # bags unchanged: reuse the KJT offsets
                 tbe_offsets = offsets
             else:
@@ -281,90 +325,6 @@ def _torchrec_draws(t: Table, device: torch.device) -> None:
         torch.empty(t.physical_shapes()[0]).normal_()
 
 
-def _one_id_per_bag(lane_ids: list[int]) -> torch.Tensor:
-    """TBE offsets [L * B' + 1] giving every id its own bag; lane j has lane_ids[j] ids and
-    B' = max(lane_ids) bags, the last ones empty."""
-    n = torch.tensor(lane_ids)
-    width = max(max(lane_ids, default=0), 1)
-    starts = torch.cumsum(n, 0) - n
-    offs = starts.unsqueeze(1) + torch.minimum(torch.arange(width).unsqueeze(0), n.unsqueeze(1))
-    return torch.cat([offs.reshape(-1), n.sum().reshape(1)])
-
-
-def _one_table_sum(t: Table) -> bool:
-    """True if ``t`` sums lanes that, feature by feature, all read one physical table: then
-    a pooled lookup is one bag of every id's K rows (the sum of sums), one TBE lane instead
-    of K plus a reduce (QR add at Criteo size: ~0.6x of ``full`` as two lanes, faster than
-    ``full`` as one)."""
-    return t.combine == "sum" and all(len(set(t.feature_lanes(f))) == 1 for f in range(len(t.feature_names)))
-
-
-def _group(t: Table, pooled: bool) -> str:
-    return "rows" if not pooled or t.combine == "mult" else "bags"
-
-
-def _uniform_reduce(feats: list[tuple[str, list[int]]]) -> bool:
-    """True if every feature sums or multiplies the same K > 1 lanes of one dim."""
-    return all(len(d) > 1 and c != "concat" for c, d in feats) and len({(c, tuple(d)) for c, d in feats}) == 1
-
-
-def _combine_lanes(out: torch.Tensor, feats: list[tuple[str, list[int]]], lane_major: bool) -> torch.Tensor:
-    """Rows [*, sum of lane dims] of a group's features -> [*, sum D].  ``feats``: (combine,
-    lane dims) per feature.  Lane-major groups: [*, K, F_g * d], one reduce over K;
-    otherwise each feature's K lanes sit side by side and are reduced feature by feature."""
-    if lane_major:
-        c, d = feats[0]
-        return _reduce(out.view(out.shape[0], len(d), -1), c)
-    needs = [len(d) > 1 and c != "concat" for c, d in feats]
-    if not any(needs):
-        return out
-    blocks = out.split([sum(d) for _, d in feats], dim=1)
-    return torch.cat([_reduce(b.view(b.shape[0], len(d), d[0]), c) if n else b
-                      for b, (c, d), n in zip(blocks, feats, needs)], dim=1)
-
-
-def _reduce(lanes: torch.Tensor, combine: str) -> torch.Tensor:
-    """Sum or product of ``lanes`` [N, K, W] over K -> [N, W]."""
-    return lanes.sum(1) if combine == "sum" else _LaneProduct.apply(lanes)
-
-
-class _LaneProduct(torch.autograd.Function):
-    """Product over K >= 2 lanes [N, K, W] -> [N, W].  The backward writes each lane's
-    gradient straight into one [N, K, W] tensor (autograd's own would stack K fresh ones:
-    ~3 ms per Criteo-size step) and never divides (no trouble with zeros)."""
-
-    @staticmethod
-    def forward(ctx, lanes):  # type: ignore[override]
-        out = lanes[:, 0] * lanes[:, 1]
-        for k in range(2, lanes.shape[1]):
-            out.mul_(lanes[:, k])
-        ctx.save_for_backward(lanes)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        (lanes,) = ctx.saved_tensors
-        K = lanes.shape[1]
-        out = torch.empty_like(lanes)
-        for k in range(K):
-            first, *rest = [j for j in range(K) if j != k]
-            torch.mul(grad, lanes[:, first], out=out[:, k])
-            for j in rest:
-                out[:, k].mul_(lanes[:, j])
-        return out
-
-
-def _starts(counts: list[int]) -> list[int]:
-    out = [0]
-    for c in counts:
-        out.append(out[-1] + c)
-    return out
-
-
-def _first_rows(block: torch.Tensor, n: int) -> torch.Tensor:
-    return block if n == block.shape[0] else block[:n]
-
-
 class EmbeddingBagCollection(_Collection):
     """Pooled lookup: ``forward(KeyedJaggedTensor [F keys, B bags]) -> KeyedTensor [B, sum D]``."""
 
@@ -382,14 +342,22 @@ class EmbeddingBagCollection(_Collection):
         self._source = [(g, j) for f in range(len(self.dims)) for g, fs in self._group_features.items()
                         for j, h in enumerate(fs) if h == f]
 
+    def embedding_bag_configs(self) -> list:
+        """torchrec's ``EmbeddingBagConfig`` of every table (what torchrec's models read)."""
+        return self._configs()
+
     def forward(self, features):
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
+        self._refuse_fx()
+        if features.values().device.type == "meta" or not self.tables:  # shapes only (as torchrec on meta)
+            out = torch.empty(features.stride(), sum(self.dims), device=features.values().device)
+            return KeyedTensor(keys=self.output_names, length_per_key=self.dims, values=out)
         kjt, outs, counts, rows_as_bags = self._lookup(features)
         B = kjt.stride()
         parts = []
         for g, out in outs.items():
-            combined = _combine_lanes(out, self._group_combines[g], self._lane_major[g])
+            combined = combine_lanes(out, self._group_combines[g], self._lane_major[g])
             if g == "rows" and not rows_as_bags:
                 combined = self._pool_per_id(combined, kjt, counts, B)
             elif g == "rows" and self._is_weighted:  # bags of at most one id: scale by that id's weight
@@ -405,11 +373,11 @@ class EmbeddingBagCollection(_Collection):
 
     def _pool_per_id(self, rows: torch.Tensor, kjt, counts: list[int], B: int) -> torch.Tensor:
         """Per-id rows [B', sum D] of the per-id features -> (weighted) sums per bag [B, sum D]."""
-        feats, lengths, start = self._group_features["rows"], kjt.lengths(), _starts(counts)
+        feats, lengths, start = self._group_features["rows"], kjt.lengths(), starts(counts)
         pooled = []
         for f, block in zip(feats, rows.split([self.dims[f] for f in feats], dim=1)):
             bag = torch.repeat_interleave(torch.arange(B), lengths[f * B : (f + 1) * B], output_size=counts[f])
-            block = _first_rows(block, counts[f])
+            block = first_rows(block, counts[f])
             if self._is_weighted:
                 block = block * kjt.weights()[start[f] : start[f] + counts[f]].unsqueeze(1)
             pooled.append(block.new_zeros(B, block.shape[1]).index_add_(0, bag, block))
@@ -417,7 +385,7 @@ class EmbeddingBagCollection(_Collection):
 
     def _bag_weights(self, kjt, counts: list[int], B: int) -> torch.Tensor:
         """[B, sum D of per-id features]: the weight of each bag's one id (0 for an empty bag)."""
-        feats, lengths, start = self._group_features["rows"], kjt.lengths(), _starts(counts)
+        feats, lengths, start = self._group_features["rows"], kjt.lengths(), starts(counts)
         cols = []
         for f in feats:
             bag = torch.repeat_interleave(torch.arange(B), lengths[f * B : (f + 1) * B], output_size=counts[f])
@@ -439,20 +407,44 @@ class EmbeddingCollection(_Collection):
     """
 
     pooled = False
+    _rows_name = "embeddings"
 
-    def __init__(self, tables, optimizer=None, device=None) -> None:
+    def __init__(self, tables, optimizer=None, device=None, need_indices: bool = False) -> None:
         super().__init__(tables, optimizer, device)
         if len(set(self.dims)) > 1:
             raise ValueError("EmbeddingCollection needs one embedding_dim for all tables")
+        self._need_indices = bool(need_indices)
+
+    def embedding_configs(self) -> list:
+        """torchrec's ``EmbeddingConfig`` of every table."""
+        return self._configs()
+
+    def embedding_dim(self) -> int:
+        return self.dims[0]
+
+    def need_indices(self) -> bool:
+        """True if each output JaggedTensor carries the ids as its ``weights()`` (torchrec's option)."""
+        return self._need_indices
+
+    def embedding_names_by_table(self) -> list[list[str]]:
+        it = iter(self.output_names)
+        return [[next(it) for _ in t.feature_names] for t in self.tables]
 
     def forward(self, features) -> dict:
         from torchrec.sparse.jagged_tensor import JaggedTensor
 
+        self._refuse_fx()
+        if features.values().device.type == "meta":  # shapes only, as torchrec on meta
+            return {name: JaggedTensor(values=torch.empty(features[key].values().numel(), self.dims[0], device="meta"),
+                                       lengths=features[key].lengths())
+                    for name, key in zip(self.output_names, self.feature_names)}
         kjt, outs, counts, _ = self._lookup(features)
         B, lengths, out = kjt.stride(), kjt.lengths(), outs["rows"]
-        rows = _combine_lanes(out, self._group_combines["rows"], self._lane_major["rows"])
+        rows = combine_lanes(out, self._group_combines["rows"], self._lane_major["rows"])
         blocks = rows.split(self.dims, dim=1)
+        ids = kjt.values().split(counts) if self._need_indices else [None] * len(counts)
         result = {}
         for f, (name, block) in enumerate(zip(self.output_names, blocks)):
-            result[name] = JaggedTensor(values=_first_rows(block, counts[f]), lengths=lengths[f * B : (f + 1) * B])
+            result[name] = JaggedTensor(values=first_rows(block, counts[f]), lengths=lengths[f * B : (f + 1) * B],
+                                        weights=ids[f])
         return result

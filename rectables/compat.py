@@ -48,12 +48,54 @@ def tables_from_configs(configs: list, methods: dict | None = None) -> list[Tabl
         t = create_table(name, name=c.name, embedding_dim=c.embedding_dim, feature_names=list(c.feature_names),
                          pooling=pooling, **options)
         t.dtype = _DTYPES[c.data_type.name]
+        t.config = c
         if name == "full":  # draw random numbers as torchrec's tables do: same seed, same rows
             t.torchrec_draws = True
         if not _same(c.init_fn, _default(c).init_fn):
             t.init_fn = c.init_fn
         tables.append(t)
     return tables
+
+
+def config_of(t: Table, pooled: bool):
+    """torchrec's config for table ``t``: the one it was built from, else one made from its
+    settings (``num_embeddings``: its ``num_ids``, or the rows of its first physical table)."""
+    if getattr(t, "config", None) is not None:
+        return t.config
+    from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, EmbeddingConfig, PoolingType
+
+    kw = dict(name=t.name, embedding_dim=t.embedding_dim, feature_names=list(t.feature_names),
+              num_embeddings=getattr(t, "num_ids", None) or t.physical_shapes()[0][0],
+              data_type=DataType.FP16 if t.dtype == torch.float16 else DataType.FP32)
+    if pooled:
+        return EmbeddingBagConfig(pooling=PoolingType[t.pooling.upper()], **kw)
+    return EmbeddingConfig(**kw)
+
+
+def from_torchrec(module, methods: dict | None = None, optimizer=None):
+    """A rectables collection for a live torchrec ``EmbeddingBagCollection`` or
+    ``EmbeddingCollection``: the same configs, ``methods`` as in ``from_configs``, and the
+    rows of every ``full`` table copied from ``module``."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+    import rectables
+
+    if isinstance(module, EmbeddingBagCollection):
+        ours = rectables.EmbeddingBagCollection.from_configs(
+            module.embedding_bag_configs(), methods, optimizer, module.device, is_weighted=module.is_weighted())
+        theirs = module.embedding_bags
+    elif isinstance(module, EmbeddingCollection):
+        ours = rectables.EmbeddingCollection.from_configs(module.embedding_configs(), methods, optimizer, module.device)
+        theirs = module.embeddings
+    else:
+        raise TypeError(f"from_torchrec takes torchrec's EmbeddingBagCollection or EmbeddingCollection, "
+                        f"not {type(module).__name__}")
+    rows = getattr(ours, ours._rows_name)
+    with torch.no_grad():
+        for t in ours.tables:
+            if t.method == "full":
+                rows[t.name].weight.copy_(theirs[t.name].weight)
+    return ours
 
 
 def _default(c):

@@ -16,7 +16,7 @@ import torch
 
 from rectables.optim import SparseOptimizer
 from rectables.registry import table_class
-from rectables.runs import RunError, read_checkpoint, start_run, write_json
+from rectables.runs import RunError, load_model, read_checkpoint, start_run, write_json
 from rectables.train import TrainConfig, evaluate, fit
 
 DEFAULT_SPEC = {"method": "full", "budget": 1.0, "dim": 16, "model": "dlrm",
@@ -73,7 +73,7 @@ def run_training(spec: dict, run_dir: str | Path, resume: bool = False, overwrit
 
 
 def load_best(model, run: Path) -> None:
-    model.load_state_dict(read_checkpoint(Path(run) / "best.pt")["model"])
+    load_model(model, read_checkpoint(Path(run) / "best.pt"))
 
 
 def _open_run(run: Path) -> tuple[dict, dict]:

@@ -24,7 +24,7 @@ def _tensor_bytes(tensors) -> int:
 
 def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters a torch optimizer should own: everything outside fused storages."""
-    fused = {id(p) for c in _collections(model) for p in c.storages.parameters()}
+    fused = {id(p) for c in _collections(model) for p in c.row_parameters()}
     return [p for p in model.parameters() if id(p) not in fused]
 
 
@@ -48,7 +48,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
             entry["total"] = entry["weights"] + entry["optimizer"] + entry["buffers"]
             tables[t.name] = entry
             accounted += entry["weights"] + entry["optimizer"]
-        overhead += _tensor_bytes(list(c.storages.parameters()) + list(c.storages.buffers())) - accounted
+        overhead += _tensor_bytes(_distinct(t for st in c.storages.values() for t in st.tensors())) - accounted
         in_collections |= {id(x) for x in list(c.parameters()) + list(c.buffers())}
     dense_params = [p for p in model.parameters() if id(p) not in in_collections]
     dense_bufs = [b for b in model.buffers() if id(b) not in in_collections]
@@ -66,11 +66,19 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     return {"tables": tables, "storage_overhead": overhead, "dense": dense, "total": total}
 
 
+def _distinct(tensors) -> list[torch.Tensor]:
+    return list({id(t): t for t in tensors}.values())
+
+
 def real_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Bytes of every distinct tensor of ``model`` and ``optimizer`` (the ground truth)."""
+    """Bytes of every distinct tensor of ``model`` and ``optimizer`` (the ground truth):
+    the storages' own tensors, not the row views a collection shows as parameters."""
+    views = {id(p) for c in _collections(model) for p in c.row_parameters()}
     seen: dict[int, torch.Tensor] = {}
-    for x in list(model.parameters()) + list(model.buffers()):
-        seen[id(x)] = x
+    for x in list(model.parameters()) + list(model.buffers()) + [
+            t for c in _collections(model) for st in c.storages.values() for t in st.tensors()]:
+        if id(x) not in views:
+            seen[id(x)] = x
     if optimizer is not None:
         for s in optimizer.state.values():
             for v in s.values():

@@ -78,8 +78,17 @@ def write_jsonl(path: Path, records: list) -> None:
     atomic_write(Path(path), lambda fh: fh.write("".join(_dumps(r) + "\n" for r in records).encode()))
 
 
+def _collections(model) -> dict:
+    from rectables.collection import _Collection
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, _Collection)}
+
+
 def save_checkpoint(path: Path, model, dense_opt, state: dict) -> None:
-    blob = {"model": model.state_dict(), "dense_opt": dense_opt.state_dict(), "state": state}
+    """Model (rows under torchrec's keys), the collections' fused optimizer state, the
+    dense optimizer and the loop's state, in one atomic file."""
+    blob = {"model": model.state_dict(), "dense_opt": dense_opt.state_dict(), "state": state,
+            "sparse_opt": {n: c.optimizer_state_dict() for n, c in _collections(model).items()}}
     atomic_write(Path(path), lambda fh: torch.save(blob, fh))
 
 
@@ -90,7 +99,7 @@ def read_checkpoint(path: Path) -> dict:
         raise RunError(f"{path}: no such checkpoint; the run never finished an epoch")
     try:
         blob = torch.load(path, weights_only=True)
-        if not isinstance(blob, dict) or not {"model", "dense_opt", "state"} <= blob.keys():
+        if not isinstance(blob, dict) or not {"model", "dense_opt", "state", "sparse_opt"} <= blob.keys():
             raise ValueError("not a rectables checkpoint")
     except Exception as e:  # torch raises many kinds for a torn file
         raise RunError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {e}); it is truncated or "
@@ -101,9 +110,20 @@ def read_checkpoint(path: Path) -> dict:
 
 def load_checkpoint(path: Path, model, dense_opt) -> dict:
     blob = read_checkpoint(path)
-    model.load_state_dict(blob["model"])
+    load_model(model, blob)
     dense_opt.load_state_dict(blob["dense_opt"])
     return blob["state"]
+
+
+def load_model(model, blob: dict) -> None:
+    """The model's state and its collections' fused optimizer state from a checkpoint."""
+    model.load_state_dict(blob["model"])
+    collections = _collections(model)
+    if set(blob["sparse_opt"]) != set(collections):
+        raise RunError(f"the checkpoint holds optimizer state for collections {sorted(blob['sparse_opt'])}, "
+                       f"the model has {sorted(collections)}")
+    for n, c in collections.items():
+        c.load_optimizer_state_dict(blob["sparse_opt"][n])
 
 
 #: config entries that may change when a run is resumed

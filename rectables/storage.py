@@ -100,13 +100,47 @@ class FusedStorage(nn.Module):
                                         for i, k in enumerate(self.lane_tables)])
         if optimizer.name == "adam":
             rows = sum(m for m, _ in self.shapes)
-            self.register_buffer("adam_exp_avg", torch.zeros(self.tbe.weights_host.numel(), device=device))
-            self.register_buffer("adam_exp_avg_sq", torch.zeros(rows, device=device))
-            self.register_buffer("adam_step", torch.zeros((), dtype=torch.int64, device=device))
+            self.register_buffer("adam_exp_avg", torch.zeros(self.tbe.weights_host.numel(), device=device), False)
+            self.register_buffer("adam_exp_avg_sq", torch.zeros(rows, device=device), False)
+            self.register_buffer("adam_step", torch.zeros((), dtype=torch.int64, device=device), False)
             self._row_off = [0]
             for m, _ in self.shapes:
                 self._row_off.append(self._row_off[-1] + m)
             self._anchor = torch.zeros(0, requires_grad=True)
+        self._unregister_tbe_state()
+
+    def _unregister_tbe_state(self) -> None:
+        """The TBE's rows and optimizer state stay plain attributes, out of ``parameters()``
+        and ``state_dict()``: the collection shows each table's rows under torchrec's keys,
+        and optimizer state goes through ``optimizer_state_dict`` (as torch keeps an
+        optimizer's state apart from its model).  fbgemm's bookkeeping buffers are
+        derived from the shapes, so they are not saved either."""
+        tbe = self.tbe
+        for name in list(tbe._parameters):
+            object.__setattr__(tbe, name, tbe._parameters.pop(name))
+        tbe._non_persistent_buffers_set.update(tbe._buffers)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the storage holds (rows, optimizer state, fbgemm's bookkeeping)."""
+        extra = [getattr(self.tbe, n) for n in ("weights_host", "momentum1_host", "momentum2_host")]
+        return [t for t in extra if isinstance(t, torch.Tensor)] + list(self.buffers())
+
+    def optimizer_state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of the optimizer state, ``"<table k>.<name>"`` (and Adam's step)."""
+        out = {f"{k}.{n}": t.clone() for k in range(len(self.shapes)) for n, t in self.optimizer_state(k).items()}
+        if self.optimizer.name == "adam":
+            out["step"] = self.adam_step.clone()
+        return out
+
+    @torch.no_grad()
+    def load_optimizer_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        mine = {f"{k}.{n}": t for k in range(len(self.shapes)) for n, t in self.optimizer_state(k).items()}
+        if self.optimizer.name == "adam":
+            mine["step"] = self.adam_step
+        if set(state) != set(mine):
+            raise ValueError(f"optimizer state of {self.optimizer.name!r} has keys {sorted(mine)}, got {sorted(state)}")
+        for k, t in mine.items():
+            t.copy_(state[k])
 
     # ---- views ---------------------------------------------------------------------
     def weight(self, k: int) -> torch.Tensor:
@@ -130,7 +164,7 @@ class FusedStorage(nn.Module):
         if name in ("adagrad", "rowwise_adagrad"):
             o = int(self.tbe.momentum1_physical_offsets[self._pos[k]])
             n = m * d if name == "adagrad" else m
-            flat = self.tbe.momentum1_host[o : o + n]
+            flat = self.tbe.momentum1_host.detach()[o : o + n]
             return {"sum": flat.view(m, d) if name == "adagrad" else flat}
         if name == "adam":
             o, r = self._w_off[k], self._row_off[k]

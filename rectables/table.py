@@ -78,6 +78,8 @@ class Table(nn.Module, abc.ABC):
         #: if True, the collection first draws N(0, 1) numbers for the table, as torchrec's
         #: nn.EmbeddingBag does before its init_fn, so a seed gives torchrec's exact rows
         self.torchrec_draws = False
+        #: the torchrec config the table was built from, if any
+        self.config = None
 
     # ---- what a method declares -----------------------------------------------------
     @abc.abstractmethod

@@ -78,10 +78,12 @@ def test_state_dict_round_trip(method, optimizer, tmp_path):
     kjt = random_kjt(FEATS, batch=4, max_len=3)
     a = collection(method, FEATS, optimizer=optimizer)
     a(kjt).values().sum().backward()  # non-trivial optimizer state
-    torch.save(a.state_dict(), tmp_path / "s.pt")
+    torch.save({"model": a.state_dict(), "opt": a.optimizer_state_dict()}, tmp_path / "s.pt")
     torch.manual_seed(99)
     b = collection(method, FEATS, optimizer=optimizer)
-    b.load_state_dict(torch.load(tmp_path / "s.pt"))
+    blob = torch.load(tmp_path / "s.pt")
+    b.load_state_dict(blob["model"])
+    b.load_optimizer_state_dict(blob["opt"])
     assert torch.equal(a(kjt).values(), b(kjt).values())
     for x, y in [(a, b)]:  # one more step from the same state gives the same weights
         x(kjt).values().sum().backward()

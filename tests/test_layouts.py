@@ -134,7 +134,7 @@ def test_layout_matches_dense_reference(layout, optimizer, max_len):
 
 
 def test_lane_product_gradients():
-    from rectables.collection import _LaneProduct
+    from rectables.lanes import _LaneProduct
 
     for K in (2, 3):
         lanes = torch.randn(4, K, 5, dtype=torch.float64, requires_grad=True)

@@ -135,3 +135,68 @@ def test_default_device_from_context():
         ebc = rectables.EmbeddingBagCollection(tables=[config])
     assert ebc.device == torch.device("meta")
     assert rectables.EmbeddingBagCollection(tables=[config]).device == torch.device("cpu")
+
+
+def test_state_dict_has_torchrec_keys_and_loads_strictly_both_ways():
+    configs = [EmbeddingBagConfig(name="t1", embedding_dim=5, num_embeddings=30, feature_names=["a", "b"]),
+               EmbeddingBagConfig(name="t2", embedding_dim=8, num_embeddings=20, feature_names=["c"])]
+    theirs = TorchrecEBC(tables=configs)
+    for p in theirs.parameters():  # "trained": not what a seed gives
+        torch.nn.init.normal_(p)
+    ours = rectables.EmbeddingBagCollection(tables=configs)  # default optimizer: row-wise Adagrad, with state
+    assert list(ours.state_dict()) == list(theirs.state_dict()) == ["embedding_bags.t1.weight", "embedding_bags.t2.weight"]
+    ours.load_state_dict(theirs.state_dict())  # strict
+    kjt = kjt_for(configs, False, 3, 5)
+    torch.testing.assert_close(ours(kjt).values(), theirs(kjt).values())
+    back = TorchrecEBC(tables=configs)
+    back.load_state_dict(ours.state_dict())  # strict, the other way
+    torch.testing.assert_close(back(kjt).values(), theirs(kjt).values())
+
+
+def test_parameters_are_the_rows_and_a_torch_optimizer_leaves_them_to_the_fused_one():
+    configs = [EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=30, feature_names=["a"])]
+    ours = rectables.EmbeddingBagCollection(tables=configs, optimizer=rectables.SparseOptimizer("rowwise_adagrad", lr=0.1))
+    assert [n for n, _ in ours.named_parameters()] == ["embedding_bags.t1.weight"]  # no optimizer state
+    sgd = torch.optim.SGD(ours.parameters(), lr=100.0)
+    kjt = kjt_for(configs, False, 4, 1)
+    before = ours.embedding_bags["t1"].weight.detach().clone()
+    ours(kjt).values().sum().backward()
+    fused = ours.embedding_bags["t1"].weight.detach().clone()
+    assert not torch.equal(before, fused)  # the fused row-wise Adagrad updated the rows in backward
+    assert ours.embedding_bags["t1"].weight.grad is None
+    sgd.step()  # sees no gradient: changes nothing
+    assert torch.equal(ours.embedding_bags["t1"].weight.detach(), fused)
+
+
+@pytest.mark.parametrize("pooled", [True, False])
+def test_from_torchrec_copies_full_tables_and_compresses_others(pooled):
+    Config, cls = (EmbeddingBagConfig, TorchrecEBC) if pooled else (EmbeddingConfig, TorchrecEC)
+    configs = [Config(name="t1", embedding_dim=8, num_embeddings=30, feature_names=["a"]),
+               Config(name="t2", embedding_dim=8, num_embeddings=1000, feature_names=["b"])]
+    theirs = cls(tables=configs)
+    ours = rectables.from_torchrec(theirs, methods={"t2": ("hash", {"num_buckets": 50})})
+    assert type(ours).__name__ == type(theirs).__name__ and [t.method for t in ours.tables] == ["full", "hash"]
+    rows = ours.embedding_bags if pooled else ours.embeddings
+    theirs_rows = theirs.embedding_bags if pooled else theirs.embeddings
+    assert torch.equal(rows["t1"].weight, theirs_rows["t1"].weight) and rows["t2"].weight.shape == (50, 8)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["a", "b"], values=torch.tensor([3, 4, 999]),
+                                              lengths=torch.tensor([1, 1, 1, 0]))
+    a, b = theirs(kjt), ours(kjt)
+    if pooled:
+        torch.testing.assert_close(b.values()[:, :8], a.values()[:, :8])
+    else:
+        torch.testing.assert_close(b["a"].values(), a["a"].values())
+
+
+def test_introspection_matches_torchrec():
+    configs = [EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=30, feature_names=["a", "b"])]
+    ours, theirs = rectables.EmbeddingBagCollection(tables=configs, is_weighted=True), TorchrecEBC(tables=configs, is_weighted=True)
+    assert ours.embedding_bag_configs() == theirs.embedding_bag_configs() and ours.is_weighted() == theirs.is_weighted()
+    native = rectables.EmbeddingBagCollection([rectables.create_table("hash", name="h", embedding_dim=4,
+                                                                      feature_names=["x"], num_buckets=7)])
+    (c,) = native.embedding_bag_configs()
+    assert (c.name, c.embedding_dim, c.feature_names, c.num_embeddings) == ("h", 4, ["x"], 7)
+    ec_configs = [EmbeddingConfig(name="t1", embedding_dim=8, num_embeddings=30, feature_names=["a"])]
+    ec, tec = rectables.EmbeddingCollection(tables=ec_configs), TorchrecEC(tables=ec_configs)
+    assert ec.embedding_configs() == tec.embedding_configs() and ec.embedding_dim() == tec.embedding_dim()
+    assert ec.need_indices() == tec.need_indices() and ec.embedding_names_by_table() == tec.embedding_names_by_table()
