@@ -28,6 +28,8 @@ Example::
 """
 from __future__ import annotations
 
+import typing
+
 import torch
 from torch import nn
 
@@ -75,6 +77,7 @@ class _Collection(nn.Module):
             raise ValueError("per-id weights need pooled output (EmbeddingBagCollection), as in torchrec")
         self.tables = nn.ModuleList(tables)
         self._is_weighted = bool(is_weighted)
+        _annotate(type(self))
         #: the KJT key each output reads (a feature served by several tables appears once per table)
         self.feature_names = feats
         #: output keys, torchrec's naming: the feature, or ``feature@table`` when several tables serve it
@@ -158,15 +161,10 @@ class _Collection(nn.Module):
         return [config_of(t, self.pooled) for t in self.tables]
 
     def __prepare_scriptable__(self):
-        raise NotImplementedError(
-            f"{type(self).__name__} cannot be compiled by torch.jit.script yet: its lookup remaps ids in "
-            "Python (see README, 'torchrec compatibility'); use it in eager mode or with torch.compile")
+        """torch.jit.script compiles the straight-line lookup (inference: no fused update)."""
+        from torchrec.fx import symbolic_trace
 
-    def _refuse_fx(self) -> None:
-        if torch.fx._symbolic_trace.is_fx_tracing():
-            raise NotImplementedError(
-                f"{type(self).__name__} cannot be traced by torch.fx yet: its lookup depends on the batch's "
-                "lengths (see README, 'torchrec compatibility')")
+        return symbolic_trace(self)
 
     def row_parameters(self) -> list[nn.Parameter]:
         """The rows of every table (updated by the fused optimizer, not a torch one)."""
@@ -320,6 +318,17 @@ class _Collection(nn.Module):
             t.on_step_end(step)
 
 
+def _annotate(cls) -> None:
+    """Give ``forward`` torchrec's types (imported here, not at ``import rectables``): fx
+    records them, and TorchScript needs them to compile a traced graph."""
+    ann = cls.forward.__annotations__
+    if not isinstance(ann.get("features"), type):
+        from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
+        ann["features"] = KeyedJaggedTensor
+        ann["return"] = KeyedTensor if cls.pooled else typing.Dict[str, JaggedTensor]
+
+
 def _torchrec_draws(t: Table, device: torch.device) -> None:
     if t.torchrec_draws and device.type != "meta":
         torch.empty(t.physical_shapes()[0]).normal_()
@@ -342,6 +351,14 @@ class EmbeddingBagCollection(_Collection):
         self._source = [(g, j) for f in range(len(self.dims)) for g, fs in self._group_features.items()
                         for j, h in enumerate(fs) if h == f]
 
+    def _traceable_forward(self, features):
+        from torchrec.sparse.jagged_tensor import KeyedTensor
+
+        from rectables.traceable import lookup
+
+        outs = [out for out, _ in lookup(self, features)]
+        return KeyedTensor(keys=self.output_names, length_per_key=self.dims, values=torch.cat(outs, dim=1))
+
     def embedding_bag_configs(self) -> list:
         """torchrec's ``EmbeddingBagConfig`` of every table (what torchrec's models read)."""
         return self._configs()
@@ -349,7 +366,8 @@ class EmbeddingBagCollection(_Collection):
     def forward(self, features):
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
-        self._refuse_fx()
+        if torch.fx._symbolic_trace.is_fx_tracing():
+            return self._traceable_forward(features)
         if features.values().device.type == "meta" or not self.tables:  # shapes only (as torchrec on meta)
             out = torch.empty(features.stride(), sum(self.dims), device=features.values().device)
             return KeyedTensor(keys=self.output_names, length_per_key=self.dims, values=out)
@@ -415,6 +433,14 @@ class EmbeddingCollection(_Collection):
             raise ValueError("EmbeddingCollection needs one embedding_dim for all tables")
         self._need_indices = bool(need_indices)
 
+    def _traceable_forward(self, features):
+        from torchrec.sparse.jagged_tensor import JaggedTensor
+
+        from rectables.traceable import lookup
+
+        return {name: JaggedTensor(values=out, lengths=jt.lengths())
+                for name, (out, jt) in zip(self.output_names, lookup(self, features))}
+
     def embedding_configs(self) -> list:
         """torchrec's ``EmbeddingConfig`` of every table."""
         return self._configs()
@@ -430,10 +456,11 @@ class EmbeddingCollection(_Collection):
         it = iter(self.output_names)
         return [[next(it) for _ in t.feature_names] for t in self.tables]
 
-    def forward(self, features) -> dict:
+    def forward(self, features):
         from torchrec.sparse.jagged_tensor import JaggedTensor
 
-        self._refuse_fx()
+        if torch.fx._symbolic_trace.is_fx_tracing():
+            return self._traceable_forward(features)
         if features.values().device.type == "meta":  # shapes only, as torchrec on meta
             return {name: JaggedTensor(values=torch.empty(features[key].values().numel(), self.dims[0], device="meta"),
                                        lengths=features[key].lengths())

@@ -160,3 +160,32 @@ def test_degenerate_setting_equals_full(method):
     for ebc in (full, other):
         ebc(kjt).values().pow(2).sum().backward()
     assert torch.equal(full(kjt).values(), other(kjt).values())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["sum", "mean", "weighted", "sequence"])
+def test_traced_and_scripted_lookup_equal_eager(method, kind):
+    """fx (torchrec's tracer) and TorchScript run the same lookup as the fused path."""
+    from torchrec.fx import symbolic_trace
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    tables = [small_table(method, [f], name=f"t_{f}", pooling="mean" if kind == "mean" else "sum") for f in FEATS]
+    if kind == "sequence":
+        module = rectables.EmbeddingCollection(tables)
+    else:
+        module = rectables.EmbeddingBagCollection(tables, is_weighted=kind == "weighted")
+    traced = symbolic_trace(module)
+    scripted = torch.jit.script(module)
+    for max_len in (1, 3):  # bags of one id (mult tables pool the KJT's bags) and longer
+        kjt = random_kjt(FEATS, batch=4, max_len=max_len)
+        if kind == "weighted":
+            kjt = KeyedJaggedTensor.from_lengths_sync(keys=FEATS, values=kjt.values(), lengths=kjt.lengths(),
+                                                      weights=torch.rand(kjt.values().numel()))
+        with torch.no_grad():
+            want = module(kjt)
+            for got in (traced(kjt), scripted(kjt)):
+                if kind == "sequence":
+                    for f in FEATS:
+                        torch.testing.assert_close(got[f].values(), want[f].values(), rtol=1e-5, atol=1e-6)
+                else:
+                    torch.testing.assert_close(got.values(), want.values(), rtol=1e-5, atol=1e-6)

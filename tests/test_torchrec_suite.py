@@ -3,14 +3,16 @@ DLRM and SimpleDeepFMNN (torchrec/modules/tests/test_embedding_modules.py,
 torchrec/models/tests/test_dlrm.py, test_deepfm.py), checked again here with only the
 module under test swapped for rectables' (method ``full``).  Where torchrec's test
 compares against numbers, this file compares against torchrec's own module built from
-the same seed.  Not yet passing: the fx / TorchScript checks (README, 'torchrec
-compatibility'); they are listed at the end and assert a clear error instead."""
+the same seed.  fx and TorchScript run the inference lookup (``rectables/traceable.py``)
+and must give the eager output.  Left out: torchrec's tests of its own helpers
+(construct_jagged_tensors, the interaction archs), which take no embedding module."""
 from functools import partial
 
 import pytest
 import torch
 import torchrec.models.deepfm as tr_deepfm
 import torchrec.models.dlrm as tr_dlrm
+from torch.testing import FileCheck
 from torchrec.fx import symbolic_trace
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection as TorchrecEBC
@@ -219,13 +221,80 @@ def test_deepfm_wrapper_eval_and_train(keys, values, offsets):
     assert loss.size() == () and pred.size() == (2, 1)
 
 
-# ---- not yet: fx tracing and TorchScript (each of torchrec's test_fx / test_scripting) ----
+# ---- the other DLRM variants (each takes the EBC through SparseArch) -------------------
 
-def test_fx_trace_and_script_say_they_are_not_supported_yet():
-    ebc = EBC(tables=[bag_config("t1", 3, ["f1"])])
-    with pytest.raises(NotImplementedError, match="torch.fx"):
-        symbolic_trace(ebc)
-    with pytest.raises(NotImplementedError, match="torch.jit.script"):
-        torch.jit.script(ebc)
-    with pytest.raises(NotImplementedError, match="torch.jit.script"):
-        torch.jit.script(EC(tables=[seq_config("t1", 3, ["f1"])]))
+def test_dlrm_train_projection_and_dcn():
+    from torchrec.datasets.utils import Batch
+
+    configs = [bag_config("t1", 8, ["f1", "f3"], n=100), bag_config("t2", 8, ["f2"], n=100)]
+    dense = torch.rand((2, 100))
+    variants = {
+        "projection": lambda cls: tr_dlrm.DLRM_Projection(
+            embedding_bag_collection=cls(tables=configs), dense_in_features=100, dense_arch_layer_sizes=[20, 8],
+            interaction_branch1_layer_sizes=[32, 32], interaction_branch2_layer_sizes=[32, 32],
+            over_arch_layer_sizes=[5, 1]),
+        "dcn": lambda cls: tr_dlrm.DLRM_DCN(
+            embedding_bag_collection=cls(tables=configs), dense_in_features=100, dense_arch_layer_sizes=[20, 8],
+            over_arch_layer_sizes=[5, 1], dcn_num_layers=2, dcn_low_rank_dim=8),
+    }
+    for build in variants.values():
+        theirs, ours = both(build)
+        logits = ours(dense_features=dense, sparse_features=kjt(*DLRM_KJT))
+        torch.testing.assert_close(logits, theirs(dense_features=dense, sparse_features=kjt(*DLRM_KJT)))
+        batch = Batch(dense_features=dense, sparse_features=kjt(*DLRM_KJT), labels=torch.randint(2, (2,)))
+        _, (_, out, _) = tr_dlrm.DLRMTrain(ours)(batch)
+        assert out.size() == (2,)
+    with pytest.raises(ValueError):  # the projection sizes are checked against the EBC's dim
+        tr_dlrm.DLRM_Projection(embedding_bag_collection=EBC(tables=configs), dense_in_features=100,
+                                dense_arch_layer_sizes=[20, 9], interaction_branch1_layer_sizes=[32, 32],
+                                interaction_branch2_layer_sizes=[32, 32], over_arch_layer_sizes=[5, 1])
+
+
+# ---- fx tracing (torchrec's tracer) and TorchScript: the same lookup as straight-line code ----
+
+def test_ebc_fx_and_scripting():
+    configs = [bag_config("t1", 3, ["f1", "f3"]), bag_config("t2", 4, ["f2"])]
+    ebc = EBC(tables=configs, is_weighted=True)
+    gm = symbolic_trace(ebc)
+    scripted = torch.jit.script(gm)
+    for module in (gm, scripted, torch.jit.script(ebc)):
+        out = module(kjt(*WEIGHTED))
+        assert out.values().size() == (2, 10) and out.keys() == ["f1", "f3", "f2"]
+        assert out.offset_per_key() == [0, 3, 6, 10]
+        torch.testing.assert_close(out.values(), ebc(kjt(*WEIGHTED)).values())
+
+
+def test_ec_fx_and_scripting():
+    configs = [seq_config("t1", 5, ["f1", "f2"]), seq_config("t2", 5, ["f2"])]
+    ec = EC(tables=configs)
+    gm = symbolic_trace(ec)
+    for module in (gm, torch.jit.script(gm), torch.jit.script(ec)):
+        out = module(kjt(*SEQ))
+        assert out["f1"].values().size() == (3, 5)
+        assert out["f2@t1"].values().size() == out["f2@t2"].values().size() == (1, 5)
+        torch.testing.assert_close(out["f2@t2"].values(), ec(kjt(*SEQ))["f2@t2"].values())
+
+
+def test_sparse_arch_and_dlrm_fx_and_script():
+    configs = [bag_config("t1", 3, ["f1", "f3"]), bag_config("t2", 3, ["f2"])]
+    sparse_arch = tr_dlrm.SparseArch(EBC(tables=configs))
+    gm = symbolic_trace(sparse_arch)
+    FileCheck().check("KeyedJaggedTensor").check("cat").run(gm.code)
+    features = kjt(*DLRM_KJT)
+    assert gm(features).shape == (2, 3, 3)
+    torch.jit.script(gm)
+    dlrm = tr_dlrm.DLRM(embedding_bag_collection=EBC(tables=[bag_config("t2", 8, ["f2"], n=100)]),
+                        dense_in_features=100, dense_arch_layer_sizes=[20, 8], over_arch_layer_sizes=[5, 1])
+    gm = symbolic_trace(dlrm)
+    FileCheck().check("KeyedJaggedTensor").check("f2").run(gm.code)
+    dense, sparse = torch.rand((2, 100)), kjt(["f2"], [0, 1, 2], [0, 2, 3])
+    assert gm(dense_features=dense, sparse_features=sparse).size() == (2, 1)
+    torch.testing.assert_close(torch.jit.script(gm)(dense, sparse), dlrm(dense_features=dense, sparse_features=sparse))
+
+
+def test_deepfm_fx_and_script():
+    model = deepfm(EBC, [bag_config("t1", 8, ["f1", "f3"], n=100), bag_config("t2", 8, ["f2"], n=100)])
+    gm = symbolic_trace(model)
+    FileCheck().check("KeyedJaggedTensor").check("f2").run(gm.code)
+    dense = torch.rand((2, 100))
+    torch.testing.assert_close(torch.jit.script(gm)(dense, kjt(*DLRM_KJT)), model(dense, kjt(*DLRM_KJT)))
