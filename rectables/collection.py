@@ -77,6 +77,7 @@ class _Collection(nn.Module):
             raise ValueError("per-id weights need pooled output (EmbeddingBagCollection), as in torchrec")
         self.tables = nn.ModuleList(tables)
         self._is_weighted = bool(is_weighted)
+        self._anchor = torch.zeros(0, requires_grad=True)  # makes autograd call the compiled lookup's backward
         _annotate(type(self))
         #: the KJT key each output reads (a feature served by several tables appears once per table)
         self.feature_names = feats
@@ -370,7 +371,16 @@ class EmbeddingBagCollection(_Collection):
             return self._traceable_forward(features)
         if features.values().device.type == "meta" or not self.tables:  # shapes only (as torchrec on meta)
             out = torch.empty(features.stride(), sum(self.dims), device=features.values().device)
-            return KeyedTensor(keys=self.output_names, length_per_key=self.dims, values=out)
+        elif torch.compiler.is_compiling():  # one opaque op: no graph break (rectables/compiled.py)
+            from rectables.compiled import pooled_lookup
+
+            out = pooled_lookup(self, features)
+        else:
+            out = self._pooled(features)
+        return KeyedTensor(keys=self.output_names, length_per_key=self.dims, values=out)
+
+    def _pooled(self, features) -> torch.Tensor:
+        """The eager lookup: [B, sum D], fused update in backward."""
         kjt, outs, counts, rows_as_bags = self._lookup(features)
         B = kjt.stride()
         parts = []
@@ -387,7 +397,7 @@ class EmbeddingBagCollection(_Collection):
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         if self._mean:
             out = out * self._mean_scale(kjt.lengths(), B)
-        return KeyedTensor(keys=self.output_names, length_per_key=self.dims, values=out)
+        return out
 
     def _pool_per_id(self, rows: torch.Tensor, kjt, counts: list[int], B: int) -> torch.Tensor:
         """Per-id rows [B', sum D] of the per-id features -> (weighted) sums per bag [B, sum D]."""
