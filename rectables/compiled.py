@@ -2,31 +2,37 @@
 break at the lookup's host syncs (bounds, id checks) or at fbgemm's CPU kernels, which
 have no fake-tensor implementation.
 
-``rectables::pooled_lookup(values, lengths, offsets, weights, anchor, stride, width, handle)``
-runs the eager lookup (checks, remap, fused TBE) and returns [B, sum D].  Its backward
-runs the lookup again with autograd on and back-propagates the incoming gradient
-through it, which applies the fused sparse update: the compiled step pays one extra
-lookup forward (measured in BENCHMARKS.md).  ``anchor`` is a 0-size tensor that
-requires grad, so autograd calls the backward.  ``handle`` names the collection and
-the KJT's keys (registered in this process).
+``rectables::pooled_lookup(values, lengths, offsets, weights, anchor, stride, width,
+handle, train) -> (out [B, sum D], token)`` runs the eager lookup (checks, remap, fused
+TBE).  With ``train`` it records the lookup's autograd graph and keeps it under
+``token``; its backward, ``rectables::pooled_lookup_update(grad, token)``, back-propagates
+through that graph, which applies the fused sparse update, and returns the (empty)
+gradient of ``anchor``: a 0-size tensor that requires grad, so that autograd calls the
+backward and the compiled graph keeps the update.  ``handle`` names the collection and
+the KJT's keys (registered in this process).  A lookup whose backward never runs keeps
+its graph until ``_PENDING`` newer ones push it out.
 """
 from __future__ import annotations
 
 import itertools
 import weakref
+from collections import OrderedDict
 
 import torch
 
 _HANDLES: dict[tuple[int, tuple[str, ...]], int] = {}
 _TARGETS: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}
 _NEXT = itertools.count(1)
+_GRAPHS: OrderedDict[int, torch.Tensor] = OrderedDict()  # token -> lookup output with its graph
+_PENDING = 64
 
 
 def pooled_lookup(collection, features) -> torch.Tensor:
     """[B, sum D] for ``features``, as ``collection._pooled`` gives, through the op."""
     handle = _handle(collection, tuple(features.keys()))
-    return _op(features.values(), features.lengths(), features.offsets(), features.weights_or_none(),
-               collection._anchor, features.stride(), sum(collection.dims), handle)
+    out, _ = _op(features.values(), features.lengths(), features.offsets(), features.weights_or_none(),
+                 collection._anchor, features.stride(), sum(collection.dims), handle, torch.is_grad_enabled())
+    return out
 
 
 @torch.compiler.assume_constant_result  # run for real while compiling: the handle is a constant of the graph
@@ -39,28 +45,9 @@ def _handle(collection, keys: tuple) -> int:
     return handle
 
 
-def _kjt(handle: int, values, lengths, offsets, weights, stride: int):
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    ref, keys = _TARGETS[handle]
-    collection = ref()
-    if collection is None:
-        raise RuntimeError(f"rectables::pooled_lookup handle {handle}: its collection no longer exists")
-    return collection, KeyedJaggedTensor(keys=list(keys), values=values, lengths=lengths, offsets=offsets,
-                                         weights=weights, stride=stride)
-
-
-@torch.library.custom_op("rectables::pooled_lookup", mutates_args=())
-def _op(values: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
-        anchor: torch.Tensor, stride: int, width: int, handle: int) -> torch.Tensor:
-    collection, kjt = _kjt(handle, values, lengths, offsets, weights, stride)
-    with torch.no_grad(), _autograd_dispatch():
-        return collection._pooled(kjt).clone()
-
-
 class _autograd_dispatch:
     """A custom op's kernel runs below autograd; fbgemm's CPU lookup is registered as an
-    autograd kernel only, so it is let through for the (grad-free) forward."""
+    autograd kernel only, and the update needs the lookup's graph: let autograd through."""
 
     KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther)
 
@@ -74,36 +61,56 @@ class _autograd_dispatch:
             torch._C._dispatch_tls_set_dispatch_key_excluded(k, p)
 
 
+@torch.library.custom_op("rectables::pooled_lookup", mutates_args=())
+def _op(values: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor | None,
+        anchor: torch.Tensor, stride: int, width: int, handle: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    ref, keys = _TARGETS[handle]
+    collection = ref()
+    if collection is None:
+        raise RuntimeError(f"rectables::pooled_lookup handle {handle}: its collection no longer exists")
+    kjt = KeyedJaggedTensor(keys=list(keys), values=values, lengths=lengths, offsets=offsets, weights=weights,
+                            stride=stride)
+    with torch.set_grad_enabled(train), _autograd_dispatch():
+        out = collection._pooled(kjt)
+    token = 0
+    if train:
+        token = next(_NEXT)
+        _GRAPHS[token] = out
+        while len(_GRAPHS) > _PENDING:
+            _GRAPHS.popitem(last=False)
+    return out.detach(), torch.tensor(token)
+
+
 @_op.register_fake
-def _(values, lengths, offsets, weights, anchor, stride, width, handle):
-    return values.new_empty((stride, width), dtype=torch.float32)
+def _(values, lengths, offsets, weights, anchor, stride, width, handle, train):
+    return values.new_empty((stride, width), dtype=torch.float32), values.new_empty((), dtype=torch.int64)
 
 
 def _setup(ctx, inputs, output) -> None:
-    values, lengths, offsets, weights, anchor, stride, width, handle = inputs
-    ctx.save_for_backward(values, lengths, offsets, weights)
-    ctx.stride, ctx.handle = stride, handle
+    ctx.save_for_backward(output[1])
 
 
-def _backward(ctx, grad):
-    values, lengths, offsets, weights = ctx.saved_tensors
-    anchor_grad = _update(grad, values, lengths, offsets, weights, ctx.stride, ctx.handle)
-    return None, None, None, None, anchor_grad, None, None, None
+def _backward(ctx, grad, _):
+    (token,) = ctx.saved_tensors
+    return None, None, None, None, _update(grad, token), None, None, None, None
 
 
 @torch.library.custom_op("rectables::pooled_lookup_update", mutates_args=())
-def _update(grad: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor,
-            weights: torch.Tensor | None, stride: int, handle: int) -> torch.Tensor:
-    """The fused sparse update for ``grad`` [B, sum D]: the lookup again, with autograd,
-    back-propagated.  Returns the anchor's (empty) gradient, so the graph keeps the op."""
-    collection, kjt = _kjt(handle, values, lengths, offsets, weights, stride)
+def _update(grad: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """The fused sparse update for ``grad`` [B, sum D]; returns the anchor's empty gradient."""
+    out = _GRAPHS.pop(int(token), None)
+    if out is None:
+        raise RuntimeError(f"the compiled lookup's graph {int(token)} is gone: it ran a second backward, or more "
+                           f"than {_PENDING} lookups ran after it without one")
     with torch.enable_grad(), _autograd_dispatch():
-        torch.autograd.backward(collection._pooled(kjt), grad)
+        torch.autograd.backward(out, grad)
     return grad.new_zeros(0)
 
 
 @_update.register_fake
-def _(grad, values, lengths, offsets, weights, stride, handle):
+def _(grad, token):
     return grad.new_zeros(0)
 
 
