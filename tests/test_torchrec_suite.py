@@ -298,3 +298,34 @@ def test_deepfm_fx_and_script():
     FileCheck().check("KeyedJaggedTensor").check("f2").run(gm.code)
     dense = torch.rand((2, 100))
     torch.testing.assert_close(torch.jit.script(gm)(dense, kjt(*DLRM_KJT)), model(dense, kjt(*DLRM_KJT)))
+
+
+@pytest.mark.parametrize("keys, values, offsets", [(DLRM_KJT[0], DLRM_KJT[1], DLRM_KJT[2]), (["f1"], [], [0, 0, 0])])
+def test_dlrm_wrapper_eval_and_train(keys, values, offsets):
+    from torchrec.distributed.test_utils.model_input import ModelInput
+
+    configs = ([bag_config("t1", 8, ["f1", "f3"], n=100), bag_config("t2", 8, ["f2"], n=100)] if len(keys) == 3
+               else [bag_config("t1", 8, ["f1"], n=100)])
+    wrapper = tr_dlrm.DLRMWrapper(embedding_bag_collection=EBC(tables=configs), dense_in_features=100,
+                                  dense_arch_layer_sizes=[20, 8], over_arch_layer_sizes=[5, 1])
+    sparse = KeyedJaggedTensor.from_offsets_sync(keys=keys, values=torch.tensor(values, dtype=torch.long),
+                                                 offsets=torch.tensor(offsets, dtype=torch.long))
+    batch = ModelInput(float_features=torch.rand((2, 100)), idlist_features=sparse, idscore_features=None,
+                       label=torch.rand((2,)))
+    wrapper.eval()
+    assert wrapper(batch).size() == (2, 1)
+    wrapper.train()
+    loss, pred = wrapper(batch)
+    assert loss.size() == () and pred.size() == (2, 1)
+
+
+def test_dlrm_dcn_checks_dense_size_and_exports():
+    configs = [bag_config("t1", 8, ["f1"], n=100), bag_config("t2", 8, ["f2"], n=100)]
+    with pytest.raises(ValueError):
+        tr_dlrm.DLRM_DCN(embedding_bag_collection=EBC(tables=configs), dense_in_features=100,
+                         dense_arch_layer_sizes=[20, 9], dcn_num_layers=2, dcn_low_rank_dim=8, over_arch_layer_sizes=[5, 1])
+    model = tr_dlrm.DLRM(embedding_bag_collection=EBC(tables=configs), dense_in_features=100,
+                         dense_arch_layer_sizes=[20, 8], over_arch_layer_sizes=[5, 1])
+    dense, sparse = torch.rand((2, 100)), kjt(["f1", "f2"], [1, 2, 4, 5, 4, 3, 2, 9], [0, 2, 4, 6, 8])
+    program = torch.export.export(model, (dense, sparse), {}, strict=False)  # as torchrec's export test, less its IR
+    torch.testing.assert_close(program.module()(dense, sparse), model(dense, sparse))
