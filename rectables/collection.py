@@ -152,9 +152,10 @@ class _Collection(nn.Module):
                 w = st.weight(base + k)
                 if w.device.type == "meta":
                     continue
-                fresh = torch.empty(w.shape, dtype=w.dtype)
+                fresh = w if w.is_contiguous() else torch.empty(w.shape, dtype=w.dtype)  # padded rows: drawn apart
                 t.init_fn(fresh) if t.init_fn is not None else t.init_weight_(k, fresh)
-                w.copy_(fresh)
+                if fresh is not w:
+                    w.copy_(fresh)
                 for state in st.optimizer_state(base + k).values():
                     state.zero_()
 
