@@ -28,6 +28,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import typing
 
 import torch
@@ -121,6 +122,8 @@ class _Collection(nn.Module):
                                        for g in shapes if shapes[g]})
         rows = {t.name: _Rows([self.storages[g].weight(b + k) for k in range(len(t.physical_shapes()))])
                 for t, g, b in zip(tables, self.groups, self._base)}
+        for i, t in enumerate(tables):
+            t._reset = functools.partial(self._reset_rows, i)
         self.add_module(self._rows_name, nn.ModuleDict(rows))
         # the random numbers torchrec draws: its EBC builds every nn.EmbeddingBag (N(0, 1) rows)
         # before its init_fns; its EC builds and inits table by table
@@ -167,6 +170,15 @@ class _Collection(nn.Module):
         from torchrec.fx import symbolic_trace
 
         return symbolic_trace(self)
+
+    @torch.no_grad()
+    def _reset_rows(self, i: int, k: int, rows: torch.Tensor) -> None:
+        """Table i's request: fresh values for rows [R] of its physical table k, state zeroed."""
+        t, (st, base) = self.tables[i], self.table_storage(i)
+        rows = rows.to(torch.int64)
+        fresh = torch.empty(len(rows), t.physical_shapes()[k][1])
+        t.init_rows_(k, rows, fresh)
+        st.reset_rows(base + k, rows, fresh)
 
     def row_parameters(self) -> list[nn.Parameter]:
         """The rows of every table (updated by the fused optimizer, not a torch one)."""

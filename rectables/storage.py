@@ -175,10 +175,13 @@ class FusedStorage(nn.Module):
         return {}
 
     @torch.no_grad()
-    def reset_rows(self, k: int, rows: torch.Tensor, bound: float) -> None:
-        """Re-initialise rows [R] of table k to U(-bound, bound) and zero their optimizer state."""
+    def reset_rows(self, k: int, rows: torch.Tensor, values: torch.Tensor | float) -> None:
+        """Rows [R] of table k set to ``values`` [R, D_k] (a float b: drawn from U(-b, b)),
+        and their optimizer state zeroed."""
         w = self.weight(k)
-        w.index_copy_(0, rows, torch.empty(len(rows), w.shape[1]).uniform_(-bound, bound))
+        if not isinstance(values, torch.Tensor):
+            values = torch.empty(len(rows), w.shape[1]).uniform_(-values, values)
+        w.index_copy_(0, rows, values.to(w.dtype))
         for s in self.optimizer_state(k).values():
             s.index_fill_(0, rows, 0.0)
 

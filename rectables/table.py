@@ -80,6 +80,7 @@ class Table(nn.Module, abc.ABC):
         self.torchrec_draws = False
         #: the torchrec config the table was built from, if any
         self.config = None
+        self._reset = None  # set by the collection that stores the rows: (k, rows) -> None
 
     # ---- what a method declares -----------------------------------------------------
     @abc.abstractmethod
@@ -125,6 +126,23 @@ class Table(nn.Module, abc.ABC):
     def init_weight_(self, k: int, weight: torch.Tensor) -> None:
         """Fill physical table k (``weight`` [M_k, D_k], a view into the fused storage)."""
         weight.uniform_(-self.init_bound(k), self.init_bound(k))
+
+    def init_rows_(self, k: int, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """Fill ``out`` [R, D_k] with fresh values for rows [R] of physical table k, as the
+        table's init would (``init_fn`` if set)."""
+        if self.init_fn is not None:
+            self.init_fn(out)
+        else:
+            out.uniform_(-self.init_bound(k), self.init_bound(k))
+
+    # ---- what a method may ask of its collection ---------------------------------------
+    def reset_rows(self, k: int, rows: torch.Tensor) -> None:
+        """Re-initialise rows [R] of physical table k and zero their optimizer state, before
+        the next lookup reads them (a dynamic table giving an evicted row to a new id, a
+        pruned row coming back).  Works once the table is in a collection."""
+        if self._reset is None:
+            raise RuntimeError(f"table {self.name!r} is in no collection: it has no rows to reset")
+        self._reset(k, rows)
 
     # ---- hooks the training loop calls -----------------------------------------------
     def extra_loss(self) -> torch.Tensor | None:

@@ -189,3 +189,49 @@ def test_traced_and_scripted_lookup_equal_eager(method, kind):
                         torch.testing.assert_close(got[f].values(), want[f].values(), rtol=1e-5, atol=1e-6)
                 else:
                     torch.testing.assert_close(got.values(), want.values(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+def test_a_table_can_reset_its_rows(method, optimizer):
+    """Table.reset_rows(k, rows): fresh values drawn as the table's init draws them, the
+    rows' optimizer state zeroed, every other row and state untouched, the next lookup
+    reading the new values."""
+    ebc = collection(method, FEATS, optimizer=optimizer)
+    kjt = random_kjt(FEATS, batch=8, max_len=3)
+    ebc(kjt).values().sum().backward()  # rows and optimizer state moved away from their init
+    for i, t in enumerate(ebc.tables):
+        st, base = ebc.table_storage(i)
+        for k, (m, _) in enumerate(t.physical_shapes()):
+            before = st.weight(base + k).clone()
+            states = {n: v.clone() for n, v in st.optimizer_state(base + k).items()}
+            rows = torch.arange(0, m, 2)
+            t.reset_rows(k, rows)
+            keep = torch.ones(m, dtype=torch.bool)
+            keep[rows] = False
+            after = st.weight(base + k)
+            assert torch.equal(after[keep], before[keep])
+            fresh = torch.empty_like(after[rows])
+            torch.manual_seed(5)
+            t.init_rows_(k, rows, fresh)
+            torch.manual_seed(5)
+            t.reset_rows(k, rows)
+            assert torch.equal(st.weight(base + k)[rows], fresh)  # drawn as the init draws
+            for n, v in st.optimizer_state(base + k).items():
+                assert (v[rows] == 0).all() and torch.equal(v[keep], states[n][keep])
+    with torch.no_grad():  # the next lookup reads the new rows: as a fresh collection with these weights
+        out = ebc(kjt).values()
+    assert torch.isfinite(out).all()
+    with pytest.raises(RuntimeError, match="in no collection"):
+        small_table(method, ["z"]).reset_rows(0, torch.tensor([0]))
+
+
+def test_compositional_add_resets_rows_within_their_partitions_bounds():
+    t = rectables.create_table("compositional", name="t", embedding_dim=8, feature_names=["a"], num_ids=10_000,
+                               moduli=[10], combine="add")  # stacked tables of 10 and 1000 rows
+    rectables.EmbeddingBagCollection([t])
+    rows = torch.arange(t.physical_shapes()[0][0])
+    out = torch.empty(len(rows), 8)
+    t.init_rows_(0, rows, out)
+    small, big = out[:10].abs().max(), out[10:].abs().max()
+    assert t.init_bound(0) >= small > t.init_bound(1) >= big

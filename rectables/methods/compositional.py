@@ -144,6 +144,15 @@ class CompositionalTable(Table):
         for j, rows in enumerate(weight.split(self.sizes)):
             rows.uniform_(-self.init_bound(j), self.init_bound(j))
 
+    def init_rows_(self, k: int, rows: torch.Tensor, out: torch.Tensor) -> None:
+        """Each row from its own partition table's range, also where they are stacked."""
+        if not self.stacked or self.init_fn is not None:
+            return super().init_rows_(k, rows, out)
+        ends = torch.tensor(self.sizes).cumsum(0)
+        bounds = torch.tensor([self.init_bound(j) for j in range(len(self.sizes))])
+        b = bounds[torch.searchsorted(ends, rows, right=True)].unsqueeze(1)
+        out.uniform_(-1, 1).mul_(b)
+
     def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         if self.hash_ids:
             key = self.keys[0] if len(counts) == 1 else self.keys.repeat_interleave(torch.tensor(counts), output_size=values.numel())
