@@ -1,0 +1,65 @@
+"""The collisionless id -> row map against a Python dict."""
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rectables.idmap import IdMap
+
+
+def test_a_million_distinct_ids_get_distinct_rows():
+    m = IdMap(1 << 20)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.unique(torch.randint(-(1 << 62), 1 << 62, (1_100_000,), generator=gen))[:1_000_000]
+    ids = ids[torch.randperm(len(ids), generator=gen)]
+    f = torch.randint(0, 26, (len(ids),), generator=gen)
+    rows = torch.cat([m.insert(f[i : i + 100_000], ids[i : i + 100_000]) for i in range(0, len(ids), 100_000)])
+    assert (rows >= 0).all() and torch.unique(rows).numel() == len(ids) == m.size  # no two keys on one row
+    assert torch.equal(m.lookup(f, ids), rows)
+    assert torch.equal(rows[:5], torch.arange(5))  # first seen, first row
+
+
+def test_same_id_in_two_features_is_two_keys_and_extremes_work():
+    m = IdMap(8)
+    big = torch.tensor([-(1 << 63), (1 << 63) - 1, 0, -1])
+    rows = m.insert(torch.tensor([0, 0, 0, 0]), big)
+    other = m.insert(torch.tensor([1, 1, 1, 1]), big)
+    assert rows.tolist() == [0, 1, 2, 3] and other.tolist() == [4, 5, 6, 7]
+    assert m.insert(torch.tensor([2]), torch.tensor([5])).tolist() == [-1]  # full: left out
+    assert m.lookup(torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0])).tolist() == [2, 6, -1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.lists(st.tuples(st.integers(0, 3), st.integers(-50, 50)),
+                                                      min_size=1, max_size=30)), min_size=1, max_size=12))
+def test_matches_a_dict_under_inserts_and_removals(ops):
+    m, ref, free = IdMap(16), {}, list(range(16))[::-1]
+    for remove, keys in ops:
+        f = torch.tensor([k[0] for k in keys])
+        ids = torch.tensor([k[1] for k in keys])
+        if remove:
+            gone = sorted({ref[k] for k in keys if k in ref})
+            if gone:
+                m.remove_rows(torch.tensor(gone))
+                for k in [k for k, r in ref.items() if r in gone]:
+                    del ref[k]
+                free += [r for r in gone][::-1]
+            continue
+        got = m.insert(f, ids).tolist()
+        for k, r in zip(keys, got):
+            if k not in ref and free:
+                ref[k] = free.pop()
+            assert r == ref.get(k, -1), (k, r, ref.get(k))
+        assert m.size == len(ref)
+        assert m.lookup(f, ids).tolist() == [ref.get(k, -1) for k in keys]
+
+
+def test_state_dict_round_trip():
+    a = IdMap(100, seed=3)
+    a.insert(torch.zeros(50, dtype=torch.int64), torch.arange(50) * 7919)
+    a.remove_rows(torch.tensor([3, 4]))
+    b = IdMap(100, seed=3)
+    b.load_state_dict(a.state_dict())
+    probe = torch.arange(60) * 7919
+    zeros = torch.zeros(60, dtype=torch.int64)
+    assert torch.equal(a.lookup(zeros, probe), b.lookup(zeros, probe))
+    assert torch.equal(a.insert(zeros, probe + 1), b.insert(zeros, probe + 1))
