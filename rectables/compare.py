@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rectables.experiment import run_training
+from rectables.experiment import IncompatibleMethod, run_training
 
 
 def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str | Path, overwrite: bool = False) -> list[dict]:
@@ -17,8 +17,13 @@ def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str |
     rows = []
     for method in methods:
         for budget in [1.0] if method == "full" else budgets:
-            s = run_training({**spec, "method": method, "budget": budget}, out / f"{method}_{budget:g}",
-                             resume=not overwrite, overwrite=overwrite)
+            try:
+                s = run_training({**spec, "method": method, "budget": budget}, out / f"{method}_{budget:g}",
+                                 resume=not overwrite, overwrite=overwrite)
+            except IncompatibleMethod as e:  # a row that says why, not an aborted comparison
+                rows.append({"method": method, "budget": budget, "skipped": str(e)})
+                print(f"{method} @ {budget:g}: skipped: {e}", flush=True)
+                continue
             tables = s["memory"]["tables"].values()
             rows.append({
                 "method": method, "budget": budget,
@@ -33,6 +38,8 @@ def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str |
 
 
 def write_report(rows: list[dict], out: Path) -> None:
+    skipped = [r for r in rows if "skipped" in r]
+    rows = [r for r in rows if "skipped" not in r]
     full = next((r for r in rows if r["method"] == "full"), None)  # without it: "-", not a wrong baseline
     lines = ["| method | budget | rows | table bytes | vs full | test AUC | ΔAUC | logloss | train samples/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -43,6 +50,7 @@ def write_report(rows: list[dict], out: Path) -> None:
             f"| {r['method']} | {r['budget']:g} | {r['rows']:,} | {r['bytes'] / 1e6:,.1f} MB | "
             f"{ratio} | {r['auc']:.4f} | {delta} | {r['logloss']:.4f} | {r['samples_per_s']:,.0f} |"
         )
+    lines += [f"| {r['method']} | {r['budget']:g} | skipped: {r['skipped']} | | | | | | |" for r in skipped]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 

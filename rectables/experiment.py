@@ -43,6 +43,22 @@ def dataset_facts(meta: dict) -> dict:
     return {k: meta[k] for k in ("mode", "rows", "cardinalities", "min_count", "seed", "source")}
 
 
+class IncompatibleMethod(ValueError):
+    """A method that cannot train on this dataset or at this budget; says why."""
+
+
+def check_method(spec: dict, meta: dict) -> None:
+    """Raise IncompatibleMethod before anything is built or written: a method that needs
+    ids in [0, n) on raw 32-bit ids, or ``full`` (the uncompressed baseline) at a budget."""
+    cls = table_class(spec["method"])
+    if spec["method"] == "full" and spec["budget"] != 1:
+        raise IncompatibleMethod(f"method 'full' is the uncompressed baseline and has no budget; got budget "
+                                 f"{spec['budget']:g} (leave it at 1, or choose a compressing method)")
+    if meta["mode"] == "raw" and not cls.raw_ids:
+        raise IncompatibleMethod(f"method {spec['method']!r} needs ids in [0, n), but this dataset holds raw ids "
+                                 f"(preprocess --mode raw); preprocess with --mode vocab, or use a hashing method")
+
+
 def run_training(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
     """Train ``spec`` into ``run_dir``.  A directory holding a run needs ``resume`` (same
     settings, more epochs allowed) or ``overwrite``; both are checked before anything
@@ -57,6 +73,7 @@ def run_training(spec: dict, run_dir: str | Path, resume: bool = False, overwrit
     run = Path(run_dir)
     spec["data"] = str(Path(spec["data"]).absolute())
     meta = open_dataset(spec["data"])
+    check_method(spec, meta)
     cfg = TrainConfig(**spec.get("train", {}))
     config = {**spec, "train": asdict(cfg), "id_mode": meta["mode"], "dataset": dataset_facts(meta),
               "versions": {"torch": torch.__version__, "python": platform.python_version()}}

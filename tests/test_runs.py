@@ -173,3 +173,24 @@ def test_loader_refuses_dataset_with_missing_split(data, tmp_path):
     np.save(tmp_path / "p" / "split_val.npy", np.arange(3))
     with pytest.raises(DatasetError, match="split_val"):
         CriteoBatches(tmp_path / "p", "train", 64)
+
+
+def test_incompatible_method_is_refused_before_anything_is_written(data, tmp_path):
+    from rectables.experiment import IncompatibleMethod
+
+    with pytest.raises(IncompatibleMethod, match="baseline and has no budget"):
+        run_training({**spec(data), "method": "full", "budget": 0.25}, tmp_path / "r")
+    preprocess(data / "d.tsv", tmp_path / "raw", mode="raw")
+    for method in ("full", "compositional"):
+        with pytest.raises(IncompatibleMethod, match="raw ids"):
+            run_training({**spec(data), "data": str(tmp_path / "raw"), "method": method, "budget": 1.0}, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_compare_reports_incompatible_methods_as_rows(data, tmp_path):
+    from rectables.compare import compare
+
+    preprocess(data / "d.tsv", tmp_path / "raw", mode="raw")
+    compare({**spec(data), "data": str(tmp_path / "raw")}, ["full", "hash"], [0.5], tmp_path / "cmp")
+    table = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| hash | 0.5 |" in table and "| full | 1 | skipped: method 'full' needs ids in [0, n)" in table
