@@ -4,7 +4,7 @@ Every method is a remap of ids onto rows of plain physical tables held in one fu
 fbgemm TBE, plus a combine step.  ``import rectables`` stays cheap: fbgemm and torchrec
 load when a collection is first built or called.
 """
-from rectables.collection import EmbeddingBagCollection, EmbeddingCollection
+from rectables.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from rectables.compat import from_torchrec
 from rectables.memory import dense_parameters, memory_report
 from rectables.optim import SparseOptimizer

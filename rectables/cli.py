@@ -11,7 +11,7 @@ from rectables.presets import PRESETS, parse_fraction
 
 def build_criteo_collection(method: str, dim: int, fraction: float, cardinalities: list[int], optimizer, device="cpu"):
     """The method's tables for the Criteo features at ``fraction`` of the full bytes."""
-    from rectables.collection import EmbeddingBagCollection
+    from rectables.embedding_modules import EmbeddingBagCollection
     from rectables.registry import table_class
 
     names = [f"C{i + 1}" for i in range(len(cardinalities))]

@@ -26,7 +26,7 @@ DEFAULT_SPEC = {"method": "full", "budget": 1.0, "dim": 16, "model": "dlrm",
 def build_model(spec: dict, meta: dict):
     from models.deepfm import DeepFM
     from models.dlrm import DLRM
-    from rectables.collection import EmbeddingBagCollection
+    from rectables.embedding_modules import EmbeddingBagCollection
 
     cls, tcfg = table_class(spec["method"]), TrainConfig(**spec.get("train", {}))
     tables = cls.for_budget_all(spec["dim"], meta["features"], meta["cardinalities"], spec["budget"])
