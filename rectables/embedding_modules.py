@@ -46,7 +46,7 @@ class EmbeddingBagCollection(_Collection):
     def forward(self, features):
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
-        if torch.fx._symbolic_trace.is_fx_tracing():
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             return self._traceable_forward(features)
         if features.values().device.type == "meta" or not self.tables:  # shapes only (as torchrec on meta)
             out = torch.empty(features.stride(), sum(self.dims), device=features.values().device)
@@ -148,7 +148,7 @@ class EmbeddingCollection(_Collection):
     def forward(self, features):
         from torchrec.sparse.jagged_tensor import JaggedTensor
 
-        if torch.fx._symbolic_trace.is_fx_tracing():
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             return self._traceable_forward(features)
         if features.values().device.type == "meta":  # shapes only, as torchrec on meta
             return {name: JaggedTensor(values=torch.empty(features[key].values().numel(), self.dims[0], device="meta"),
