@@ -75,8 +75,6 @@ class _Collection(nn.Module):
         if len(set(names)) != len(names) or any(len(set(t.feature_names)) != len(t.feature_names) for t in tables):
             raise ValueError(f"need unique table names, and no feature twice in one table; "
                              f"got {names}, {[t.feature_names for t in tables]}")
-        if is_weighted and not self.pooled:
-            raise ValueError("per-id weights need pooled output (EmbeddingBagCollection), as in torchrec")
         self.tables = nn.ModuleList(tables)
         self._is_weighted = bool(is_weighted)
         self._anchor = torch.zeros(0, requires_grad=True)  # makes autograd call the compiled lookup's backward
@@ -224,8 +222,8 @@ class _Collection(nn.Module):
         not named are ``full``.  torchrec's ``num_embeddings`` fills the method's size
         argument (``num_ids``, ``num_buckets``) unless the options give it.
         """
-        tables = tables_from_configs(configs, methods)
-        return cls(tables, optimizer, device, is_weighted=is_weighted) if is_weighted else cls(tables, optimizer, device)
+        weighted = {"is_weighted": True} if is_weighted else {}  # EmbeddingCollection has no such argument
+        return cls(tables_from_configs(configs, methods), optimizer, device, **weighted)
 
     def is_weighted(self) -> bool:
         """True if lookups take per-id weights (torchrec's ``is_weighted``)."""
@@ -304,11 +302,12 @@ class _Collection(nn.Module):
         return len(self._group_combines[g][0][1]) if self._lane_major[g] else 1
 
     def _rows_pooled(self, lengths: torch.Tensor, B: int) -> bool:
-        """True if the per-id group can be looked up as the KJT's own bags: pooled output
-        and no bag of a per-id feature holds more than one id (then a bag's product of
-        lanes is its id's product, and an empty bag is 0 either way).  One host sync."""
-        if not self.pooled or B == 0:
-            return self.pooled
+        """True if the per-id group can be looked up as the KJT's own bags: pooled output,
+        unweighted (weights scale each id's product, per id), and no bag of a per-id
+        feature holds more than one id (then a bag's product of lanes is its id's
+        product, and an empty bag is 0 either way).  One host sync."""
+        if not self.pooled or self._is_weighted or B == 0:
+            return self.pooled and not self._is_weighted
         return int(lengths.view(-1, B).index_select(0, self._rows_features).max()) <= 1
 
     def _check_ids(self, values: torch.Tensor, bounds: list[int]) -> None:

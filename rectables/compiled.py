@@ -15,14 +15,14 @@ its graph until ``_PENDING`` newer ones push it out.
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections import OrderedDict
 
 import torch
 
-_HANDLES: dict[tuple[int, tuple[str, ...]], int] = {}
-_TARGETS: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}
-_NEXT = itertools.count(1)
+from rectables.traceable import Handles
+
+_COLLECTIONS = Handles("collection")  # (collection, the KJT's keys)
+_TOKENS = itertools.count(1)
 _GRAPHS: OrderedDict[int, torch.Tensor] = OrderedDict()  # token -> lookup output with its graph
 _PENDING = 64
 
@@ -37,12 +37,7 @@ def pooled_lookup(collection, features) -> torch.Tensor:
 
 @torch.compiler.assume_constant_result  # run for real while compiling: the handle is a constant of the graph
 def _handle(collection, keys: tuple) -> int:
-    handle = _HANDLES.get((id(collection), keys))
-    if handle is None or _TARGETS[handle][0]() is not collection:
-        handle = next(_NEXT)
-        _HANDLES[(id(collection), keys)] = handle
-        _TARGETS[handle] = (weakref.ref(collection), keys)
-    return handle
+    return _COLLECTIONS.handle(collection, keys)
 
 
 class _autograd_dispatch:
@@ -66,17 +61,14 @@ def _op(values: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor, weig
         anchor: torch.Tensor, stride: int, width: int, handle: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    ref, keys = _TARGETS[handle]
-    collection = ref()
-    if collection is None:
-        raise RuntimeError(f"rectables::pooled_lookup handle {handle}: its collection no longer exists")
+    collection, keys = _COLLECTIONS.get(handle)
     kjt = KeyedJaggedTensor(keys=list(keys), values=values, lengths=lengths, offsets=offsets, weights=weights,
                             stride=stride)
     with torch.set_grad_enabled(train), _autograd_dispatch():
         out = collection._pooled(kjt)
     token = 0
     if train:
-        token = next(_NEXT)
+        token = next(_TOKENS)
         _GRAPHS[token] = out
         while len(_GRAPHS) > _PENDING:
             _GRAPHS.popitem(last=False)

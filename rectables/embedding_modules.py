@@ -67,8 +67,6 @@ class EmbeddingBagCollection(_Collection):
             combined = combine_lanes(out, self._group_combines[g], self._lane_major[g])
             if g == "rows" and not rows_as_bags:
                 combined = self._pool_per_id(combined, kjt, counts, B)
-            elif g == "rows" and self._is_weighted:  # bags of at most one id: scale by that id's weight
-                combined = combined * self._bag_weights(kjt, counts, B)
             parts.append(combined)
         if self._interleaved:  # one split per group (one copy in backward), one cat
             blocks = {g: p.split([self.dims[f] for f in self._group_features[g]], dim=1) for g, p in zip(outs, parts)}
@@ -89,16 +87,6 @@ class EmbeddingBagCollection(_Collection):
                 block = block * kjt.weights()[start[f] : start[f] + counts[f]].unsqueeze(1)
             pooled.append(block.new_zeros(B, block.shape[1]).index_add_(0, bag, block))
         return torch.cat(pooled, dim=1) if len(pooled) > 1 else pooled[0]
-
-    def _bag_weights(self, kjt, counts: list[int], B: int) -> torch.Tensor:
-        """[B, sum D of per-id features]: the weight of each bag's one id (0 for an empty bag)."""
-        feats, lengths, start = self._group_features["rows"], kjt.lengths(), starts(counts)
-        cols = []
-        for f in feats:
-            bag = torch.repeat_interleave(torch.arange(B), lengths[f * B : (f + 1) * B], output_size=counts[f])
-            w = torch.zeros(B).index_put_((bag,), kjt.weights()[start[f] : start[f] + counts[f]].float())
-            cols.append(w.unsqueeze(1).expand(B, self.dims[f]))
-        return torch.cat(cols, dim=1)
 
     def _mean_scale(self, lengths: torch.Tensor, B: int) -> torch.Tensor:
         """[B, sum D]: 1/max(L, 1) on columns of mean-pooled features, 1 elsewhere."""

@@ -171,6 +171,7 @@ def start_run(run: Path, config: dict, resume: bool, overwrite: bool) -> bool:
         if diff:
             raise RunError(f"--resume asks for another run than the one in {run}:\n  " + "\n  ".join(diff)
                            + "\nuse the saved settings, another --run, or --overwrite to start over")
-    clean_temporaries(run) if run.is_dir() else None
+    if run.is_dir():
+        clean_temporaries(run)
     write_json(run / "config.json", config)
     return bool(present) and (run / "last.pt").exists()

@@ -126,17 +126,16 @@ class FusedStorage(nn.Module):
         return [t for t in extra if isinstance(t, torch.Tensor)] + list(self.buffers())
 
     def optimizer_state_dict(self) -> dict[str, torch.Tensor]:
-        """Copies of the optimizer state, ``"<table k>.<name>"`` (and Adam's step)."""
-        out = {f"{k}.{n}": t.clone() for k in range(len(self.shapes)) for n, t in self.optimizer_state(k).items()}
+        """The optimizer state, ``"<table k>.<name>"`` (and Adam's ``step``): views, as a
+        torch optimizer's ``state_dict`` holds references (saving writes each buffer once)."""
+        out = {f"{k}.{n}": t for k in range(len(self.shapes)) for n, t in self.optimizer_state(k).items()}
         if self.optimizer.name == "adam":
-            out["step"] = self.adam_step.clone()
+            out["step"] = self.adam_step
         return out
 
     @torch.no_grad()
     def load_optimizer_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        mine = {f"{k}.{n}": t for k in range(len(self.shapes)) for n, t in self.optimizer_state(k).items()}
-        if self.optimizer.name == "adam":
-            mine["step"] = self.adam_step
+        mine = self.optimizer_state_dict()
         if set(state) != set(mine):
             raise ValueError(f"optimizer state of {self.optimizer.name!r} has keys {sorted(mine)}, got {sorted(state)}")
         for k, t in mine.items():
@@ -175,12 +174,9 @@ class FusedStorage(nn.Module):
         return {}
 
     @torch.no_grad()
-    def reset_rows(self, k: int, rows: torch.Tensor, values: torch.Tensor | float) -> None:
-        """Rows [R] of table k set to ``values`` [R, D_k] (a float b: drawn from U(-b, b)),
-        and their optimizer state zeroed."""
+    def reset_rows(self, k: int, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Rows [R] of table k set to ``values`` [R, D_k], and their optimizer state zeroed."""
         w = self.weight(k)
-        if not isinstance(values, torch.Tensor):
-            values = torch.empty(len(rows), w.shape[1]).uniform_(-values, values)
         w.index_copy_(0, rows, values.to(w.dtype))
         for s in self.optimizer_state(k).values():
             s.index_fill_(0, rows, 0.0)

@@ -18,14 +18,40 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-_TABLES: dict[int, tuple[weakref.ref, int]] = {}  # handle -> (table, feature index)
 _NEXT = itertools.count(1)
+
+
+class Handles:
+    """Int handles for (object, key) pairs, so that a traced or compiled graph passes a
+    constant instead of an object; the object is held weakly."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._of: dict[int, tuple[weakref.ref, object]] = {}
+        self._by: dict[tuple[int, object], int] = {}
+
+    def handle(self, obj, key) -> int:
+        h = self._by.get((id(obj), key))
+        if h is None or self._of[h][0]() is not obj:  # new, or an id reused by a new object
+            h = next(_NEXT)
+            self._by[(id(obj), key)], self._of[h] = h, (weakref.ref(obj), key)
+        return h
+
+    def get(self, h: int) -> tuple:
+        ref, key = self._of[h]
+        obj = ref()
+        if obj is None:
+            raise RuntimeError(f"handle {h}: its {self.what} no longer exists")
+        return obj, key
+
+
+TABLES = Handles("table")  # (table, feature index)
 
 
 @torch.library.custom_op("rectables::remap", mutates_args=())
 def remap(values: torch.Tensor, handle: int) -> torch.Tensor:
     """Rows [K_f, N] of ids [N] of the feature behind ``handle``."""
-    table, f = _lookup(handle)
+    table, f = TABLES.get(handle)
     counts = [0] * len(table.feature_names)
     counts[f] = values.numel()
     return table.remap(values.long(), counts)[f].contiguous().clone()
@@ -33,27 +59,8 @@ def remap(values: torch.Tensor, handle: int) -> torch.Tensor:
 
 @remap.register_fake
 def _(values: torch.Tensor, handle: int) -> torch.Tensor:
-    table, f = _lookup(handle)
+    table, f = TABLES.get(handle)
     return values.new_empty((len(table.feature_lanes(f)), values.shape[0]), dtype=torch.int64)
-
-
-def _lookup(handle: int):
-    ref, f = _TABLES[handle]
-    table = ref()
-    if table is None:
-        raise RuntimeError(f"rectables::remap handle {handle}: its table no longer exists")
-    return table, f
-
-
-def handles(table) -> list[int]:
-    """One handle per feature of ``table`` (made once, kept on the table)."""
-    if getattr(table, "_handles", None) is None:
-        table._handles = []
-        for f in range(len(table.feature_names)):
-            h = next(_NEXT)
-            _TABLES[h] = (weakref.ref(table), f)
-            table._handles.append(h)
-    return table._handles
 
 
 def lookup(collection, features) -> list:
@@ -65,9 +72,9 @@ def lookup(collection, features) -> list:
     for t in collection.tables:
         lane_weights = [rows[t.name].weight] if len(t.physical_shapes()) == 1 else \
             [getattr(rows[t.name], f"weight_{k}") for k in range(len(t.physical_shapes()))]
-        for f, (name, h) in enumerate(zip(t.feature_names, handles(t))):
+        for f, name in enumerate(t.feature_names):
             jt = d[name]
-            lanes = torch.ops.rectables.remap(jt.values(), h)
+            lanes = torch.ops.rectables.remap(jt.values(), TABLES.handle(t, f))
             tables = [lane_weights[k] for k in t.feature_lanes(f)]
             if collection.pooled:
                 outs.append((_pooled(t, tables, lanes, jt, collection.is_weighted()), jt))

@@ -23,9 +23,8 @@ def test_no_graph_break_in_the_lookup(method):
 def test_compiled_steps_update_rows_as_eager_ones(method, optimizer, weighted):
     def make():
         torch.manual_seed(0)
-        tables = [collection(method, FEATS).tables[i] for i in range(len(FEATS))]
-        return rectables.EmbeddingBagCollection(tables, rectables.SparseOptimizer(optimizer, lr=0.1),
-                                                is_weighted=weighted)
+        return rectables.EmbeddingBagCollection(list(collection(method, FEATS).tables),
+                                                rectables.SparseOptimizer(optimizer, lr=0.1), is_weighted=weighted)
     eager, compiled = make(), make()
     assert torch.equal(weights(eager), weights(compiled))
     step = torch.compile(lambda k: compiled(k).values().square().sum(), backend="aot_eager")

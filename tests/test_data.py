@@ -4,7 +4,6 @@ import gzip
 import numpy as np
 import pytest
 
-from data import criteo
 from data.criteo import MISSING_ID, CriteoFormatError, read_criteo
 from data.loader import CriteoBatches
 from data.preprocess import preprocess
@@ -80,7 +79,7 @@ def test_truncated_gzip_is_an_error(tmp_path):
 def test_generator_is_deterministic(tmp_path):
     a = synth(3000, tmp_path / "a.tsv", seed=5, scale=0.001)
     b = synth(3000, tmp_path / "b.tsv.gz", seed=5, scale=0.001)
-    c = synth(3000, tmp_path / "c.tsv", seed=6, scale=0.001)
+    synth(3000, tmp_path / "c.tsv", seed=6, scale=0.001)
     assert (tmp_path / "a.tsv").read_bytes() == gzip.decompress((tmp_path / "b.tsv.gz").read_bytes())
     assert (tmp_path / "a.tsv").read_bytes() != (tmp_path / "c.tsv").read_bytes()
     assert a["bayes_auc"] == b["bayes_auc"] and 0.7 < a["bayes_auc"] < 0.95

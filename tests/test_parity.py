@@ -123,7 +123,7 @@ def test_reset_rows_reinitialises_rows_and_zeroes_their_state(name):
     before = st.weight(0).clone()
     states = {k: v.clone() for k, v in st.optimizer_state(0).items()}
     rows = torch.tensor([1, 4])
-    st.reset_rows(0, rows, 1e-3)
+    st.reset_rows(0, rows, torch.empty(2, 4).uniform_(-1e-3, 1e-3))
     keep = torch.ones(10, dtype=torch.bool)
     keep[rows] = False
     assert torch.equal(st.weight(0)[keep], before[keep])

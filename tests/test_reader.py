@@ -2,7 +2,6 @@
 mutant, and every line is either parsed exactly or rejected at its own line number."""
 import contextlib
 import gzip
-import zlib
 
 import numpy as np
 import pytest
@@ -226,4 +225,3 @@ def test_corrupt_deflate_body_names_the_file(tmp_path):
     (tmp_path / "c.tsv.gz").write_bytes(bytes(blob))
     with pytest.raises(CriteoFormatError, match=r"c\.tsv\.gz: truncated or corrupt gzip"):
         list(read_criteo(tmp_path / "c.tsv.gz"))
-    assert issubclass(zlib.error, Exception)

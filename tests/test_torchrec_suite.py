@@ -202,25 +202,6 @@ def test_deepfm_without_tables_fails_as_in_torchrec():
         deepfm(EBC, [])
 
 
-@pytest.mark.parametrize("keys, values, offsets", [(DLRM_KJT[0], DLRM_KJT[1], DLRM_KJT[2]), (["f1"], [], [0, 0, 0])])
-def test_deepfm_wrapper_eval_and_train(keys, values, offsets):
-    from torchrec.distributed.test_utils.model_input import ModelInput
-
-    configs = ([bag_config("t1", 8, ["f1", "f3"], n=100), bag_config("t2", 8, ["f2"], n=100)] if len(keys) == 3
-               else [bag_config("t1", 8, ["f1"], n=100)])
-    wrapper = tr_deepfm.SimpleDeepFMNNWrapper(num_dense_features=100, embedding_bag_collection=EBC(tables=configs),
-                                              hidden_layer_size=20, deep_fm_dimension=5)
-    sparse = KeyedJaggedTensor.from_offsets_sync(keys=keys, values=torch.tensor(values, dtype=torch.long),
-                                                 offsets=torch.tensor(offsets, dtype=torch.long))
-    batch = ModelInput(float_features=torch.rand((2, 100)), idlist_features=sparse, idscore_features=None,
-                       label=torch.rand((2,)))
-    wrapper.eval()
-    assert wrapper(batch).size() == (2, 1)
-    wrapper.train()
-    loss, pred = wrapper(batch)
-    assert loss.size() == () and pred.size() == (2, 1)
-
-
 # ---- the other DLRM variants (each takes the EBC through SparseArch) -------------------
 
 def test_dlrm_train_projection_and_dcn():
@@ -300,22 +281,27 @@ def test_deepfm_fx_and_script():
     torch.testing.assert_close(torch.jit.script(gm)(dense, kjt(*DLRM_KJT)), model(dense, kjt(*DLRM_KJT)))
 
 
+@pytest.mark.parametrize("wrapper", ["dlrm", "deepfm"])
 @pytest.mark.parametrize("keys, values, offsets", [(DLRM_KJT[0], DLRM_KJT[1], DLRM_KJT[2]), (["f1"], [], [0, 0, 0])])
-def test_dlrm_wrapper_eval_and_train(keys, values, offsets):
+def test_model_wrappers_eval_and_train(wrapper, keys, values, offsets):
     from torchrec.distributed.test_utils.model_input import ModelInput
 
     configs = ([bag_config("t1", 8, ["f1", "f3"], n=100), bag_config("t2", 8, ["f2"], n=100)] if len(keys) == 3
                else [bag_config("t1", 8, ["f1"], n=100)])
-    wrapper = tr_dlrm.DLRMWrapper(embedding_bag_collection=EBC(tables=configs), dense_in_features=100,
-                                  dense_arch_layer_sizes=[20, 8], over_arch_layer_sizes=[5, 1])
+    if wrapper == "dlrm":
+        model = tr_dlrm.DLRMWrapper(embedding_bag_collection=EBC(tables=configs), dense_in_features=100,
+                                    dense_arch_layer_sizes=[20, 8], over_arch_layer_sizes=[5, 1])
+    else:
+        model = tr_deepfm.SimpleDeepFMNNWrapper(num_dense_features=100, embedding_bag_collection=EBC(tables=configs),
+                                                hidden_layer_size=20, deep_fm_dimension=5)
     sparse = KeyedJaggedTensor.from_offsets_sync(keys=keys, values=torch.tensor(values, dtype=torch.long),
                                                  offsets=torch.tensor(offsets, dtype=torch.long))
     batch = ModelInput(float_features=torch.rand((2, 100)), idlist_features=sparse, idscore_features=None,
                        label=torch.rand((2,)))
-    wrapper.eval()
-    assert wrapper(batch).size() == (2, 1)
-    wrapper.train()
-    loss, pred = wrapper(batch)
+    model.eval()
+    assert model(batch).size() == (2, 1)
+    model.train()
+    loss, pred = model(batch)
     assert loss.size() == () and pred.size() == (2, 1)
 
 
