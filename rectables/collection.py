@@ -171,12 +171,17 @@ class _Collection(nn.Module):
         return symbolic_trace(self)
 
     @torch.no_grad()
-    def _reset_rows(self, i: int, k: int, rows: torch.Tensor) -> None:
+    def _reset_rows(self, i: int, k: int, rows: torch.Tensor, seed: int | None = None) -> None:
         """Table i's request: fresh values for rows [R] of its physical table k, state zeroed."""
         t, (st, base) = self.tables[i], self.table_storage(i)
         rows = rows.to(torch.int64)
         fresh = torch.empty(len(rows), t.physical_shapes()[k][1])
-        t.init_rows_(k, rows, fresh)
+        if seed is None:
+            t.init_rows_(k, rows, fresh)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                t.init_rows_(k, rows, fresh)
         st.reset_rows(base + k, rows, fresh)
 
     def row_parameters(self) -> list[nn.Parameter]:

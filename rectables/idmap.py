@@ -1,151 +1,247 @@
-"""A collisionless map from (feature, raw int64 id) to rows, vectorised over tensors.
+"""A collisionless map from (feature, raw int64 id) to rows, for dynamic tables.
 
-Open addressing with linear probing over ``C`` slots (a power of two, at least twice the
-rows): slot s holds a key (feature ``key_f[s]``, id ``key_id[s]``) and its row
-``slot_row[s]``; ``key_f`` is -1 for an empty slot and -2 for a deleted one (a tombstone,
-which probes pass over and inserts may reuse).  Every operation probes all its keys at
-once, one probe step per round, so the Python loop runs over probe rounds (a few at
-load <= 1/2), never over ids.  Rows come from a free list and are handed out in the
-order the keys were first seen.  All state lives in buffers, so ``state_dict`` holds the
-map.  The building block of collisionless dynamic tables (Monolith: Liu et al., 2022).
+Open addressing with linear probing over C slots (load <= 0.7).  A slot is one row of
+the ``slots`` buffer [C, 4] int64: (id, meta, last, count), where meta is
+``(feature << 32) | row`` for a key, -1 for an empty slot and -2 for a deleted key (a
+tombstone: probes pass over it, inserts may reuse it); ``last`` is the training step
+that last read the key and ``count`` how often it was read.  Rows come from a free
+stack (``free``, ``num_free``); the smallest free row is taken first.  Keys hash as
 
-This is the pure-torch reference: measured here (2 threads, 1M rows full, 26 x 4096
-Zipf ids a batch) at ~6M ids/s for lookups and ~0.4M ids/s for inserts with the table
-full, far below the ~30M ids/s a training step needs; a compiled kernel with the same
-results is still to come.
+    h(id, f, key) = mix((id XOR f * GOLDEN) XOR key) >> 1     (63 bits, SplitMix64's mix)
+    range(h, n)   = ((h >> 32) * n) >> 31                       (in [0, n))
 
-Shapes: N keys, C slots, M rows.
+Every operation runs either in the compiled kernels (``rectables/_idmap.c``, built by
+``pip install -e .``) or in pure torch, vectorised over keys (the Python loop runs over
+probe rounds, never over ids).  Both give the same rows, counts and steps; only the slot
+a key sits in may differ, and either path reads a map the other wrote.  All state is in
+buffers, so ``state_dict`` holds the map.  Monolith: Liu et al., "Monolith: Real Time
+Recommendation System With Collisionless Embedding Table", ORSUM@RecSys 2022.
+
+Shapes: N keys looked up, U distinct missing keys, C slots, M rows.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from rectables import hashing
 
+try:
+    from rectables import _idmap as _kernels
+except ImportError:  # no compiler at install time: the pure-torch path, same results
+    _kernels = None
+
 EMPTY, DELETED = -1, -2
-_FEATURE_MUL = hashing._signed(hashing.GOLDEN)  # spreads the feature index over 64 bits
+MUL = hashing._signed(hashing.GOLDEN)  # spreads the feature index over 64 bits
+LOAD = 0.7
+LOW32 = 0xFFFFFFFF
+
+
+def num_slots(max_rows: int) -> int:
+    """Slots C for M rows: load at most 0.7."""
+    return max(16, math.ceil(max_rows / LOAD))
+
+
+def h63(ids: torch.Tensor, f: torch.Tensor | None, key: int | torch.Tensor) -> torch.Tensor:
+    """63-bit hash [N] of keys (ids [N], features [N] or None for feature 0)."""
+    y = ids ^ (f * MUL) if f is not None else ids.clone()
+    y ^= key
+    hashing._mix64_(y)
+    return (y >> 1) & ((1 << 63) - 1)
+
+
+def in_range(h: torch.Tensor, n: int) -> torch.Tensor:
+    """63-bit hashes [N] -> [0, n) (n < 2^32)."""
+    return ((h >> 32) * n) >> 31
 
 
 class IdMap(nn.Module):
-    """(feature, id) -> row in [0, M), at most M keys, no two keys on one row."""
+    """(feature, id) -> row in [0, M), at most M keys, no two keys on one row.
 
-    def __init__(self, max_rows: int, seed: int = 0) -> None:
+    ``native=False`` forces the pure-torch path (tests compare both)."""
+
+    def __init__(self, max_rows: int, seed: int = 0, native: bool = True) -> None:
         super().__init__()
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        slots = 1 << max(4, (2 * max_rows - 1).bit_length())
+        if not 1 <= max_rows < 1 << 31:
+            raise ValueError(f"max_rows must lie in [1, 2^31), got {max_rows}")
         self.max_rows = int(max_rows)
-        self.register_buffer("key", torch.tensor(hashing.salt_key(seed, 1 << 20), dtype=torch.int64))
-        self.register_buffer("key_f", torch.full((slots,), EMPTY, dtype=torch.int32))
-        self.register_buffer("key_id", torch.zeros(slots, dtype=torch.int64))
-        self.register_buffer("slot_row", torch.full((slots,), -1, dtype=torch.int64))
-        self.register_buffer("row_slot", torch.full((max_rows,), -1, dtype=torch.int64))  # -1: row free
+        self.native = native and _kernels is not None
+        self.key = hashing.salt_key(seed, 1 << 20)
+        slots = torch.zeros(num_slots(max_rows), 4, dtype=torch.int64)
+        slots[:, 1] = EMPTY
+        self.register_buffer("slots", slots)
         self.register_buffer("free", torch.arange(max_rows - 1, -1, -1, dtype=torch.int64))  # a stack
-        self.register_buffer("num_free", torch.tensor(max_rows, dtype=torch.int64))
+        self.register_buffer("num_free_", torch.tensor(max_rows, dtype=torch.int64))
+
+    @property
+    def num_free(self) -> int:
+        return int(self.num_free_)
 
     @property
     def size(self) -> int:
         """Keys held."""
-        return self.max_rows - int(self.num_free)
+        return self.max_rows - self.num_free
 
-    def _home(self, f: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return hashing.bucket(ids ^ (f.to(torch.int64) * _FEATURE_MUL), self.key, self.key_f.numel())
+    # ---- lookups ---------------------------------------------------------------------
+    def find(self, ids: torch.Tensor, f: torch.Tensor | None = None, step: int | None = None):
+        """Rows [N] of keys (ids [N], features [N] or None: feature 0), -1 where missing.
 
-    def _probe(self, f: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Slot [N] of each key (f [N], ids [N]), -1 if it is not in the map."""
-        n, mask = ids.numel(), self.key_f.numel() - 1
-        found = torch.full((n,), -1, dtype=torch.int64)
-        pos = self._home(f, ids)
-        todo = torch.arange(n)
-        while todo.numel():
-            p = pos[todo]
-            kf = self.key_f[p]
-            hit = (kf == f[todo]) & (self.key_id[p] == ids[todo])
-            found[todo[hit]] = p[hit]
-            go_on = ~hit & (kf != EMPTY)  # an empty slot ends the probe path; tombstones do not
-            todo = todo[go_on]
-            pos[todo] = (p[go_on] + 1) & mask
-        return found
+        With ``step`` (training): each hit sets its key's last step and adds one to its
+        count, and a miss reads -(j + 2), j the index of its key among the U distinct
+        missing keys in order of first occurrence; returns (rows, their ids [U],
+        features [U], occurrences [U])."""
+        n = ids.numel()
+        ids = ids.contiguous()
+        if f is not None:
+            f = f.to(torch.int64).contiguous()
+        if not self.native:
+            return _find_torch(self, ids, f, step)
+        rows = torch.empty(n, dtype=torch.int64)
+        touch = step is not None
+        new = torch.empty(3, n if touch else 0, dtype=torch.int64)
+        scratch = torch.empty(1 << max(4, (2 * n).bit_length()) if touch else 0, dtype=torch.int64)
+        u = _kernels.find(self.slots.data_ptr(), self.slots.shape[0], self.key, ids.data_ptr(),
+                          0 if f is None else f.data_ptr(), n, rows.data_ptr(), step or 0, touch,
+                          new[0].data_ptr(), new[1].data_ptr(), new[2].data_ptr(), scratch.data_ptr(),
+                          scratch.numel() - 1)
+        return (rows, new[0, :u], new[1, :u], new[2, :u]) if touch else rows
 
     def lookup(self, f: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Rows [N] of keys (f [N], ids [N]); -1 where a key is not in the map."""
-        found = self._probe(f, ids)
-        return torch.where(found >= 0, self.slot_row[found.clamp(min=0)], found)
+        """Rows [N] of keys, -1 where missing (reads only)."""
+        return self.find(ids, f)
 
-    def insert(self, f: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Give each key not yet in the map a free row, in the order keys first appear;
-        returns the rows [N] of all keys (-1 for keys left out when rows ran out)."""
-        f = f.to(torch.int64)
-        first, where = _first_seen(f, ids)
-        uf, uid = f[first], ids[first]
-        found = self._probe(uf, uid)
-        rows = torch.where(found >= 0, self.slot_row[found.clamp(min=0)], found)
-        new = (found < 0).nonzero().squeeze(1)[: int(self.num_free)]  # first seen first
-        if new.numel():
-            n = int(self.num_free)
-            given = self.free[n - new.numel() : n].flip(0)
-            self.num_free -= new.numel()
-            slots = self._claim(uf[new], uid[new])
-            self.key_f[slots], self.key_id[slots] = uf[new].to(torch.int32), uid[new]
-            self.slot_row[slots], self.row_slot[given] = given, slots
-            rows[new] = given
-        return rows[where]
+    # ---- changes -----------------------------------------------------------------------
+    def take_rows(self, n: int) -> torch.Tensor:
+        """The n smallest free rows [n] (n <= num_free), no longer free."""
+        top = self.num_free
+        rows = self.free[top - n : top].flip(0).clone()
+        self.num_free_ -= n
+        return rows
 
-    def _claim(self, f: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """A distinct vacant slot on each new key's probe path [K] (keys not in the map)."""
-        k, mask = ids.numel(), self.key_f.numel() - 1
-        pos = self._home(f, ids)
-        slot = torch.full((k,), -1, dtype=torch.int64)
-        taken = torch.zeros(self.key_f.numel(), dtype=torch.bool)
-        todo = torch.arange(k)
-        while todo.numel():
-            p = pos[todo]
-            vacant = (self.key_f[p] < 0) & ~taken[p]
-            # among keys wanting one vacant slot this round, the first one wins it
-            owner = torch.full((self.key_f.numel(),), k, dtype=torch.int64)
-            owner.scatter_reduce_(0, p[vacant], todo[vacant], reduce="amin")
-            won = vacant & (owner[p] == todo)
-            slot[todo[won]] = p[won]
-            taken[p[won]] = True
-            todo = todo[~won]
-            pos[todo] = (p[~won] + 1) & mask
-        return slot
+    def place(self, ids: torch.Tensor, f: torch.Tensor, rows: torch.Tensor, last: torch.Tensor,
+              count: torch.Tensor) -> None:
+        """Put keys known to be absent [K] on ``rows`` [K] with their last step and count."""
+        ids, f, rows, last, count = (x.to(torch.int64).contiguous() for x in (ids, f, rows, last, count))
+        if not ids.numel():
+            return
+        if self.native:
+            _kernels.insert(self.slots.data_ptr(), self.slots.shape[0], self.key, ids.data_ptr(), f.data_ptr(),
+                            rows.data_ptr(), last.data_ptr(), count.data_ptr(), ids.numel())
+        else:
+            self.slots[_claim(self, ids, f)] = torch.stack([ids, (f << 32) | rows, last, count], dim=1)
+
+    def insert(self, f: torch.Tensor, ids: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Give each key not yet in the map a free row, in order of first occurrence; rows [N]
+        of all keys (-1 for keys left out when rows ran out)."""
+        rows, new_ids, new_f, cnt = self.find(ids, f, step=step)
+        if not new_ids.numel():
+            return rows
+        k = min(new_ids.numel(), self.num_free)
+        given = self.take_rows(k)
+        self.place(new_ids[:k], new_f[:k], given, torch.full((k,), step), cnt[:k])
+        newrow = torch.cat([given, torch.full((new_ids.numel() - k,), -1)])
+        return torch.where(rows >= 0, rows, newrow[(-2 - rows).clamp(min=0)])
+
+    def live(self) -> torch.Tensor:
+        """Slots [L] that hold a key."""
+        return (self.slots[:, 1] >= 0).nonzero().squeeze(1)
+
+    def rows_of(self, slots: torch.Tensor) -> torch.Tensor:
+        return self.slots[slots, 1] & LOW32
+
+    def remove(self, slots: torch.Tensor) -> torch.Tensor:
+        """Forget the keys in ``slots`` [R]; their rows [R] (ascending) go back on the free
+        stack, smallest on top.  Returns the rows."""
+        rows = torch.sort(self.rows_of(slots)).values
+        self.slots[slots, 1] = DELETED
+        n = self.num_free
+        self.free[n : n + rows.numel()] = rows.flip(0)
+        self.num_free_ += rows.numel()
+        if int((self.slots[:, 1] == DELETED).sum()) > self.slots.shape[0] // 4:  # long probe paths
+            self._rebuild()
+        return rows
 
     def remove_rows(self, rows: torch.Tensor) -> None:
-        """Forget the keys on ``rows`` [R] (rows in use) and put the rows back on the free list."""
-        rows = torch.unique(rows)
-        slots = self.row_slot[rows]
-        if (slots < 0).any():
+        """Forget the keys on ``rows`` [R] (rows in use)."""
+        live = self.live()
+        hit = torch.isin(self.rows_of(live), rows)
+        if int(hit.sum()) != torch.unique(rows).numel():
             raise ValueError("remove_rows: some rows hold no key")
-        self.key_f[slots] = DELETED
-        self.slot_row[slots] = -1
-        self.row_slot[rows] = -1
-        n = int(self.num_free)
-        self.free[n : n + len(rows)] = rows.flip(0)
-        self.num_free += len(rows)
-        if int((self.key_f == DELETED).sum()) > self.key_f.numel() // 4:  # long probe paths: rebuild
-            self._rebuild()
+        self.remove(live[hit])
 
     def _rebuild(self) -> None:
-        """Every live key placed again in a table without tombstones (rows unchanged)."""
-        live = (self.key_f >= 0).nonzero().squeeze(1)
-        f, ids, rows = self.key_f[live].to(torch.int64), self.key_id[live], self.slot_row[live]
-        self.key_f.fill_(EMPTY)
-        self.slot_row.fill_(-1)
-        slots = self._claim(f, ids)
-        self.key_f[slots], self.key_id[slots], self.slot_row[slots] = f.to(torch.int32), ids, rows
-        self.row_slot[rows] = slots
+        """Every live key placed again in slots without tombstones (rows unchanged)."""
+        keep = self.slots[self.live()].clone()
+        self.slots[:, 1] = EMPTY
+        self.place(keep[:, 0], keep[:, 1] >> 32, keep[:, 1] & LOW32, keep[:, 2], keep[:, 3])
 
 
-def _first_seen(f: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index of each distinct key's first occurrence, in order of first occurrence [U];
-    for each key [N], the position of its distinct key in that order)."""
-    pairs = torch.stack([f, ids], dim=1)
-    uniq, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+# ---- the pure-torch path -------------------------------------------------------------------
+def _probe(m: IdMap, ids: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
+    """Slot [N] of each key, -1 if it is not in the map: all keys probe at once, one step a round."""
+    n, C = ids.numel(), m.slots.shape[0]
+    found = torch.full((n,), -1, dtype=torch.int64)
+    pos = in_range(h63(ids, f, m.key), C)
+    fk = torch.zeros(n, dtype=torch.int64) if f is None else f
+    todo = torch.arange(n)
+    while todo.numel():
+        p = pos[todo]
+        meta = m.slots[p, 1]
+        hit = (meta >= 0) & (m.slots[p, 0] == ids[todo]) & ((meta >> 32) == fk[todo])
+        found[todo[hit]] = p[hit]
+        go_on = ~hit & (meta != EMPTY)  # an empty slot ends the probe path; tombstones do not
+        todo = todo[go_on]
+        pos[todo] = (p[go_on] + 1) % C
+    return found
+
+
+def _find_torch(m: IdMap, ids: torch.Tensor, f: torch.Tensor | None, step: int | None):
+    found = _probe(m, ids, f)
+    rows = torch.where(found >= 0, m.slots[found.clamp(min=0), 1] & LOW32, found)
+    if step is None:
+        return rows
+    hit = found[found >= 0]
+    m.slots[hit, 2] = step
+    m.slots[:, 3].index_add_(0, hit, torch.ones_like(hit))
+    miss = (found < 0).nonzero().squeeze(1)
+    fk = torch.zeros(ids.numel(), dtype=torch.int64) if f is None else f
+    first, where, cnt = _first_seen(fk[miss], ids[miss])
+    rows[miss] = -2 - where
+    return rows, ids[miss][first], fk[miss][first], cnt
+
+
+def _first_seen(f: torch.Tensor, ids: torch.Tensor):
+    """(index of each distinct key's first occurrence, in that order [U]; each key's rank in
+    that order [N]; occurrences of each distinct key [U])."""
+    if not ids.numel():
+        e = torch.zeros(0, dtype=torch.int64)
+        return e, e, e
+    uniq, inverse = torch.unique(torch.stack([f, ids], dim=1), dim=0, return_inverse=True)
     first = torch.full((len(uniq),), ids.numel(), dtype=torch.int64)
     first.scatter_reduce_(0, inverse, torch.arange(ids.numel()), reduce="amin")
     order = torch.argsort(first)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order))
-    return first[order], rank[inverse]
+    return first[order], rank[inverse], torch.bincount(rank[inverse], minlength=len(order))
+
+
+def _claim(m: IdMap, ids: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """A distinct vacant slot on each absent key's probe path [K]."""
+    k, C = ids.numel(), m.slots.shape[0]
+    pos = in_range(h63(ids, f, m.key), C)
+    slot = torch.full((k,), -1, dtype=torch.int64)
+    taken = torch.zeros(C, dtype=torch.bool)
+    todo = torch.arange(k)
+    while todo.numel():
+        p = pos[todo]
+        vacant = (m.slots[p, 1] < 0) & ~taken[p]
+        owner = torch.full((C,), k, dtype=torch.int64)  # the first key wanting a vacant slot wins it
+        owner.scatter_reduce_(0, p[vacant], todo[vacant], reduce="amin")
+        won = vacant & (owner[p] == todo)
+        slot[todo[won]] = p[won]
+        taken[p[won]] = True
+        todo = todo[~won]
+        pos[todo] = (p[~won] + 1) % C
+    return slot

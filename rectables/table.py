@@ -136,13 +136,16 @@ class Table(nn.Module, abc.ABC):
             out.uniform_(-self.init_bound(k), self.init_bound(k))
 
     # ---- what a method may ask of its collection ---------------------------------------
-    def reset_rows(self, k: int, rows: torch.Tensor) -> None:
+    def reset_rows(self, k: int, rows: torch.Tensor, seed: int | None = None) -> None:
         """Re-initialise rows [R] of physical table k and zero their optimizer state, before
         the next lookup reads them (a dynamic table giving an evicted row to a new id, a
-        pruned row coming back).  Works once the table is in a collection."""
+        pruned row coming back).  The fresh values are drawn as :meth:`init_rows_` draws
+        them, from the global generator, or with ``seed`` from a generator seeded with it
+        (leaving the global one as it was), so a resumed run draws the same values.
+        Works once the table is in a collection."""
         if self._reset is None:
             raise RuntimeError(f"table {self.name!r} is in no collection: it has no rows to reset")
-        self._reset(k, rows)
+        self._reset(k, rows, seed)
 
     # ---- hooks the training loop calls -----------------------------------------------
     def extra_loss(self) -> torch.Tensor | None:

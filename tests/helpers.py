@@ -17,7 +17,22 @@ DEGENERATE = {
     "multihash": {"num_buckets": NUM_IDS, "num_hashes": 1, "mix": False},
     "unified": {"buckets_per_table": NUM_IDS, "num_tables": 1, "num_chunks": 1, "mix": False},
     "compositional": {"num_ids": NUM_IDS, "threshold": NUM_IDS},
+    # every id admitted on sight, room for all, no eviction: ``full`` over ids renumbered in
+    # order of first occurrence (see first_seen_order)
+    "dynamic": {"max_rows": NUM_IDS, "min_count": 0, "eviction": None},
 }
+
+
+def first_seen_order(kjt):
+    """The KJT with each feature's ids renumbered 0, 1, ... in order of first occurrence
+    (the rows a degenerate ``dynamic`` table gives them)."""
+    out = []
+    for f in kjt.keys():
+        v = kjt[f].values()
+        order = {}
+        out += [order.setdefault(int(x), len(order)) for x in v]
+    return KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=torch.tensor(out, dtype=torch.int64),
+                                               lengths=kjt.lengths())
 
 
 def random_kjt(features: list[str], batch: int, max_len: int, num_ids: int = NUM_IDS, gen=None, high=None):

@@ -1,4 +1,5 @@
 """The collisionless id -> row map against a Python dict."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -6,8 +7,16 @@ from hypothesis import strategies as st
 from rectables.idmap import IdMap
 
 
-def test_a_million_distinct_ids_get_distinct_rows():
-    m = IdMap(1 << 20)
+NATIVE = pytest.mark.parametrize("native", [True, False], ids=["c", "torch"])
+
+
+def test_the_compiled_kernels_are_built():
+    assert IdMap(4).native, "rectables/_idmap.c was not built (pip install -e .)"
+
+
+@NATIVE
+def test_a_million_distinct_ids_get_distinct_rows(native):
+    m = IdMap(1 << 20, native=native)
     gen = torch.Generator().manual_seed(0)
     ids = torch.unique(torch.randint(-(1 << 62), 1 << 62, (1_100_000,), generator=gen))[:1_000_000]
     ids = ids[torch.randperm(len(ids), generator=gen)]
@@ -18,8 +27,9 @@ def test_a_million_distinct_ids_get_distinct_rows():
     assert torch.equal(rows[:5], torch.arange(5))  # first seen, first row
 
 
-def test_same_id_in_two_features_is_two_keys_and_extremes_work():
-    m = IdMap(8)
+@NATIVE
+def test_same_id_in_two_features_is_two_keys_and_extremes_work(native):
+    m = IdMap(8, native=native)
     big = torch.tensor([-(1 << 63), (1 << 63) - 1, 0, -1])
     rows = m.insert(torch.tensor([0, 0, 0, 0]), big)
     other = m.insert(torch.tensor([1, 1, 1, 1]), big)
@@ -32,7 +42,12 @@ def test_same_id_in_two_features_is_two_keys_and_extremes_work():
 @given(ops=st.lists(st.tuples(st.booleans(), st.lists(st.tuples(st.integers(0, 3), st.integers(-50, 50)),
                                                       min_size=1, max_size=30)), min_size=1, max_size=12))
 def test_matches_a_dict_under_inserts_and_removals(ops):
-    m, ref, free = IdMap(16), {}, list(range(16))[::-1]
+    for native in (True, False):
+        _matches_a_dict(ops, native)
+
+
+def _matches_a_dict(ops, native):
+    m, ref, free = IdMap(16, native=native), {}, list(range(16))[::-1]
     for remove, keys in ops:
         f = torch.tensor([k[0] for k in keys])
         ids = torch.tensor([k[1] for k in keys])
@@ -53,11 +68,12 @@ def test_matches_a_dict_under_inserts_and_removals(ops):
         assert m.lookup(f, ids).tolist() == [ref.get(k, -1) for k in keys]
 
 
-def test_state_dict_round_trip():
-    a = IdMap(100, seed=3)
+@pytest.mark.parametrize("writer,reader", [(True, False), (False, True), (True, True)])
+def test_state_dict_round_trip_across_paths(writer, reader):
+    a = IdMap(100, seed=3, native=writer)
     a.insert(torch.zeros(50, dtype=torch.int64), torch.arange(50) * 7919)
     a.remove_rows(torch.tensor([3, 4]))
-    b = IdMap(100, seed=3)
+    b = IdMap(100, seed=3, native=reader)
     b.load_state_dict(a.state_dict())
     probe = torch.arange(60) * 7919
     zeros = torch.zeros(60, dtype=torch.int64)

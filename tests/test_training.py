@@ -50,20 +50,21 @@ def tiny(tmp_path_factory):
     return d
 
 
-def _spec(d, epochs):
-    return {"data": str(d / "p"), "method": "hash", "budget": 0.5, "dense_arch": [16, 16], "over_arch": [16, 1],
+def _spec(d, epochs, method="hash"):
+    return {"data": str(d / "p"), "method": method, "budget": 0.5, "dense_arch": [16, 16], "over_arch": [16, 1],
             "train": {"epochs": epochs, "batch_size": 512, "patience": 5, "progress": False, "sparse_optimizer": "adam"}}
 
 
-def test_resume_continues_exactly(tiny):
-    full = run_training(_spec(tiny, 3), tiny / "r_full")
-    run_training(_spec(tiny, 1), tiny / "r_split")
-    resumed = run_training(_spec(tiny, 3), tiny / "r_split", resume=True)
+@pytest.mark.parametrize("method", ["hash", "dynamic"])  # dynamic: the map, counters and sketch resume too
+def test_resume_continues_exactly(tiny, method):
+    full = run_training(_spec(tiny, 3, method), tiny / f"r_full_{method}")
+    run_training(_spec(tiny, 1, method), tiny / f"r_split_{method}")
+    resumed = run_training(_spec(tiny, 3, method), tiny / f"r_split_{method}", resume=True)
     a = [h["val_auc"] for h in full["history"]]
     b = [h["val_auc"] for h in resumed["history"]]
     assert a == b and len(a) == 3
     assert full["test"] == resumed["test"]
-    lines = (tiny / "r_split" / "metrics.jsonl").read_text().splitlines()
+    lines = (tiny / f"r_split_{method}" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
 
 

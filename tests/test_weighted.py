@@ -43,8 +43,12 @@ def per_id(ebc, kjt):
 def test_weighted_pooling_is_the_weighted_sum_of_each_ids_vector(method, pooling):
     gen = torch.Generator().manual_seed(1)
     ebc = weighted_ebc(method, pooling)
-    for max_len in (1, 3):  # one id per bag (mult tables pool the KJT's bags) and longer bags
-        kjt = batch(gen, max_len=max_len)
+    kjts = [batch(gen, max_len=max_len) for max_len in (1, 3)]  # one id per bag (mult tables pool the
+    with torch.no_grad():                                        # KJT's bags) and longer bags
+        for kjt in kjts + kjts:  # training lookups: a dynamic table admits ids (min_count 2)
+            ebc(kjt)
+    ebc.eval()  # then reads only, so the per-id lookups see the same rows
+    for kjt in kjts:
         with torch.no_grad():
             got = ebc(kjt).values()
         vecs = per_id(ebc, kjt)
@@ -64,13 +68,15 @@ def test_weighted_update_scales_each_ids_gradient(method, optimizer):
     with its vector scaled by w: compare against doubling an id's weight vs repeating it."""
     gen = torch.Generator().manual_seed(2)
     a, b = weighted_ebc(method, optimizer=optimizer), weighted_ebc(method, optimizer=optimizer)
-    for s, t in zip(a.storages.values(), b.storages.values()):
-        t.tbe.weights_host.data.copy_(s.tbe.weights_host.data)
     ids = torch.randint(0, NUM_IDS, (5,), generator=gen)
     lengths = torch.tensor([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
     twice = KeyedJaggedTensor.from_lengths_sync(keys=["a", "b"], values=ids, lengths=lengths, weights=torch.full((5,), 2.0))
     repeated = KeyedJaggedTensor.from_lengths_sync(keys=["a", "b"], values=ids.repeat_interleave(2),
                                                    lengths=lengths * 2, weights=torch.ones(10))
+    with torch.no_grad():  # a dynamic table admits the ids alike in both (two occurrences: min_count 2)
+        a(repeated), b(repeated)
+    for s, t in zip(a.storages.values(), b.storages.values()):
+        t.tbe.weights_host.data.copy_(s.tbe.weights_host.data)
     target = torch.randn(5, 16, generator=gen)
     (a(twice).values() * target).sum().backward()
     (b(repeated).values() * target).sum().backward()

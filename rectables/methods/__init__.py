@@ -6,3 +6,4 @@ from rectables.methods import full  # noqa: F401, I001
 from rectables.methods import hashed  # noqa: F401
 from rectables.methods import unified  # noqa: F401
 from rectables.methods import compositional  # noqa: F401
+from rectables.methods import dynamic  # noqa: F401

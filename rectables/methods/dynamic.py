@@ -1,0 +1,283 @@
+"""``dynamic``: a collisionless table that grows as ids arrive, with admission and eviction.
+
+Monolith (Liu et al., "Monolith: Real Time Recommendation System With Collisionless
+Embedding Table", ORSUM@RecSys 2022): every admitted raw id gets a row of its own;
+rare ids are kept out by an occurrence threshold counted in a count-min sketch
+(Cormode & Muthukrishnan, "An Improved Data Stream Summary: The Count-Min Sketch and
+its Applications", J. Algorithms 2005) or by a coin flip; stale ids expire.
+
+Physical table: [M + 1, D]; rows 0..M-1 belong to admitted keys (feature, id), given in
+order of first occurrence (:class:`rectables.idmap.IdMap`); row M is the **default
+row**, shared by every id without a row of its own (not yet admitted, rejected, or
+arriving when the table is full), and trained like any other row.  The same id in two
+features is two keys.
+
+A training-mode lookup is one step (``step`` counts them).  In it:
+
+1. every key with a row is read, and its ``last`` step and ``count`` updated;
+2. every distinct missing key is offered for admission: with ``min_count > 1`` its
+   occurrences in this batch are added to a count-min sketch (``sketch_depth`` rows of
+   ``sketch_width`` int32 counters) and it is admitted once the estimate reaches
+   ``min_count``; with ``admit_prob < 1`` it is then admitted with that probability
+   (a seeded hash of the key and step, so runs repeat);
+3. if more keys are admitted than rows are free, rows are evicted first
+   (``eviction``): ``"lru"`` least recently read, ``"lfu"`` least often read (ties:
+   least recent), never a row read in this step; at least ``evict_chunk`` of M at a
+   time (fewer selections over the whole table).  ``"ttl"`` evicts nothing when full;
+   ``None`` neither.  Keys that still find no row read the default row;
+4. every ``evict_every`` steps (and when full) rows not read for more than ``ttl``
+   steps expire, whatever ``eviction`` is.
+
+An evicted or expired row is re-initialised and its optimizer state zeroed
+(:meth:`Table.reset_rows`) before any id reads it.  Evaluation mode only reads: it
+inserts, evicts and counts nothing; missing keys read the default row.
+
+Sketch error: the estimate never undercounts; it overcounts by more than e / width
+times the occurrences counted so far with probability at most exp(-depth).  Only
+occurrences of missing keys are counted.
+
+Bytes beyond the weights (``memory_report`` counts them as the table's buffers): the
+map's 32 bytes per slot at load <= 0.7 (~46 B a row), the free stack (8 B a row) and
+the sketch (4 B a counter).  Shapes: N ids, U distinct missing keys, M rows, D dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rectables import hashing
+from rectables.idmap import IdMap, num_slots
+from rectables.registry import register
+from rectables.table import Table
+
+EVICTIONS = ("lru", "lfu", "ttl", None)
+_STATS = ("admitted", "rejected", "evicted", "expired")
+
+
+@register
+class DynamicTable(Table):
+    """Collisionless rows for up to ``max_rows`` admitted ids (+ one default row)."""
+
+    method = "dynamic"
+    size_arg = "max_rows"
+
+    def __init__(
+        self,
+        name: str,
+        embedding_dim: int,
+        feature_names: list[str],
+        max_rows: int,
+        min_count: int = 1,
+        admit_prob: float = 1.0,
+        eviction: str | None = "lfu",
+        ttl: int | None = None,
+        evict_every: int = 1,
+        evict_chunk: float = 0.01,
+        sketch_width: int | None = None,
+        sketch_depth: int = 4,
+        seed: int = 0,
+        pooling: str = "sum",
+    ) -> None:
+        super().__init__(name, embedding_dim, feature_names, pooling)
+        bad = []
+        if not 1 <= max_rows < 1 << 31:
+            bad.append(f"max_rows must lie in [1, 2^31), got {max_rows}")
+        if min_count < 0:
+            bad.append(f"min_count must be >= 0, got {min_count}")
+        if not 0 < admit_prob <= 1:
+            bad.append(f"admit_prob must lie in (0, 1], got {admit_prob}")
+        if eviction not in EVICTIONS:
+            bad.append(f"eviction must be one of {EVICTIONS}, got {eviction!r}")
+        if (eviction == "ttl" and ttl is None) or (ttl is not None and ttl < 1):
+            bad.append(f"ttl must be an int >= 1 (steps){' with eviction=ttl' if eviction == 'ttl' else ''}, got {ttl}")
+        if evict_every < 1 or not 0 <= evict_chunk <= 1:
+            bad.append(f"evict_every must be >= 1 and evict_chunk in [0, 1]; got {evict_every}, {evict_chunk}")
+        if min_count <= 1 and sketch_width is not None:
+            bad.append("sketch_width is used only with min_count > 1")
+        if sketch_depth < 1 or (sketch_width is not None and sketch_width < 1):
+            bad.append(f"sketch_depth and sketch_width must be >= 1, got {sketch_depth}, {sketch_width}")
+        if bad:
+            raise ValueError(f"table {name!r}: " + "; ".join(bad))
+        self.max_rows = int(max_rows)
+        self.min_count, self.admit_prob = int(min_count), float(admit_prob)
+        self.eviction, self.ttl, self.evict_every, self.evict_chunk = eviction, ttl, int(evict_every), evict_chunk
+        self.map = IdMap(self.max_rows, seed)
+        depth, width = (sketch_depth, sketch_width or default_width(self.max_rows)) if min_count > 1 else (0, 0)
+        self.register_buffer("sketch", torch.zeros(depth, width, dtype=torch.int32))
+        self.register_buffer("sketch_keys", torch.tensor([hashing.salt_key(seed, 2, j) for j in range(depth)],
+                                                         dtype=torch.int64))
+        self._prob_key = hashing.salt_key(seed, 3)
+        self._threshold = round(self.admit_prob * (1 << 24))
+        self._reset_seed = hashing.salt_key(seed, 4) & ((1 << 62) - 1)
+        self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("counters", torch.zeros(len(_STATS), dtype=torch.int64))
+
+    def physical_shapes(self) -> list[tuple[int, int]]:
+        return [(self.max_rows + 1, self.embedding_dim)]
+
+    @property
+    def default_row(self) -> int:
+        return self.max_rows
+
+    # ---- sizing ------------------------------------------------------------------------
+    @staticmethod
+    def table_bytes(max_rows: int, embedding_dim: int, min_count: int = 1, sketch_depth: int = 4) -> int:
+        """Bytes of weights, map, free stack and sketch of a table of ``max_rows`` rows."""
+        sketch = (4 * default_width(max_rows) + 8) * sketch_depth if min_count > 1 else 0  # counters, keys
+        small = 8 * (len(_STATS) + 2)  # counters, step, free-stack height
+        return 4 * embedding_dim * (max_rows + 1) + 32 * num_slots(max_rows) + 8 * max_rows + sketch + small
+
+    @classmethod
+    def for_budget(cls, name, embedding_dim, feature_names, num_ids, fraction, seed=0):
+        """Rows such that weights + map + sketch <= ``fraction`` of ``full``'s weights
+        (at most ``num_ids``); LFU eviction; ``min_count=2`` when rows < ids (no sketch
+        otherwise)."""
+        budget = fraction * 4 * embedding_dim * num_ids
+        lo, hi = 1, max(1, num_ids)
+        while lo < hi:  # the most rows that fit
+            mid = (lo + hi + 1) // 2
+            fits = cls.table_bytes(mid, embedding_dim, 1 if mid >= num_ids else 2) <= budget
+            lo, hi = (mid, hi) if fits else (lo, mid - 1)
+        return cls(name, embedding_dim, feature_names, lo, min_count=1 if lo >= num_ids else 2, seed=seed)
+
+    @classmethod
+    def for_budget_all(cls, embedding_dim, feature_names, num_ids, fraction, seed=0):
+        """One table shared by all features: rows go to whichever features' ids are read most."""
+        return [cls.for_budget("t_dynamic", embedding_dim, list(feature_names), sum(num_ids), fraction, seed)]
+
+    # ---- the remap ---------------------------------------------------------------------
+    def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        f = None
+        if len(counts) > 1:
+            f = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts), output_size=values.numel())
+        if not self.training:
+            rows = self.map.find(values, f)
+            return self.per_feature(torch.where(rows >= 0, rows, self.default_row)[None], counts)
+        step = int(self.step) + 1
+        self.step.fill_(step)
+        if self.ttl is not None and step % self.evict_every == 0:
+            self._expire(step)
+        rows, new_ids, new_f, new_cnt = self.map.find(values, f, step=step)
+        if new_ids.numel():
+            admit = self._admit(new_ids, new_f, new_cnt, step).nonzero().squeeze(1)
+            if admit.numel() > self.map.num_free:
+                self._make_room(admit.numel() - self.map.num_free, step)
+            admit = admit[: self.map.num_free]
+            given = self.map.take_rows(admit.numel())
+            self.map.place(new_ids[admit], new_f[admit], given, torch.full_like(given, step), new_cnt[admit])
+            newrow = torch.full((new_ids.numel(),), self.default_row, dtype=torch.int64)
+            newrow[admit] = given
+            rows = torch.where(rows >= 0, rows, newrow[(-2 - rows).clamp(min=0)])
+            self.counters[0] += admit.numel()
+            self.counters[1] += new_ids.numel() - admit.numel()
+        return self.per_feature(rows[None], counts)
+
+    def _admit(self, ids: torch.Tensor, f: torch.Tensor, cnt: torch.Tensor, step: int) -> torch.Tensor:
+        """Which of the U missing keys may take a row [U] (bool)."""
+        prob_key = hashing._signed(self._prob_key ^ (step * hashing.GOLDEN))
+        depth, width = self.sketch.shape
+        if self.map.native:
+            from rectables.idmap import _kernels
+
+            out = torch.empty(ids.numel(), dtype=torch.bool)
+            _kernels.admit(ids.data_ptr(), f.data_ptr(), cnt.data_ptr(), ids.numel(), self.sketch.data_ptr(), depth,
+                           width, self.sketch_keys.data_ptr(), self.min_count, self._threshold, prob_key,
+                           out.data_ptr())
+            return out
+        return _admit_torch(self, ids, f, cnt, prob_key)
+
+    # ---- eviction ----------------------------------------------------------------------
+    def _make_room(self, short: int, step: int) -> None:
+        if self.ttl is not None:
+            self._expire(step)
+            short -= self.map.num_free
+        if short <= 0 or self.eviction not in ("lru", "lfu"):
+            return
+        live = self.map.live()
+        slots = self.map.slots[live]
+        ok = slots[:, 2] < step  # never a row this step reads
+        live, slots = live[ok], slots[ok]
+        keys = [slots[:, 2], slots[:, 1] & 0xFFFFFFFF]  # last, row
+        if self.eviction == "lfu":
+            keys.insert(0, slots[:, 3])
+        k = min(live.numel(), max(short, math.ceil(self.evict_chunk * self.max_rows)))
+        self._drop(live[smallest(keys, k)], 2)
+
+    def _expire(self, step: int) -> None:
+        live = self.map.live()
+        self._drop(live[step - self.map.slots[live, 2] > self.ttl], 3)
+
+    def _drop(self, slots: torch.Tensor, counter: int) -> None:
+        if slots.numel():
+            rows = self.map.remove(slots)
+            self.reset_rows(0, rows, seed=self._reset_seed + 2 * int(self.step) + counter % 2)  # a resume draws alike
+            self.counters[counter] += rows.numel()
+
+    # ---- reporting ---------------------------------------------------------------------
+    def sketch_estimate(self, ids: torch.Tensor, feature: int = 0) -> torch.Tensor:
+        """The sketch's occurrence estimate [N] for ids [N] of the table's ``feature``-th
+        feature (reads only; counts occurrences seen while the key had no row)."""
+        from rectables.idmap import h63, in_range
+
+        depth, width = self.sketch.shape
+        if not depth:
+            raise ValueError(f"table {self.name!r} keeps no sketch (min_count <= 1)")
+        f = torch.full_like(ids, feature)
+        return torch.stack([self.sketch[d][in_range(h63(ids, f, self.sketch_keys[d]), width)]
+                            for d in range(depth)]).min(0).values
+
+    def stats(self) -> dict:
+        """Occupancy and the counts since the table was built (collisions: rows held by more
+        than one key, checked over the whole map; always 0)."""
+        live = self.map.live()
+        rows = self.map.rows_of(live)
+        return {
+            "rows": self.max_rows, "occupied": self.map.size, "occupancy": self.map.size / self.max_rows,
+            "steps": int(self.step), **{k: int(v) for k, v in zip(_STATS, self.counters)},
+            "collisions": int(live.numel() - torch.unique(rows).numel()),
+        }
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, min_count={self.min_count}, admit_prob={self.admit_prob}, "
+                f"eviction={self.eviction!r}, ttl={self.ttl}")
+
+
+def default_width(max_rows: int) -> int:
+    """Sketch counters per row of the sketch: a quarter of the rows (at least 256)."""
+    return max(256, max_rows // 4)
+
+
+def smallest(keys: list[torch.Tensor], k: int) -> torch.Tensor:
+    """Indices of the k smallest entries ordered by ``keys`` (lexicographic, the last key
+    unique), in no particular order: one kthvalue per key, O(L) each."""
+    idx = torch.arange(keys[0].numel())
+    chosen = []
+    for key in keys:
+        if k <= 0 or k >= idx.numel():
+            break
+        p = key[idx]
+        v = p.kthvalue(k).values
+        below = idx[p < v]
+        chosen.append(below)
+        k -= below.numel()
+        idx = idx[p == v]
+    if k > 0:
+        chosen.append(idx[:k])
+    return torch.cat(chosen) if chosen else idx[:0]
+
+
+def _admit_torch(t: DynamicTable, ids, f, cnt, prob_key) -> torch.Tensor:
+    from rectables.idmap import h63, in_range
+
+    ok = torch.ones(ids.numel(), dtype=torch.bool)
+    depth, width = t.sketch.shape
+    if t.min_count > 1:
+        idx = torch.stack([in_range(h63(ids, f, t.sketch_keys[d]), width) + d * width for d in range(depth)])
+        flat = t.sketch.view(-1)
+        flat.index_add_(0, idx.reshape(-1), cnt.to(torch.int32).repeat(depth))
+        flat[idx.reshape(-1)] = flat[idx.reshape(-1)].clamp(max=1 << 30)
+        ok = flat[idx].min(0).values >= t.min_count
+    if t._threshold < 1 << 24:
+        ok &= (h63(ids, f, prob_key) >> 39) < t._threshold
+    return ok
