@@ -28,7 +28,7 @@ def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str |
             rows.append({
                 "method": method, "budget": budget,
                 "rows": sum(t["rows"] for t in tables),
-                "bytes": sum(t["weights"] + t["optimizer"] for t in tables),
+                "bytes": sum(t["total"] for t in tables),  # weights, optimizer state, buffers (a map)
                 "auc": s["test"]["auc"], "logloss": s["test"]["logloss"],
                 "samples_per_s": s["history"][-1]["samples_per_s"],
             })
@@ -62,7 +62,7 @@ def write_report(rows: list[dict], out: Path) -> None:
         pts = sorted((r["bytes"], r["auc"]) for r in rows if r["method"] == m)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
     ax.set_xscale("log")
-    ax.set_xlabel("table bytes (weights + optimizer state)")
+    ax.set_xlabel("table bytes (weights + optimizer state + buffers)")
     ax.set_ylabel("test AUC")
     ax.legend()
     ax.grid(alpha=0.3)

@@ -74,6 +74,7 @@ class IdMap(nn.Module):
         self.register_buffer("slots", slots)
         self.register_buffer("free", torch.arange(max_rows - 1, -1, -1, dtype=torch.int64))  # a stack
         self.register_buffer("num_free_", torch.tensor(max_rows, dtype=torch.int64))
+        self._scratch = torch.empty(0, dtype=torch.int64)
 
     @property
     def num_free(self) -> int:
@@ -90,23 +91,27 @@ class IdMap(nn.Module):
 
         With ``step`` (training): each hit sets its key's last step and adds one to its
         count, and a miss reads -(j + 2), j the index of its key among the U distinct
-        missing keys in order of first occurrence; returns (rows, their ids [U],
-        features [U], occurrences [U])."""
+        missing keys in order of first occurrence; returns (rows, new), new [4, U]: their
+        ids, features, occurrences, and a row of scratch for :meth:`settle`."""
         n = ids.numel()
-        ids = ids.contiguous()
-        if f is not None:
-            f = f.to(torch.int64).contiguous()
+        ids = _i64(ids)
+        f = None if f is None else _i64(f)
         if not self.native:
             return _find_torch(self, ids, f, step)
         rows = torch.empty(n, dtype=torch.int64)
         touch = step is not None
-        new = torch.empty(3, n if touch else 0, dtype=torch.int64)
-        scratch = torch.empty(1 << max(4, (2 * n).bit_length()) if touch else 0, dtype=torch.int64)
+        new = torch.empty(4, n if touch else 0, dtype=torch.int64)
         u = _kernels.find(self.slots.data_ptr(), self.slots.shape[0], self.key, ids.data_ptr(),
-                          0 if f is None else f.data_ptr(), n, rows.data_ptr(), step or 0, touch,
-                          new[0].data_ptr(), new[1].data_ptr(), new[2].data_ptr(), scratch.data_ptr(),
-                          scratch.numel() - 1)
-        return (rows, new[0, :u], new[1, :u], new[2, :u]) if touch else rows
+                          0 if f is None else f.data_ptr(), n, rows.data_ptr(), step or 0, touch, new.data_ptr(),
+                          *self._scratch_for(n if touch else 0))
+        return (rows, new[:, :u]) if touch else rows
+
+    def _scratch_for(self, n: int) -> tuple[int, int]:
+        """(address, mask) of a scratch table of >= 2n int64, kept between calls."""
+        size = 1 << max(4, (2 * n).bit_length())
+        if self._scratch.numel() < size:
+            self._scratch = torch.empty(size, dtype=torch.int64)
+        return self._scratch.data_ptr(), size - 1
 
     def lookup(self, f: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Rows [N] of keys, -1 where missing (reads only)."""
@@ -123,7 +128,7 @@ class IdMap(nn.Module):
     def place(self, ids: torch.Tensor, f: torch.Tensor, rows: torch.Tensor, last: torch.Tensor,
               count: torch.Tensor) -> None:
         """Put keys known to be absent [K] on ``rows`` [K] with their last step and count."""
-        ids, f, rows, last, count = (x.to(torch.int64).contiguous() for x in (ids, f, rows, last, count))
+        ids, f, rows, last, count = (_i64(x) for x in (ids, f, rows, last, count))
         if not ids.numel():
             return
         if self.native:
@@ -132,17 +137,34 @@ class IdMap(nn.Module):
         else:
             self.slots[_claim(self, ids, f)] = torch.stack([ids, (f << 32) | rows, last, count], dim=1)
 
+    def settle(self, rows: torch.Tensor, new: torch.Tensor, admitted: torch.Tensor, default_row: int, step: int,
+               counters: torch.Tensor | None = None) -> torch.Tensor:
+        """After :meth:`find` with ``step``: the admitted missing keys (``admitted`` [U] bool),
+        in order, take free rows while there are any (last = step, count = occurrences);
+        the others read ``default_row``.  Returns rows [N] with every missing id's row;
+        ``counters`` [>= 2] gains the keys that took a row and those that did not."""
+        u = new.shape[1]
+        if not self.native:
+            take = admitted.nonzero().squeeze(1)[: self.num_free]
+            given = self.take_rows(take.numel())
+            self.place(new[0, take], new[1, take], given, torch.full_like(given, step), new[2, take])
+            newrow = torch.full((u,), default_row, dtype=torch.int64)
+            newrow[take] = given
+            if counters is not None:
+                counters[:2] += torch.tensor([take.numel(), u - take.numel()])
+            return torch.where(rows >= 0, rows, newrow[(-2 - rows).clamp(min=0)])
+        _kernels.settle(self.slots.data_ptr(), self.slots.shape[0], self.key, new.data_ptr(), u, new.stride(0),
+                        admitted.data_ptr(), self.free.data_ptr(), self.num_free_.data_ptr(), rows.data_ptr(),
+                        rows.numel(), default_row, step, 0 if counters is None else counters.data_ptr())
+        return rows
+
     def insert(self, f: torch.Tensor, ids: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Give each key not yet in the map a free row, in order of first occurrence; rows [N]
         of all keys (-1 for keys left out when rows ran out)."""
-        rows, new_ids, new_f, cnt = self.find(ids, f, step=step)
-        if not new_ids.numel():
+        rows, new = self.find(ids, f, step=step)
+        if not new.shape[1]:
             return rows
-        k = min(new_ids.numel(), self.num_free)
-        given = self.take_rows(k)
-        self.place(new_ids[:k], new_f[:k], given, torch.full((k,), step), cnt[:k])
-        newrow = torch.cat([given, torch.full((new_ids.numel() - k,), -1)])
-        return torch.where(rows >= 0, rows, newrow[(-2 - rows).clamp(min=0)])
+        return self.settle(rows, new, torch.ones(new.shape[1], dtype=torch.bool), -1, step)
 
     def live(self) -> torch.Tensor:
         """Slots [L] that hold a key."""
@@ -209,7 +231,11 @@ def _find_torch(m: IdMap, ids: torch.Tensor, f: torch.Tensor | None, step: int |
     fk = torch.zeros(ids.numel(), dtype=torch.int64) if f is None else f
     first, where, cnt = _first_seen(fk[miss], ids[miss])
     rows[miss] = -2 - where
-    return rows, ids[miss][first], fk[miss][first], cnt
+    return rows, torch.stack([ids[miss][first], fk[miss][first], cnt, torch.zeros_like(cnt)])
+
+
+def _i64(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.int64 and x.is_contiguous() else x.to(torch.int64).contiguous()
 
 
 def _first_seen(f: torch.Tensor, ids: torch.Tensor):

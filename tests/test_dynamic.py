@@ -158,11 +158,12 @@ def test_eval_mode_changes_nothing():
     assert rows[0] == t.default_row
 
 
-def test_native_and_torch_paths_give_the_same_rows_and_stats():
+@pytest.mark.parametrize("eviction", ["lru", "lfu"])
+def test_native_and_torch_paths_give_the_same_rows_and_stats(eviction):
     gen = torch.Generator().manual_seed(0)
     tables = []
     for native in (True, False):
-        t, ebc = build(max_rows=8, min_count=2, admit_prob=0.7, eviction="lfu", ttl=5, evict_every=3)
+        t, ebc = build(max_rows=8, min_count=2, admit_prob=0.7, eviction=eviction, ttl=5, evict_every=3)
         t.map.native = native
         tables.append((t, ebc))
     for _ in range(30):

@@ -77,9 +77,13 @@ def test_cli_train_eval_compare(tiny, capsys):
         assert (tiny / "run" / name).exists(), name
     assert main(["eval", "--run", str(tiny / "run"), "--data", str(tiny / "d.tsv")]) == 0
     assert "AUC" in capsys.readouterr().out
-    assert main(["compare", *args, "--methods", "full,hash", "--budgets", "1/4", "--out", str(tiny / "cmp")]) == 0
+    assert main(["compare", *args, "--methods", "full,hash,dynamic", "--budgets", "1/4", "--out", str(tiny / "cmp")]) == 0
     table = (tiny / "cmp" / "comparison.md").read_text()
     assert "| full | 1 |" in table and "| hash | 0.25 |" in table
+    # table bytes count everything a table holds: a dynamic table's map is most of its non-weight bytes
+    mem = json.loads((tiny / "cmp" / "dynamic_0.25" / "memory.json").read_text())["tables"]["t_dynamic"]
+    assert mem["buffers"] > 0.3 * mem["weights"]
+    assert f"| dynamic | 0.25 | {mem['rows']:,} | {mem['total'] / 1e6:,.1f} MB |" in table
     assert (tiny / "cmp" / "pareto.png").stat().st_size > 1000
 
 

@@ -110,6 +110,7 @@ class DynamicTable(Table):
         self._prob_key = hashing.salt_key(seed, 3)
         self._threshold = round(self.admit_prob * (1 << 24))
         self._reset_seed = hashing.salt_key(seed, 4) & ((1 << 62) - 1)
+        self._admitted = torch.empty(0, dtype=torch.bool)  # scratch of the C path
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("counters", torch.zeros(len(_STATS), dtype=torch.int64))
 
@@ -155,37 +156,52 @@ class DynamicTable(Table):
             rows = self.map.find(values, f)
             return self.per_feature(torch.where(rows >= 0, rows, self.default_row)[None], counts)
         step = int(self.step) + 1
-        self.step.fill_(step)
         if self.ttl is not None and step % self.evict_every == 0:
             self._expire(step)
-        rows, new_ids, new_f, new_cnt = self.map.find(values, f, step=step)
-        if new_ids.numel():
-            admit = self._admit(new_ids, new_f, new_cnt, step).nonzero().squeeze(1)
-            if admit.numel() > self.map.num_free:
-                self._make_room(admit.numel() - self.map.num_free, step)
-            admit = admit[: self.map.num_free]
-            given = self.map.take_rows(admit.numel())
-            self.map.place(new_ids[admit], new_f[admit], given, torch.full_like(given, step), new_cnt[admit])
-            newrow = torch.full((new_ids.numel(),), self.default_row, dtype=torch.int64)
-            newrow[admit] = given
-            rows = torch.where(rows >= 0, rows, newrow[(-2 - rows).clamp(min=0)])
-            self.counters[0] += admit.numel()
-            self.counters[1] += new_ids.numel() - admit.numel()
+        m = self.map
+        if m.native:
+            rows, new, short = self._train_native(values, f, step)
+        else:
+            self.step.fill_(step)
+            rows, new = m.find(values, f, step=step)
+            admit, short = self._admit(new, step), 0
+            if new.shape[1] and int(admit.sum()) > m.num_free:
+                short = int(admit.sum()) - m.num_free
+        if short > 0:  # more keys admitted than rows free: make room, then give rows
+            self._make_room(short, step)
+        if new.shape[1] and (short or not m.native):
+            rows = m.settle(rows, new, admit if not m.native else self._admitted[: new.shape[1]],
+                            self.default_row, step, self.counters)
         return self.per_feature(rows[None], counts)
 
-    def _admit(self, ids: torch.Tensor, f: torch.Tensor, cnt: torch.Tensor, step: int) -> torch.Tensor:
-        """Which of the U missing keys may take a row [U] (bool)."""
-        prob_key = hashing._signed(self._prob_key ^ (step * hashing.GOLDEN))
-        depth, width = self.sketch.shape
-        if self.map.native:
-            from rectables.idmap import _kernels
+    def _train_native(self, values: torch.Tensor, f: torch.Tensor | None, step: int):
+        """One C call: step count, find, admission and (rows enough) settle.  Returns
+        (rows, new keys [4, U], how many admitted keys lack a row).  Buffers are read from
+        ``_buffers`` directly: module attribute lookups were a third of a small table's time."""
+        from rectables.idmap import _i64, _kernels
 
-            out = torch.empty(ids.numel(), dtype=torch.bool)
-            _kernels.admit(ids.data_ptr(), f.data_ptr(), cnt.data_ptr(), ids.numel(), self.sketch.data_ptr(), depth,
-                           width, self.sketch_keys.data_ptr(), self.min_count, self._threshold, prob_key,
-                           out.data_ptr())
-            return out
-        return _admit_torch(self, ids, f, cnt, prob_key)
+        m = self._modules["map"]
+        b, mb, n = self._buffers, m._buffers, values.numel()
+        values = _i64(values)
+        rows = torch.empty(n, dtype=torch.int64)
+        new = torch.empty(4, n, dtype=torch.int64)
+        if self._admitted.numel() < n:
+            self._admitted = torch.empty(n, dtype=torch.bool)
+        sketch, slots = b["sketch"], mb["slots"]
+        u, admitted, settled = _kernels.train(
+            slots.data_ptr(), slots.shape[0], m.key, values.data_ptr(), 0 if f is None else _i64(f).data_ptr(), n,
+            rows.data_ptr(), b["step"].data_ptr(), new.data_ptr(), *m._scratch_for(n), sketch.data_ptr(),
+            sketch.shape[0], sketch.shape[1], b["sketch_keys"].data_ptr(), self.min_count, self._threshold,
+            self._prob_key_at(step), self._admitted.data_ptr(), mb["free"].data_ptr(), mb["num_free_"].data_ptr(),
+            b["counters"].data_ptr(), self.max_rows)
+        return rows, new[:, :u], 0 if settled else admitted - m.num_free
+
+    def _prob_key_at(self, step: int) -> int:
+        return hashing._signed(self._prob_key ^ (step * hashing.GOLDEN))
+
+    def _admit(self, new: torch.Tensor, step: int) -> torch.Tensor:
+        """Which of the U missing keys (``new`` [4, U]) may take a row [U] (pure-torch path)."""
+        return _admit_torch(self, new[0], new[1], new[2], self._prob_key_at(step))
 
     # ---- eviction ----------------------------------------------------------------------
     def _make_room(self, short: int, step: int) -> None:
@@ -194,24 +210,32 @@ class DynamicTable(Table):
             short -= self.map.num_free
         if short <= 0 or self.eviction not in ("lru", "lfu"):
             return
-        live = self.map.live()
-        slots = self.map.slots[live]
+        k = max(short, math.ceil(self.evict_chunk * self.max_rows))
+        m = self.map
+        if m.native:
+            from rectables.idmap import _kernels
+
+            out = torch.empty(k, dtype=torch.int64)
+            n = _kernels.select(m.slots.data_ptr(), m.slots.shape[0], step, self.eviction == "lfu", k, out.data_ptr())
+            self._drop(out[:n], 2, step)
+            return
+        live = m.live()
+        slots = m.slots[live]
         ok = slots[:, 2] < step  # never a row this step reads
         live, slots = live[ok], slots[ok]
         keys = [slots[:, 2], slots[:, 1] & 0xFFFFFFFF]  # last, row
         if self.eviction == "lfu":
             keys.insert(0, slots[:, 3])
-        k = min(live.numel(), max(short, math.ceil(self.evict_chunk * self.max_rows)))
-        self._drop(live[smallest(keys, k)], 2)
+        self._drop(live[smallest(keys, min(live.numel(), k))], 2, step)
 
     def _expire(self, step: int) -> None:
         live = self.map.live()
-        self._drop(live[step - self.map.slots[live, 2] > self.ttl], 3)
+        self._drop(live[step - self.map.slots[live, 2] > self.ttl], 3, step)
 
-    def _drop(self, slots: torch.Tensor, counter: int) -> None:
+    def _drop(self, slots: torch.Tensor, counter: int, step: int) -> None:
         if slots.numel():
             rows = self.map.remove(slots)
-            self.reset_rows(0, rows, seed=self._reset_seed + 2 * int(self.step) + counter % 2)  # a resume draws alike
+            self.reset_rows(0, rows, seed=self._reset_seed + 2 * step + counter % 2)  # a resume draws alike
             self.counters[counter] += rows.numel()
 
     # ---- reporting ---------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""Dynamic tables (issue: collisionless dynamic tables), all in one process, interleaved.
+
+``remap``: ids/s of the id -> row remap in train mode, rectables ``dynamic`` (LFU, admission
+at 2 occurrences) against torchrec's ``MCHManagedCollisionModule`` (LFU, eviction every
+10 batches), one module per feature with capacity min(cardinality, 1M) at the Criteo
+Kaggle cardinalities; 26 x 4096 Zipf(1.05) ids per batch as raw 62-bit values.  Both read
+the same stream: ``WARM`` batches first, then ``MEASURE`` batches interleaved batch by batch.
+
+``step``: the whole embedding train step (remap + forward + backward + fused row-wise
+Adagrad) of ``dynamic`` against ``hash`` with the same rows per feature.
+
+Prints one JSON line.  Usage: python benchmarks/dynamic_remap.py [remap|step] [warm] [measure]
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+import rectables
+from rectables import hashing
+from rectables.methods.dynamic import DynamicTable
+from rectables.presets import CRITEO_FEATURES, CRITEO_KAGGLE
+
+BATCH, CAP, DIM, EVICT_EVERY = 4096, 1 << 20, 16, 10
+CAPS = [min(n, CAP) for n in CRITEO_KAGGLE]
+
+
+class ZipfStream:
+    """Batches of raw ids [F * B], feature-major; rank r of feature f (Zipf(1.05) over its
+    cardinality) becomes the 62-bit id mix(r ^ salt_f) >> 2."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.cdfs = []
+        for n in CRITEO_KAGGLE:
+            w = np.arange(1, n + 1, dtype=np.float64) ** -1.05
+            self.cdfs.append(np.cumsum(w) / w.sum())
+        self.salts = torch.tensor([hashing.salt_key(seed, f) for f in range(len(CRITEO_KAGGLE))])
+
+    def batch(self) -> torch.Tensor:
+        ranks = [np.searchsorted(c, self.rng.random(BATCH)) for c in self.cdfs]
+        r = torch.from_numpy(np.stack(ranks)).to(torch.int64)  # [F, B]
+        y = r ^ self.salts[:, None]
+        hashing._mix64_(y)
+        return ((y >> 2) & ((1 << 62) - 1)).reshape(-1)
+
+
+def dynamic_tables() -> list[DynamicTable]:
+    return [DynamicTable(f"t_{f}", DIM, [f], cap, min_count=2, eviction="lfu", evict_every=EVICT_EVERY, seed=i)
+            for i, (f, cap) in enumerate(zip(CRITEO_FEATURES, CAPS))]
+
+
+def bench_remap(warm: int, measure: int) -> dict:
+    from torchrec.modules.mc_modules import LFU_EvictionPolicy, MCHManagedCollisionModule
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    stream = ZipfStream()
+    tables = dynamic_tables()
+    ebc = rectables.EmbeddingBagCollection(tables, rectables.SparseOptimizer("rowwise_adagrad", lr=0.01))
+    mch = [MCHManagedCollisionModule(cap, torch.device("cpu"), LFU_EvictionPolicy(), EVICT_EVERY) for cap in CAPS]
+    ones = torch.ones(BATCH, dtype=torch.int64)
+
+    def ours(ids):
+        for t, x in zip(tables, ids.split(BATCH)):
+            t.remap(x, [BATCH])
+
+    def theirs(ids):
+        for m, f, x in zip(mch, CRITEO_FEATURES, ids.split(BATCH)):
+            m({f: JaggedTensor(values=x, lengths=ones)})
+
+    times = {"dynamic": [], "mch": []}
+    for i in range(warm + measure):
+        ids = stream.batch()
+        for name, fn in (("dynamic", ours), ("mch", theirs)) if i % 2 else (("mch", theirs), ("dynamic", ours)):
+            t0 = time.perf_counter()
+            fn(ids)
+            if i >= warm:
+                times[name].append(time.perf_counter() - t0)
+        if i % 500 == 0:
+            print(f"batch {i}: occupancy {[round(t.stats()['occupancy'], 2) for t in tables[2:4]]}", file=sys.stderr)
+    n = BATCH * len(CAPS)
+    stats = [t.stats() for t in tables]
+    del ebc
+    return {
+        "ids_per_batch": n, "warm": warm, "measure": measure,
+        **{f"{k}_ids_per_s": n / statistics.median(v) for k, v in times.items()},
+        "ratio": statistics.median(times["mch"]) / statistics.median(times["dynamic"]),
+        "occupancy_big": [round(s["occupancy"], 3) for s, c in zip(stats, CRITEO_KAGGLE) if c > CAP],
+        "evicted": sum(s["evicted"] for s in stats), "admitted": sum(s["admitted"] for s in stats),
+        "rejected": sum(s["rejected"] for s in stats), "collisions": sum(s["collisions"] for s in stats),
+    }
+
+
+def bench_step(warm: int, measure: int) -> dict:
+    stream = ZipfStream(seed=1)
+    opt = rectables.SparseOptimizer("rowwise_adagrad", lr=0.01)
+    dyn = rectables.EmbeddingBagCollection(dynamic_tables(), opt)
+    hsh = rectables.EmbeddingBagCollection(
+        [rectables.create_table("hash", name=f"t_{f}", embedding_dim=DIM, feature_names=[f], num_buckets=cap + 1)
+         for f, cap in zip(CRITEO_FEATURES, CAPS)], opt)
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    lengths = torch.ones(BATCH * len(CAPS), dtype=torch.int64)
+    grad = torch.randn(BATCH, DIM * len(CAPS))
+    times = {"dynamic": [], "hash": []}
+    for i in range(warm + measure):
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=CRITEO_FEATURES, values=stream.batch(), lengths=lengths)
+        for name, m in (("dynamic", dyn), ("hash", hsh)) if i % 2 else (("hash", hsh), ("dynamic", dyn)):
+            t0 = time.perf_counter()
+            m(kjt).values().backward(grad)
+            if i >= warm:
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"warm": warm, "measure": measure, "dynamic_ms": med["dynamic"], "hash_ms": med["hash"],
+            "ratio": med["dynamic"] / med["hash"]}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    what = sys.argv[1] if len(sys.argv) > 1 else "remap"
+    warm = int(sys.argv[2]) if len(sys.argv) > 2 else 600
+    measure = int(sys.argv[3]) if len(sys.argv) > 3 else 200
+    print(json.dumps((bench_remap if what == "remap" else bench_step)(warm, measure)))
