@@ -21,7 +21,7 @@ demo: setup
 	$(VENV)/bin/rectables memory --preset criteo-kaggle --dim 16
 	test -f $(DEMO)/criteo_synth.tsv || $(VENV)/bin/rectables synth --rows 1000000 --out $(DEMO)/criteo_synth.tsv --seed 0
 	test -f $(DEMO)/prep/meta.json || $(VENV)/bin/rectables preprocess $(DEMO)/criteo_synth.tsv --out $(DEMO)/prep --min-count 2
-	$(VENV)/bin/rectables compare --data $(DEMO)/prep --budgets 1/4,1/16 --epochs 2 --quiet --out $(DEMO)/compare
+	$(VENV)/bin/rectables compare --data $(DEMO)/prep --budgets 1/4,1/16 --epochs 2 --out $(DEMO)/compare
 
 test: setup
 	$(PY) -m pytest

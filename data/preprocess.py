@@ -59,7 +59,7 @@ class DatasetError(ValueError):
 
 
 def preprocess(
-    src: str | Path, out_dir: str | Path, mode: str = "vocab", min_count: int = 1,
+    src: str | Path, out_dir: str | Path, mode: str = "vocab", min_count: int = 2,
     val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, skip_bad_lines: bool = False,
     overwrite: bool = False,
 ) -> dict:

@@ -71,13 +71,20 @@ def cmd_preprocess(args) -> int:
 
 
 def _spec(args) -> dict:
+    if args.dense_arch is None:  # follows --dim
+        args.dense_arch = f"64,{args.dim}"
+    last = int(args.dense_arch.split(",")[-1])
+    if args.model == "dlrm" and last != args.dim:
+        raise ValueError(f"DLRM's bottom MLP ends at the embedding dim: the last layer of --dense-arch "
+                         f"{args.dense_arch} is {last} but --dim is {args.dim}; set --dense-arch "
+                         f"{','.join(args.dense_arch.split(',')[:-1] + [str(args.dim)])} (or leave it out)")
     return {
         "data": str(args.data), "method": getattr(args, "method", "full"), "budget": parse_fraction(getattr(args, "budget", "1")),
         "dim": args.dim, "model": args.model,
         "dense_arch": [int(x) for x in args.dense_arch.split(",")], "over_arch": [int(x) for x in args.over_arch.split(",")],
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "sparse_optimizer": args.optimizer,
                   "sparse_lr": args.sparse_lr, "dense_lr": args.dense_lr, "seed": args.seed,
-                  "max_steps_per_epoch": args.max_steps, "progress": not args.quiet},
+                  "max_steps_per_epoch": args.max_steps, "progress": not args.quiet, "patience": args.patience},
     }
 
 
@@ -92,8 +99,17 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from rectables.experiment import score_file
 
-    r = score_file(args.run, args.data)
-    print(f"{args.data}: AUC {r['auc']:.4f}, logloss {r['logloss']:.4f} over {r['n']:,} rows")
+    r = score_file(args.run, args.data, predictions=args.predictions)
+    if r["labelled"]:
+        print(f"{args.data}: AUC {r['auc']:.4f}, logloss {r['logloss']:.4f} over {r['n']:,} rows")
+    else:
+        print(f"{args.data}: {r['n']:,} unlabelled rows (39 fields): no AUC or logloss")
+    if "oov_share" in r:
+        shares = sorted(r["oov_share"].items(), key=lambda kv: -kv[1])
+        print("values the vocabulary does not know (they read the OOV row): "
+              + ", ".join(f"{k} {v:.1%}" for k, v in shares[:8]) + (", ..." if len(shares) > 8 else ""))
+    if args.predictions:
+        print(f"wrote {r['n']:,} click probabilities to {args.predictions}")
     return 0
 
 
@@ -102,25 +118,33 @@ def cmd_compare(args) -> int:
     from rectables.registry import list_tables
 
     methods = args.methods.split(",") if args.methods else list_tables()
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
     compare(_spec(args), methods, [parse_fraction(b) for b in args.budgets.split(",")], args.out,
-            overwrite=args.overwrite)
+            overwrite=args.overwrite, seeds=seeds)
     return 0
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="preprocessed directory")
-    p.add_argument("--dim", type=int, default=16)
-    p.add_argument("--model", choices=["dlrm", "deepfm"], default="dlrm")
-    p.add_argument("--dense-arch", default="64,16", help="DLRM bottom MLP (last = dim)")
-    p.add_argument("--over-arch", default="64,1", help="DLRM top MLP / DeepFM hidden + 1")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--optimizer", default="rowwise_adagrad", help="sparse optimizer of the tables")
-    p.add_argument("--sparse-lr", type=float, default=0.05)
-    p.add_argument("--dense-lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=0, help="cap on steps per epoch (0: all)")
-    p.add_argument("--quiet", action="store_true")
+    from rectables.optim import OPTIMIZERS
+
+    p.add_argument("--data", required=True, help="preprocessed dataset directory (rectables preprocess)")
+    p.add_argument("--dim", type=int, default=16,
+                   help="embedding dim; the last layer of --dense-arch must equal it (DLRM)")
+    p.add_argument("--model", choices=["dlrm", "deepfm"], default="dlrm", help="CTR model over the tables")
+    p.add_argument("--dense-arch", default=None,
+                   help="DLRM bottom MLP over the 13 dense features, its last layer = --dim (default: 64,DIM)")
+    p.add_argument("--over-arch", default="64,1", help="DLRM top MLP (last = 1); DeepFM: its hidden layers + 1")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the training split (at most)")
+    p.add_argument("--patience", type=int, default=1,
+                   help="stop after this many epochs without a better validation score")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per optimizer step")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="rowwise_adagrad",
+                   help="sparse optimizer of the tables (fused into backward)")
+    p.add_argument("--sparse-lr", type=float, default=0.05, help="learning rate of the tables")
+    p.add_argument("--dense-lr", type=float, default=1e-3, help="learning rate of the dense layers (Adam)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
+    p.add_argument("--max-steps", type=int, default=0, help="cap on steps per epoch (0: the whole split)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,49 +168,60 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rectables", description=__doc__)
+    from rectables.optim import OPTIMIZERS
+    from rectables.registry import list_tables
+
+    fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    p = argparse.ArgumentParser(prog="rectables", description=__doc__, **fmt)
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("synth", help="generate Criteo-format data with a planted signal")
-    s.add_argument("--rows", type=int, required=True)
-    s.add_argument("--out", required=True, help="FILE.tsv or FILE.tsv.gz")
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("synth", help="generate Criteo-format data with a planted signal", **fmt)
+    s.add_argument("--rows", type=int, required=True, help="rows to write")
+    s.add_argument("--out", required=True, help="FILE.tsv or FILE.tsv.gz (facts of the planted model: FILE.json)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the planted model and the rows")
     s.add_argument("--scale", type=float, default=1.0, help="multiplies the Criteo Kaggle cardinalities")
     s.set_defaults(func=cmd_synth)
-    pp = sub.add_parser("preprocess", help="Criteo TSV -> memmapped npy + meta.json")
-    pp.add_argument("src")
-    pp.add_argument("--out", required=True)
-    pp.add_argument("--mode", choices=["vocab", "raw"], default="vocab")
-    pp.add_argument("--min-count", type=int, default=1)
-    pp.add_argument("--seed", type=int, default=0)
-    pp.add_argument("--skip-bad-lines", action="store_true")
+    pp = sub.add_parser("preprocess", help="Criteo TSV -> memmapped npy + meta.json", **fmt)
+    pp.add_argument("src", help="Criteo-format TSV (.tsv or .tsv.gz): label, 13 integers, 26 hex ids")
+    pp.add_argument("--out", required=True, help="dataset directory to write (atomically)")
+    pp.add_argument("--mode", choices=["vocab", "raw"], default="vocab",
+                    help="vocab: ids renumbered [0, n) per feature (rare ones to OOV id 0); raw: the hashed 32-bit values")
+    pp.add_argument("--min-count", type=int, default=2,
+                    help="vocab mode: values seen fewer times in the training split map to the OOV id (0), whose row "
+                         "then learns: 1 leaves the OOV row untrained")
+    pp.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
+    pp.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines (counted) instead of failing")
     pp.add_argument("--overwrite", action="store_true", help="replace --out even if it is a directory that is not a dataset")
     pp.set_defaults(func=cmd_preprocess)
-    t = sub.add_parser("train", help="train one method on preprocessed data")
+    t = sub.add_parser("train", help="train one method on preprocessed data", **fmt)
     _train_args(t)
-    t.add_argument("--method", default="full")
-    t.add_argument("--budget", default="1", help="fraction of full bytes, e.g. 1/4")
+    t.add_argument("--method", choices=list_tables(), default="full", help="table method")
+    t.add_argument("--budget", default="1", help="fraction of full's bytes, e.g. 1/4 (full: 1)")
     t.add_argument("--run", required=True, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --run (same settings; more --epochs allowed)")
     t.add_argument("--overwrite", action="store_true", help="start over, removing the run already in --run")
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="score a Criteo-format file with a trained run")
-    e.add_argument("--run", required=True)
-    e.add_argument("--data", required=True, help="Criteo-format TSV (.gz)")
+    e = sub.add_parser("eval", help="score a Criteo-format file with a trained run", **fmt)
+    e.add_argument("--run", required=True, help="run directory of a trained run")
+    e.add_argument("--data", required=True,
+                   help="Criteo-format TSV (.gz) with labels (40 fields) or without (39), or the run's own "
+                        "preprocessed directory (its test split)")
+    e.add_argument("--predictions", default=None, help="write one click probability per input line to this file")
     e.set_defaults(func=cmd_eval)
-    c = sub.add_parser("compare", help="every method at every budget: comparison.md + pareto.png")
+    c = sub.add_parser("compare", help="every method at every budget: comparison.md + pareto.png", **fmt)
     _train_args(c)
-    c.add_argument("--methods", default="", help="comma list; default every registered method")
-    c.add_argument("--budgets", default="1/4,1/16")
-    c.add_argument("--out", required=True)
+    c.add_argument("--methods", default="", help=f"comma list; empty: every registered method {list_tables()}")
+    c.add_argument("--budgets", default="1/4,1/16", help="fractions of full's bytes")
+    c.add_argument("--seeds", default="", help="comma list of seeds, e.g. 0,1,2: mean ± std per row (empty: --seed)")
+    c.add_argument("--out", required=True, help="directory of the runs and the report")
     c.add_argument("--overwrite", action="store_true",
                    help="start every run over (by default a run already in --out with the same settings is resumed)")
     c.set_defaults(func=cmd_compare)
-    m = sub.add_parser("memory", help="bytes of every method at a preset's cardinalities (meta device)")
-    m.add_argument("--preset", choices=sorted(PRESETS), default="criteo-kaggle")
-    m.add_argument("--dim", type=int, default=16)
-    m.add_argument("--optimizer", default="rowwise_adagrad")
-    m.add_argument("--methods", default="", help="comma list; default every registered method")
+    m = sub.add_parser("memory", help="bytes of every method at a preset's cardinalities (meta device)", **fmt)
+    m.add_argument("--preset", choices=sorted(PRESETS), default="criteo-kaggle", help="known data-set shape")
+    m.add_argument("--dim", type=int, default=16, help="embedding dim")
+    m.add_argument("--optimizer", choices=list(OPTIMIZERS), default="rowwise_adagrad", help="sparse optimizer (its state counts)")
+    m.add_argument("--methods", default="", help="comma list; empty: every registered method")
     m.add_argument("--budgets", default="1/4,1/16", help="fractions of the full bytes, e.g. 1/4,1/16")
     m.set_defaults(func=cmd_memory)
     return p

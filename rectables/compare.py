@@ -1,73 +1,198 @@
-"""Train every method at every byte budget on the same data and seeds; write a table and a plot."""
+"""Train every method at every byte budget and seed on the same data; write
+``comparison.md``, ``comparison.csv``, ``comparison.json`` and ``pareto.png``.
+
+Rows are (method, budget) with the mean ± standard deviation over seeds; the baselines
+(base rate, logistic regression on the dense features) come first, so a reader sees
+whether the embeddings help at all.  Table bytes are everything the tables hold:
+weights, optimizer state and buffers (a dynamic table's id map).
+"""
 from __future__ import annotations
 
+import csv
+import json
+import statistics
+from fractions import Fraction
 from pathlib import Path
 
 from rectables.experiment import IncompatibleMethod, run_training
 
+SPEED_NOTE = ("train samples/s: runs one after another on a shared machine (noisy, about ±15%), "
+              "not interleaved; BENCHMARKS.md has the interleaved speed ratios")
 
-def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str | Path, overwrite: bool = False) -> list[dict]:
-    """A run per method and budget in ``out_dir``; a run already there with the same
-    settings is resumed (a finished one is only scored again), unless ``overwrite``."""
+
+def budget_label(b: float) -> str:
+    """0.0625 -> '1/16', 1.0 -> '1', 0.3 -> '0.3'."""
+    f = Fraction(b).limit_denominator(1024)
+    return str(f) if abs(float(f) - b) < 1e-9 else f"{b:g}"
+
+
+def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str | Path, overwrite: bool = False,
+            seeds: list[int] | None = None, baselines: bool = True) -> list[dict]:
+    """A run per method, budget and seed in ``out_dir`` (``<method>_<budget>_seed<k>``); a
+    run already there with the same settings is resumed (a finished one only scored
+    again), unless ``overwrite``.  Returns the report's rows."""
     from rectables.registry import table_class
 
     for m in methods:
         table_class(m)  # an unknown name fails before any training
+    seeds = seeds if seeds else [spec.get("train", {}).get("seed", 0)]
     out = Path(out_dir)
-    rows = []
+    runs = []
     for method in methods:
         for budget in [1.0] if method == "full" else budgets:
-            try:
-                s = run_training({**spec, "method": method, "budget": budget}, out / f"{method}_{budget:g}",
-                                 resume=not overwrite, overwrite=overwrite)
-            except IncompatibleMethod as e:  # a row that says why, not an aborted comparison
-                rows.append({"method": method, "budget": budget, "skipped": str(e)})
-                print(f"{method} @ {budget:g}: skipped: {e}", flush=True)
-                continue
-            tables = s["memory"]["tables"].values()
-            rows.append({
-                "method": method, "budget": budget,
-                "rows": sum(t["rows"] for t in tables),
-                "bytes": sum(t["total"] for t in tables),  # weights, optimizer state, buffers (a map)
-                "auc": s["test"]["auc"], "logloss": s["test"]["logloss"],
-                "samples_per_s": s["history"][-1]["samples_per_s"],
-            })
-            print(f"{method} @ {budget:g}: test AUC {rows[-1]['auc']:.4f}", flush=True)
-    write_report(rows, out)
+            for seed in seeds:
+                run_spec = {**spec, "method": method, "budget": budget, "train": {**spec.get("train", {}), "seed": seed}}
+                name = f"{method}_{budget:g}_seed{seed}"
+                try:
+                    s = run_training(run_spec, out / name, resume=not overwrite, overwrite=overwrite)
+                except IncompatibleMethod as e:  # a row that says why, not an aborted comparison
+                    runs.append({"method": method, "budget": budget, "seed": seed, "skipped": str(e)})
+                    print(f"{name}: skipped: {e}", flush=True)
+                    continue
+                runs.append(_record(method, budget, seed, s))
+                print(f"{name}: test AUC {runs[-1]['auc']:.4f}", flush=True)
+    rows = aggregate(runs)
+    base = []
+    if baselines:
+        from rectables.baselines import baselines as compute
+
+        base = compute(spec["data"])
+    write_report(rows, out, base=base, runs=runs, title=_title(spec, seeds))
     return rows
 
 
-def write_report(rows: list[dict], out: Path) -> None:
-    skipped = [r for r in rows if "skipped" in r]
-    rows = [r for r in rows if "skipped" not in r]
-    full = next((r for r in rows if r["method"] == "full"), None)  # without it: "-", not a wrong baseline
-    lines = ["| method | budget | rows | table bytes | vs full | test AUC | ΔAUC | logloss | train samples/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+def _record(method: str, budget: float, seed: int, s: dict) -> dict:
+    tables = s["memory"]["tables"].values()
+    best = next(h for h in s["history"] if h["epoch"] == s["best_epoch"])
+    return {
+        "method": method, "budget": budget, "seed": seed, "settings": s.get("settings", {}),
+        "rows": sum(t["rows"] for t in tables),
+        **{k: sum(t[k] for t in tables) for k in ("weights", "optimizer", "buffers")},
+        "bytes": sum(t["total"] for t in tables),
+        "auc": s["test"]["auc"], "logloss": s["test"]["logloss"], "best_epoch": s["best_epoch"],
+        "val_auc": best["val_auc"], "samples_per_s": statistics.median(h["samples_per_s"] for h in s["history"]),
+        "wall_s": sum(h.get("seconds", 0.0) for h in s["history"]),
+    }
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (method, budget): means (and std of AUC and logloss) over its seeds;
+    within a method, rows by bytes; skipped combinations keep their reason."""
+    groups: dict[tuple, list] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["budget"]), []).append(r)
+    rows = []
+    for (method, budget), rs in groups.items():
+        done = [r for r in rs if "skipped" not in r]
+        if not done:
+            rows.append({"method": method, "budget": budget, "skipped": rs[0]["skipped"]})
+            continue
+        row = {"method": method, "budget": budget, "settings": done[0]["settings"], "seeds": [r["seed"] for r in done]}
+        for k in ("rows", "weights", "optimizer", "buffers", "bytes"):
+            row[k] = done[0][k]
+        for k in ("auc", "logloss", "val_auc", "best_epoch", "samples_per_s", "wall_s"):
+            row[k] = statistics.mean(r[k] for r in done)
+        for k in ("auc", "logloss"):
+            row[f"{k}_std"] = statistics.stdev(r[k] for r in done) if len(done) > 1 else 0.0
+        rows.append(row)
+    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
+    return sorted(rows, key=lambda r: (order[r["method"]], r.get("bytes", float("inf"))))
+
+
+def _title(spec: dict, seeds: list[int]) -> str:
+    from data.preprocess import open_dataset
+
+    meta = open_dataset(spec["data"])
+    facts = Path(str(meta.get("source", "")) + ".json")
+    bayes = ""
+    if facts.is_file():
+        bayes_auc = json.loads(facts.read_text()).get("bayes_auc")
+        bayes = f", Bayes AUC {bayes_auc:.3f}" if bayes_auc else ""
+    return (f"{Path(meta['source']).name}: {meta['rows']:,} rows ({meta['mode']} ids), {spec.get('model', 'dlrm')}, "
+            f"dim {spec.get('dim', 16)}, {len(seeds)} seed(s){bayes}")
+
+
+def _pm(mean: float, std: float, n: int) -> str:
+    return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+
+
+def _mb(b: float) -> str:
+    return f"{b / 1e6:,.2f} MB"
+
+
+def _settings(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
+def write_report(rows: list[dict], out: Path, base: list[dict] | None = None, runs: list[dict] | None = None,
+                 title: str = "") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    done = [r for r in rows if "skipped" not in r]
+    full = next((r for r in done if r["method"] == "full"), None)  # without it: "-", not a wrong baseline
+    lines = [f"{title}" if title else "", "",
+             "| method | budget | settings | rows | weights | optimizer | buffers | table bytes | vs full | test AUC | "
+             "ΔAUC | logloss | best epoch | val AUC | train samples/s | train s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for b in base or []:
+        lines.append(f"| *{b['method']}* | - | no tables | - | - | - | - | - | - | {b['auc']:.4f} | "
+                     f"{b['auc'] - full['auc']:+.4f} | {b['logloss']:.4f} | - | - | - | - |" if full else
+                     f"| *{b['method']}* | - | no tables | - | - | - | - | - | - | {b['auc']:.4f} | - | "
+                     f"{b['logloss']:.4f} | - | - | - | - |")
+    for r in done:
+        n = len(r["seeds"])
         ratio = f"{full['bytes'] / r['bytes']:.1f}x" if full else "-"
         delta = f"{r['auc'] - full['auc']:+.4f}" if full else "-"
         lines.append(
-            f"| {r['method']} | {r['budget']:g} | {r['rows']:,} | {r['bytes'] / 1e6:,.1f} MB | "
-            f"{ratio} | {r['auc']:.4f} | {delta} | {r['logloss']:.4f} | {r['samples_per_s']:,.0f} |"
-        )
-    lines += [f"| {r['method']} | {r['budget']:g} | skipped: {r['skipped']} | | | | | | |" for r in skipped]
-    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+            f"| {r['method']} | {budget_label(r['budget'])} | {_settings(r['settings'])} | {r['rows']:,} | "
+            f"{_mb(r['weights'])} | {_mb(r['optimizer'])} | {_mb(r['buffers'])} | {_mb(r['bytes'])} | {ratio} | "
+            f"{_pm(r['auc'], r['auc_std'], n)} | {delta} | {_pm(r['logloss'], r['logloss_std'], n)} | "
+            f"{r['best_epoch']:g} | {r['val_auc']:.4f} | {r['samples_per_s']:,.0f} | {r['wall_s']:.0f} |")
+    lines += [f"| {r['method']} | {budget_label(r['budget'])} | skipped: {r['skipped']} |" + " |" * 13
+              for r in rows if "skipped" in r]
+    lines += ["", f"Table bytes = weights + optimizer state + buffers. {SPEED_NOTE}."]
+    text = "\n".join(lines).strip("\n") + "\n"
+    (out / "comparison.md").write_text(text)
+    fields = ["method", "budget", "settings", "seeds", "rows", "weights", "optimizer", "buffers", "bytes", "auc",
+              "auc_std", "logloss", "logloss_std", "best_epoch", "val_auc", "samples_per_s", "wall_s", "skipped"]
+    with open(out / "comparison.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for r in [{**b, "budget": ""} for b in base or []] + rows:
+            w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items() if k in fields})
+    (out / "comparison.json").write_text(json.dumps({"title": title, "baselines": base or [], "rows": rows,
+                                                     "runs": runs or []}, indent=1))
+    _plot(done, base or [], out / "pareto.png", title)
+    print(text)
+    print(f"plot: {out / 'pareto.png'}; tables: comparison.md, comparison.csv, comparison.json in {out}")
+
+
+def _plot(rows: list[dict], base: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["bytes"], r["auc"]) for r in rows if r["method"] == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    full = next((r for r in rows if r["method"] == "full"), None)
+    if full:
+        ax.axhline(full["auc"], color="black", lw=1, ls="-", label=f"full ({_mb(full['bytes'])})")
+    for b in base:
+        if "logistic" in b["method"]:
+            ax.axhline(b["auc"], color="grey", lw=1, ls=":", label="logistic regression, dense only")
+    for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "full"):
+        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["bytes"])
+        xs, ys = [r["bytes"] / 1e6 for r in pts], [r["auc"] for r in pts]
+        ax.errorbar(xs, ys, yerr=[r["auc_std"] for r in pts], fmt="o-", capsize=3, label=m)
+        for r, x, y in zip(pts, xs, ys):
+            ax.annotate(budget_label(r["budget"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("table bytes (weights + optimizer state + buffers)")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("table bytes, MB (weights + optimizer state + buffers; log scale)")
     ax.set_ylabel("test AUC")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    print("\n".join(lines))
-    print(f"plot: {out / 'pareto.png'}")

@@ -26,8 +26,12 @@ def is_config(x) -> bool:
 
 def tables_from_configs(configs: list, methods: dict | None = None) -> list[Table]:
     """Tables for torchrec configs.  ``methods`` maps a table name to a method, or to
-    ``(method, options)``; tables not named are ``full``.  ``num_embeddings`` fills the
-    method's size argument (``num_ids``, ``num_buckets``) unless the options give it."""
+    ``(method, options)``; tables not named are ``full``.  Sizing, one vocabulary for every
+    method: ``options={"budget": 1/4}`` sizes the table to that fraction of ``full``'s bytes
+    (the method's ``for_budget``); or give the method's own sizes (``num_buckets``, ...);
+    with neither, ``num_embeddings`` fills the method's size argument (``num_ids``,
+    ``num_buckets``, ``buckets_per_table``, ``max_rows``): as many rows as ``full``, no
+    compression."""
     methods = dict(methods or {})
     names = [c.name for c in configs]
     unknown = [k for k in methods if k not in names]
@@ -41,12 +45,20 @@ def tables_from_configs(configs: list, methods: dict | None = None) -> list[Tabl
         spec = methods.get(c.name, "full")
         name, options = (spec, {}) if isinstance(spec, str) else spec
         options = dict(options)
-        size_arg = table_class(name).size_arg
-        if size_arg:
-            options.setdefault(size_arg, c.num_embeddings)
+        cls = table_class(name)
         pooling = getattr(getattr(c, "pooling", None), "name", "SUM").lower()
-        t = create_table(name, name=c.name, embedding_dim=c.embedding_dim, feature_names=list(c.feature_names),
-                         pooling=pooling, **options)
+        if "budget" in options:
+            budget = options.pop("budget")
+            if options:
+                raise ValueError(f"table {c.name!r}: give a budget or the method's own options, not both; got "
+                                 f"budget and {sorted(options)}")
+            t = cls.for_budget(c.name, c.embedding_dim, list(c.feature_names), c.num_embeddings, budget)
+            t.pooling = pooling
+        else:
+            if cls.size_arg:
+                options.setdefault(cls.size_arg, c.num_embeddings)
+            t = create_table(name, name=c.name, embedding_dim=c.embedding_dim, feature_names=list(c.feature_names),
+                             pooling=pooling, **options)
         t.dtype = _DTYPES[c.data_type.name]
         t.config = c
         if name == "full":  # draw random numbers as torchrec's tables do: same seed, same rows

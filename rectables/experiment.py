@@ -17,6 +17,7 @@ import torch
 from rectables.optim import SparseOptimizer
 from rectables.registry import table_class
 from rectables.runs import RunError, load_model, read_checkpoint, start_run, write_json
+from rectables.memory import _collections
 from rectables.train import TrainConfig, evaluate, fit
 
 DEFAULT_SPEC = {"method": "full", "budget": 1.0, "dim": 16, "model": "dlrm",
@@ -30,6 +31,9 @@ def build_model(spec: dict, meta: dict):
 
     cls, tcfg = table_class(spec["method"]), TrainConfig(**spec.get("train", {}))
     tables = cls.for_budget_all(spec["dim"], meta["features"], meta["cardinalities"], spec["budget"])
+    if meta["mode"] == "raw" and not cls.raw_ids:  # check_method let it through: it can hash raw ids
+        for t in tables:
+            t.hash_ids = True
     ebc = EmbeddingBagCollection(tables, SparseOptimizer(tcfg.sparse_optimizer, lr=tcfg.sparse_lr))
     if spec["model"] == "dlrm":
         return DLRM(ebc, 13, spec["dense_arch"], spec["over_arch"])
@@ -47,6 +51,14 @@ class IncompatibleMethod(ValueError):
     """A method that cannot train on this dataset or at this budget; says why."""
 
 
+def _can_hash_ids(cls) -> bool:
+    """True for a method that takes ids in [0, n) but can hash raw ids into that range
+    first (``hash_ids``, e.g. ``compositional``): on raw-id data it does so."""
+    import inspect
+
+    return "hash_ids" in inspect.signature(cls.__init__).parameters
+
+
 def check_method(spec: dict, meta: dict) -> None:
     """Raise IncompatibleMethod before anything is built or written: a method that needs
     ids in [0, n) on raw 32-bit ids, or ``full`` (the uncompressed baseline) at a budget."""
@@ -54,7 +66,7 @@ def check_method(spec: dict, meta: dict) -> None:
     if spec["method"] == "full" and spec["budget"] != 1:
         raise IncompatibleMethod(f"method 'full' is the uncompressed baseline and has no budget; got budget "
                                  f"{spec['budget']:g} (leave it at 1, or choose a compressing method)")
-    if meta["mode"] == "raw" and not cls.raw_ids:
+    if meta["mode"] == "raw" and not cls.raw_ids and not _can_hash_ids(cls):
         raise IncompatibleMethod(f"method {spec['method']!r} needs ids in [0, n), but this dataset holds raw ids "
                                  f"(preprocess --mode raw); preprocess with --mode vocab, or use a hashing method")
 
@@ -82,9 +94,14 @@ def run_training(spec: dict, run_dir: str | Path, resume: bool = False, overwrit
     model = build_model(spec, meta)
     train = CriteoBatches(spec["data"], "train", cfg.batch_size, shuffle=True, seed=cfg.seed)
     val = CriteoBatches(spec["data"], "val", 8192)
-    summary = fit(model, train, val, cfg, run, resume=resume)
+    from rectables.compare import budget_label
+
+    label = f"{spec['method']} {budget_label(spec['budget'])} seed {cfg.seed}"
+    summary = fit(model, train, val, cfg, run, resume=resume, label=label)
     load_best(model, run)
     summary["test"] = evaluate(model, CriteoBatches(spec["data"], "test", 8192))
+    tables = [t for c in _collections(model) for t in c.tables]
+    summary["settings"] = {"tables": len(tables), **tables[0].settings()}  # the first table's, as an example
     write_json(run / "summary.json", summary)
     return summary
 
@@ -113,28 +130,72 @@ def _short(v) -> str:
     return repr(v) if not isinstance(v, list) or len(v) <= 4 else f"[{', '.join(map(str, v[:4]))}, ...]"
 
 
-def score_file(run_dir: str | Path, path: str | Path) -> dict:
-    """AUC / logloss of a trained run on another Criteo-format file (vocab of its data)."""
+def _is_labelled(path: Path) -> bool:
+    """True for 40 tab-separated fields (label first), False for 39 (Criteo's test format)."""
+    from data.criteo import _open
+
+    with _open(path) as fh:
+        first = fh.readline()
+    fields = first.rstrip(b"\r\n").count(b"\t") + 1
+    if fields not in (39, 40):
+        raise ValueError(f"{path}: the first line has {fields} tab-separated fields; Criteo format has 40 "
+                         f"(label first) or 39 (no label)")
+    return fields == 40
+
+
+def score_file(run_dir: str | Path, path: str | Path, predictions: str | Path | None = None) -> dict:
+    """Score a Criteo-format file (40 fields, or 39 without labels) with a trained run:
+    AUC and logloss where there are labels, the share of each feature's values the run's
+    vocabulary does not know (they read the OOV row), and with ``predictions`` one
+    click probability per line written to that file (atomically).  ``path`` may also be
+    the run's own preprocessed dataset: its test split is scored."""
     from data.criteo import SPARSE_NAMES, dense_transform, read_criteo
     from data.preprocess import apply_vocab
     from rectables.metrics import StreamingMetrics
+    from rectables.runs import atomic_write
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    run = Path(run_dir)
-    if Path(path).is_dir():
-        raise ValueError(f"{path} is a directory; eval --data takes a Criteo-format file (.tsv or .tsv.gz)")
+    run, path = Path(run_dir), Path(path)
     spec, meta = _open_run(run)
     data = Path(spec["data"])
     model = build_model(spec, meta)
     load_best(model, run)
     model.eval()
+    if path.is_dir():
+        return _score_dataset(model, spec, path, predictions)
+    labelled = _is_labelled(path)
     vocabs = [np.load(data / f"vocab_{n}.npy") for n in SPARSE_NAMES] if meta["mode"] == "vocab" else None
-    m = StreamingMetrics()
+    m, probs, oov, n = StreamingMetrics(), [], np.zeros(len(SPARSE_NAMES), dtype=np.int64), 0
     with torch.no_grad():
-        for ch in read_criteo(path, chunk_rows=50_000):
+        for ch in read_criteo(path, chunk_rows=50_000, labelled=labelled):
             sp = ch.sparse if vocabs is None else np.stack([apply_vocab(ch.sparse[:, f], v) for f, v in enumerate(vocabs)], 1)
+            if vocabs is not None:
+                oov += (sp == meta["oov_id"]).sum(0)
             B = len(sp)
+            n += B
             kjt = KeyedJaggedTensor.from_lengths_sync(meta["features"], torch.from_numpy(np.ascontiguousarray(sp.T)).reshape(-1),
                                                       torch.ones(B * sp.shape[1], dtype=torch.int64))
-            m.update(model(torch.from_numpy(dense_transform(ch.dense)), kjt), torch.from_numpy(ch.labels))
-    return m.result()
+            logits = model(torch.from_numpy(dense_transform(ch.dense)), kjt)
+            if labelled:
+                m.update(logits, torch.from_numpy(ch.labels))
+            if predictions is not None:
+                probs.append(torch.sigmoid(logits).numpy())
+    if predictions is not None:
+        atomic_write(Path(predictions), lambda fh: np.savetxt(fh, np.concatenate(probs) if probs else [], fmt="%.6f"))
+    out = {**(m.result() if labelled else {"auc": None, "logloss": None}), "n": n, "labelled": labelled}
+    if vocabs is not None:
+        out["oov_share"] = {name: float(c) / max(n, 1) for name, c in zip(SPARSE_NAMES, oov)}
+    return out
+
+
+def _score_dataset(model, spec: dict, path: Path, predictions) -> dict:
+    """The test split of the run's own dataset (another dataset's ids mean other rows)."""
+    from data.loader import CriteoBatches
+    from data.preprocess import open_dataset
+
+    if path.resolve() != Path(spec["data"]).resolve() or dataset_facts(open_dataset(path)) != spec["dataset"]:
+        raise ValueError(f"{path} is not the dataset this run was trained on ({spec['data']}): its ids would read "
+                         f"other rows. Pass the Criteo-format file itself, which is mapped with the run's vocabulary")
+    if predictions is not None:
+        raise ValueError("--predictions takes a Criteo-format file, not a dataset directory")
+    return {**evaluate(model, CriteoBatches(str(path), "test", 8192)), "labelled": True}

@@ -147,6 +147,19 @@ class Table(nn.Module, abc.ABC):
             raise RuntimeError(f"table {self.name!r} is in no collection: it has no rows to reset")
         self._reset(k, rows, seed)
 
+    def settings(self) -> dict:
+        """The method's own constructor arguments (sizes, counts, policies) as the table
+        holds them: what a comparison reports next to each row."""
+        import inspect
+
+        skip = {"self", "name", "embedding_dim", "feature_names", "pooling", "seed"}
+        out = {}
+        for p in inspect.signature(type(self).__init__).parameters:
+            v = getattr(self, p, None)
+            if p not in skip and isinstance(v, (int, float, str, bool, list, tuple)):
+                out[p] = list(v) if isinstance(v, tuple) else v
+        return out
+
     # ---- hooks the training loop calls -----------------------------------------------
     def extra_loss(self) -> torch.Tensor | None:
         return None

@@ -57,14 +57,14 @@ def _extra_loss(model) -> torch.Tensor | float:
     return sum(extra) if extra else 0.0
 
 
-def train_one_epoch(model, loader, dense_opt, cfg: TrainConfig, step: int = 0) -> tuple[int, dict]:
+def train_one_epoch(model, loader, dense_opt, cfg: TrainConfig, step: int = 0, label: str = "") -> tuple[int, dict]:
     """One pass over ``loader``; returns (global step, {loss, samples_per_s}).
     Raises :class:`NonFiniteLoss` if a step's loss is NaN or infinite."""
     model.train()
     loss_fn = torch.nn.BCEWithLogitsLoss()
     total, n, t0 = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()  # no host sync per step
     recent: list[torch.Tensor] = []  # losses since the last check
-    bar = tqdm(loader, disable=not cfg.progress, leave=False, unit="batch")
+    bar = tqdm(loader, disable=not cfg.progress, leave=False, unit="batch", desc=label or None)
     for i, batch in enumerate(bar):
         if cfg.max_steps_per_epoch and i >= cfg.max_steps_per_epoch:
             break
@@ -85,7 +85,8 @@ def train_one_epoch(model, loader, dense_opt, cfg: TrainConfig, step: int = 0) -
         if cfg.progress and i % 20 == 0:
             bar.set_postfix(loss=f"{float(total) / n:.4f}", samples_s=f"{n / (time.perf_counter() - t0):,.0f}")
     _check_finite(recent, step)
-    return step, {"loss": float(total) / max(n, 1), "samples_per_s": n / (time.perf_counter() - t0)}
+    seconds = time.perf_counter() - t0
+    return step, {"loss": float(total) / max(n, 1), "samples_per_s": n / seconds, "seconds": seconds}
 
 
 def _check_finite(losses: list[torch.Tensor], step: int) -> None:
@@ -112,9 +113,11 @@ def evaluate(model, loader) -> dict:
     return m.result()
 
 
-def fit(model, train_loader, val_loader, cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> dict:
+def fit(model, train_loader, val_loader, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
+        label: str = "") -> dict:
     """Train with early stopping on validation AUC (logloss where the AUC is undefined);
-    checkpoint every epoch; ``resume`` continues exactly from ``last.pt``."""
+    checkpoint every epoch; ``resume`` continues exactly from ``last.pt``.  ``label``
+    (e.g. method, budget and seed) names the progress bar and the per-epoch lines."""
     run = Path(run_dir)
     ckpt, best_ckpt = run / "last.pt", run / "best.pt"
     dense_opt = torch.optim.Adam(dense_parameters(model), lr=cfg.dense_lr, fused=True)  # one kernel: 0.4 vs 2.8 ms for DLRM
@@ -124,14 +127,19 @@ def fit(model, train_loader, val_loader, cfg: TrainConfig, run_dir: str | Path, 
     else:
         write_json(run / "memory.json", memory_report(model, dense_opt))
     write_jsonl(run / "metrics.jsonl", state["history"])  # drops records of epochs the checkpoint lacks
+    _warn_if_few_steps(len(train_loader), cfg)
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         train_loader.set_epoch(state["epoch"])
-        state["step"], tr = train_one_epoch(model, train_loader, dense_opt, cfg, state["step"])
+        state["step"], tr = train_one_epoch(model, train_loader, dense_opt, cfg, state["step"],
+                                            f"{label} epoch {state['epoch'] + 1}/{cfg.epochs}".strip())
         val = evaluate(model, val_loader)
         state["epoch"] += 1
         record = {"epoch": state["epoch"], "step": state["step"], **tr, **{f"val_{k}": v for k, v in val.items()}}
         state["history"].append(record)
         write_jsonl(run / "metrics.jsonl", state["history"])
+        if cfg.progress:
+            tqdm.write(f"{label + ' ' if label else ''}epoch {state['epoch']}: train loss {tr['loss']:.4f}, val AUC {val['auc']:.4f}, "
+                       f"val logloss {val['logloss']:.4f}, {tr['samples_per_s']:,.0f} samples/s")
         score = _selection_score(val, state)
         if state["best"] is None or score > state["best"]:
             state["best"], state["bad_epochs"] = score, 0
@@ -145,6 +153,21 @@ def fit(model, train_loader, val_loader, cfg: TrainConfig, run_dir: str | Path, 
                "history": state["history"], "memory": memory_report(model, dense_opt)}
     write_json(run / "summary.json", summary)
     return summary
+
+
+MIN_STEPS = 50  # fewer optimizer steps than this in all epochs together rarely trains a CTR model
+
+
+def _warn_if_few_steps(steps_per_epoch: int, cfg: TrainConfig) -> None:
+    steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps_per_epoch:
+        steps = min(steps_per_epoch, cfg.max_steps_per_epoch) * cfg.epochs
+    if steps < MIN_STEPS:
+        rows = steps_per_epoch * cfg.batch_size
+        warnings.warn(f"{cfg.epochs} epoch(s) of about {rows:,} training rows at batch size {cfg.batch_size} are only "
+                      f"{steps} optimizer steps: the model will barely train. Use a smaller --batch-size "
+                      f"(e.g. {max(32, rows * cfg.epochs // (4 * MIN_STEPS)):,}) or more --epochs", RuntimeWarning,
+                      stacklevel=3)
 
 
 def _score(record: dict, selected_by: str) -> float:

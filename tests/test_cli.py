@@ -13,3 +13,53 @@ def test_memory_command_criteo(capsys):
     for method in ("hash", "multihash"):
         rows = re.findall(rf"\| {method} \| 0\.25 \| ([\d,]+) \|.*\| ([\d.]+)x \|", out)
         assert rows and abs(float(rows[0][1]) - 4.0) < 0.1, out
+
+
+def test_every_flag_has_a_description_and_shows_its_default(capsys):
+    import argparse
+
+    from rectables.cli import _parser
+
+    p = _parser()
+    subs = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sp in [("rectables", p), *subs.items()]:
+        for a in sp._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert a.help, f"{name} {a.option_strings or a.dest} has no description"
+        text = sp.format_help()
+        for a in sp._actions:
+            if a.option_strings and not a.required and a.default not in (None, argparse.SUPPRESS) \
+                    and not isinstance(a, argparse._HelpAction):
+                assert f"(default: {a.default})" in " ".join(text.split()), (name, a.option_strings)
+    train = subs["train"].format_help()
+    assert "{sgd,adagrad,rowwise_adagrad,adam}" in train and "dynamic" in train  # choices are listed
+
+
+def test_torch_fx_notice_does_not_reach_the_console():
+    import subprocess
+    import sys
+
+    code = ("import torch, rectables\n"
+            "from torchrec.sparse.jagged_tensor import KeyedJaggedTensor as K\n"
+            "e = rectables.EmbeddingBagCollection([rectables.create_table('hash', name='t', embedding_dim=4, "
+            "feature_names=['a'], num_buckets=10)])\n"
+            "e(K.from_lengths_sync(keys=['a'], values=torch.tensor([1]), lengths=torch.tensor([1])))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "is_fx_tracing" not in r.stderr, r.stderr
+
+
+def test_dim_moves_the_dense_arch_with_it_or_names_the_flag(tmp_path, capsys):
+    import argparse
+
+    from rectables.cli import _spec
+
+    base = dict(data=str(tmp_path), model="dlrm", over_arch="64,1", epochs=1, batch_size=8, optimizer="sgd",
+                sparse_lr=0.1, dense_lr=0.1, seed=0, max_steps=0, quiet=True, patience=1)
+    assert _spec(argparse.Namespace(**base, dim=32, dense_arch=None))["dense_arch"] == [64, 32]
+    try:
+        _spec(argparse.Namespace(**base, dim=32, dense_arch="128,16"))
+    except ValueError as e:
+        assert "--dense-arch 128,32" in str(e)
+    else:
+        raise AssertionError("a dense arch that does not end at --dim was accepted")

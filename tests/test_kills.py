@@ -45,7 +45,7 @@ def when(seed: int, span: float) -> float:
 
 
 def metrics(summary: dict) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in summary["history"]]
+    return [{k: v for k, v in r.items() if k not in ("samples_per_s", "seconds")} for r in summary["history"]]
 
 
 def fingerprint(d: Path) -> str:

@@ -122,3 +122,24 @@ def test_partition_id_major_is_the_same_digits_stored_id_by_id(kind, moduli):
     x = torch.arange(140)
     a, b = partition(x, kind, moduli), partition(x, kind, moduli, id_major=True)
     assert torch.equal(a, b) and b.t().is_contiguous() and a.is_contiguous()
+
+
+@pytest.mark.parametrize("method", rectables.list_tables())
+def test_sizing_from_configs_is_a_budget_or_the_documented_default(method):
+    """``from_configs`` sizes every method alike: ``budget`` = a fraction of full's bytes;
+    nothing = num_embeddings fills the method's size argument (the docstring's default)."""
+    from torchrec import EmbeddingBagConfig
+
+    from rectables.registry import table_class
+
+    cfg = [EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=4000, feature_names=["a"])]
+    plain = rectables.EmbeddingBagCollection.from_configs(cfg, methods={"t": method}).tables[0]
+    size_arg = table_class(method).size_arg
+    assert getattr(plain, size_arg) == 4000 and size_arg in rectables.compat.tables_from_configs.__doc__
+    if method == "full":
+        return
+    sized = rectables.EmbeddingBagCollection.from_configs(cfg, methods={"t": (method, {"budget": 1 / 4})})
+    rep = rectables.memory_report(sized)["tables"]["t"]
+    assert 0.2 * 4 * 16 * 4000 < rep["weights"] + (rep["buffers"] if method == "dynamic" else 0) <= 0.27 * 4 * 16 * 4000
+    with pytest.raises(ValueError, match="budget or the method's own options"):
+        rectables.EmbeddingBagCollection.from_configs(cfg, methods={"t": (method, {"budget": 0.25, size_arg: 10})})

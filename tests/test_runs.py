@@ -113,7 +113,8 @@ def test_non_finite_loss_stops_at_its_step_and_saves_nothing(data, tmp_path, cap
             "--over-arch", "16,1", "--batch-size", "512", "--sparse-lr", "1e30", "--dense-lr", "1e30", "--quiet"]
     assert main([*args, "--run", str(tmp_path / "r2")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("rectables: error: the loss is") and err.count("\n") == 1
+    errors = [x for x in err.splitlines() if not x.startswith("rectables: warning:")]  # few steps: warned
+    assert len(errors) == 1 and errors[0].startswith("rectables: error: the loss is")
 
 
 def test_single_class_validation_selects_by_logloss(tmp_path):
@@ -181,10 +182,16 @@ def test_incompatible_method_is_refused_before_anything_is_written(data, tmp_pat
     with pytest.raises(IncompatibleMethod, match="baseline and has no budget"):
         run_training({**spec(data), "method": "full", "budget": 0.25}, tmp_path / "r")
     preprocess(data / "d.tsv", tmp_path / "raw", mode="raw")
-    for method in ("full", "compositional"):
-        with pytest.raises(IncompatibleMethod, match="raw ids"):
-            run_training({**spec(data), "data": str(tmp_path / "raw"), "method": method, "budget": 1.0}, tmp_path / "r")
+    with pytest.raises(IncompatibleMethod, match="raw ids"):
+        run_training({**spec(data), "data": str(tmp_path / "raw"), "method": "full", "budget": 1.0}, tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_compositional_hashes_raw_ids_on_raw_data(data, tmp_path):
+    preprocess(data / "d.tsv", tmp_path / "raw", mode="raw")
+    s = run_training({**spec(data), "data": str(tmp_path / "raw"), "method": "compositional", "budget": 0.25},
+                     tmp_path / "r")
+    assert s["settings"]["hash_ids"] is True and s["test"]["auc"] > 0.5
 
 
 def test_compare_reports_incompatible_methods_as_rows(data, tmp_path):
@@ -193,4 +200,22 @@ def test_compare_reports_incompatible_methods_as_rows(data, tmp_path):
     preprocess(data / "d.tsv", tmp_path / "raw", mode="raw")
     compare({**spec(data), "data": str(tmp_path / "raw")}, ["full", "hash"], [0.5], tmp_path / "cmp")
     table = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| hash | 0.5 |" in table and "| full | 1 | skipped: method 'full' needs ids in [0, n)" in table
+    assert "| hash | 1/2 |" in table and "| full | 1 | skipped: method 'full' needs ids in [0, n)" in table
+
+
+def test_an_epoch_of_a_few_steps_is_warned_about_and_epochs_are_reported(data, tmp_path, capsys):
+    s = spec(data, batch_size=4096, progress=True)
+    with pytest.warns(RuntimeWarning, match=r"only 1 optimizer steps.*--batch-size"):
+        run_training(s, tmp_path / "r")
+    assert "epoch 1: train loss" in capsys.readouterr().out
+
+
+def test_by_default_rare_training_values_train_the_oov_row(data, tmp_path):
+    meta = preprocess(data / "d.tsv", tmp_path / "p")
+    assert meta["min_count"] == 2
+    sparse = np.load(tmp_path / "p" / "sparse.npy")
+    train = np.load(tmp_path / "p" / "split_train.npy")
+    rare = [f for f, n in enumerate(meta["cardinalities"]) if n > 10]  # features with many values
+    assert (sparse[train][:, rare] == meta["oov_id"]).any(axis=0).sum() >= len(rare) // 2  # OOV rows train
+    preprocess(data / "d.tsv", tmp_path / "p1", min_count=1)
+    assert not (np.load(tmp_path / "p1" / "sparse.npy")[train] == meta["oov_id"]).any()  # they would not

@@ -79,11 +79,12 @@ def test_cli_train_eval_compare(tiny, capsys):
     assert "AUC" in capsys.readouterr().out
     assert main(["compare", *args, "--methods", "full,hash,dynamic", "--budgets", "1/4", "--out", str(tiny / "cmp")]) == 0
     table = (tiny / "cmp" / "comparison.md").read_text()
-    assert "| full | 1 |" in table and "| hash | 0.25 |" in table
+    assert "| full | 1 |" in table and "| hash | 1/4 | tables=26, num_buckets=" in table
     # table bytes count everything a table holds: a dynamic table's map is most of its non-weight bytes
-    mem = json.loads((tiny / "cmp" / "dynamic_0.25" / "memory.json").read_text())["tables"]["t_dynamic"]
+    mem = json.loads((tiny / "cmp" / "dynamic_0.25_seed0" / "memory.json").read_text())["tables"]["t_dynamic"]
     assert mem["buffers"] > 0.3 * mem["weights"]
-    assert f"| dynamic | 0.25 | {mem['rows']:,} | {mem['total'] / 1e6:,.1f} MB |" in table
+    assert f"| {mem['rows']:,} | {mem['weights'] / 1e6:,.2f} MB | {mem['optimizer'] / 1e6:,.2f} MB | " \
+           f"{mem['buffers'] / 1e6:,.2f} MB | {mem['total'] / 1e6:,.2f} MB |" in table
     assert (tiny / "cmp" / "pareto.png").stat().st_size > 1000
 
 
@@ -100,10 +101,55 @@ def test_real_criteo_sample_dlrm_full(tmp_path, capsys):
 
 
 def test_comparison_without_full_has_no_baseline_columns(tmp_path):
-    from rectables.compare import write_report
+    from rectables.compare import aggregate, write_report
 
-    row = {"method": "hash", "budget": 0.25, "rows": 10, "bytes": 640, "auc": 0.7, "logloss": 0.5, "samples_per_s": 1.0}
-    write_report([row, {**row, "budget": 0.0625, "bytes": 160}], tmp_path)
-    assert "| hash | 0.25 | 10 | 0.0 MB | - | 0.7000 | - |" in (tmp_path / "comparison.md").read_text()
-    write_report([{**row, "method": "full", "budget": 1.0, "bytes": 1280, "auc": 0.72}, row], tmp_path)
-    assert "| hash | 0.25 | 10 | 0.0 MB | 2.0x | 0.7000 | -0.0200 |" in (tmp_path / "comparison.md").read_text()
+    run = {"method": "hash", "budget": 0.25, "seed": 0, "settings": {"num_buckets": 10}, "rows": 10, "weights": 640,
+           "optimizer": 40, "buffers": 8, "bytes": 688, "auc": 0.7, "logloss": 0.5, "best_epoch": 1, "val_auc": 0.7,
+           "samples_per_s": 1.0, "wall_s": 1.0}
+    write_report(aggregate([run, {**run, "budget": 0.0625, "bytes": 160}]), tmp_path)
+    text = (tmp_path / "comparison.md").read_text()
+    assert "| hash | 1/16 |" in text and "| 0.00 MB | - | 0.7000 | - |" in text
+    write_report(aggregate([{**run, "method": "full", "budget": 1.0, "bytes": 1376, "auc": 0.72}, run]), tmp_path)
+    assert "| 0.00 MB | 2.0x | 0.7000 | -0.0200 |" in (tmp_path / "comparison.md").read_text()
+
+
+def test_compare_over_two_seeds_gives_mean_and_std_csv_and_json(tiny):
+    from rectables.compare import compare
+
+    spec = {**_spec(tiny, 1), "train": {**_spec(tiny, 1)["train"], "sparse_optimizer": "rowwise_adagrad"}}
+    rows = compare(spec, ["full", "hash"], [0.25], tiny / "seeds", seeds=[0, 1])
+    hash_row = next(r for r in rows if r["method"] == "hash")
+    runs = json.loads((tiny / "seeds" / "comparison.json").read_text())["runs"]
+    aucs = [r["auc"] for r in runs if r["method"] == "hash"]
+    assert len(aucs) == 2 and aucs[0] != aucs[1]  # two seeds, two models
+    assert hash_row["auc"] == pytest.approx(sum(aucs) / 2) and hash_row["auc_std"] > 0
+    text = (tiny / "seeds" / "comparison.md").read_text()
+    assert f"{hash_row['auc']:.4f} ± {hash_row['auc_std']:.4f}" in text
+    assert "*base rate*" in text and "*logistic regression, 13 dense features*" in text
+    lines = (tiny / "seeds" / "comparison.csv").read_text().splitlines()
+    assert lines[0].startswith("method,budget,settings") and len(lines) == 1 + 2 + 2  # header, baselines, rows
+
+
+def test_eval_scores_unlabelled_files_writes_predictions_and_reports_oov(tiny, tmp_path, capsys):
+    args = ["--data", str(tiny / "p"), "--dense-arch", "16,16", "--over-arch", "16,1", "--batch-size", "512", "--quiet"]
+    assert main(["train", *args, "--method", "hash", "--budget", "1/4", "--run", str(tmp_path / "run")]) == 0
+    lines = (tiny / "d.tsv").read_text().splitlines()[:300]
+    (tmp_path / "lab.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "unlab.tsv").write_text("\n".join(x.split("\t", 1)[1] for x in lines) + "\n")  # 39 fields
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "unlab.tsv"),
+                 "--predictions", str(tmp_path / "p_unlab.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "300 unlabelled rows" in out and "OOV row" in out and "wrote 300 click probabilities" in out
+    assert main(["eval", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "lab.tsv"),
+                 "--predictions", str(tmp_path / "p_lab.txt")]) == 0
+    a = (tmp_path / "p_unlab.txt").read_text().split()
+    assert len(a) == 300 and a == (tmp_path / "p_lab.txt").read_text().split()  # same rows, same predictions
+    assert all(0 < float(x) < 1 for x in a)
+    from rectables.experiment import score_file
+
+    r = score_file(tmp_path / "run", tmp_path / "lab.tsv")
+    assert set(r["oov_share"]) == {f"C{i}" for i in range(1, 27)} and max(r["oov_share"].values()) > 0
+    assert score_file(tmp_path / "run", tiny / "p")["n"] > 0  # the run's own dataset: its test split
+    with pytest.raises(ValueError, match="not the dataset this run was trained on"):
+        score_file(tmp_path / "run", tmp_path)
