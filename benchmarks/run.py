@@ -343,12 +343,14 @@ def dynamic_section(warm: int = 3000, measure: int = 300) -> str:
                            check=True, capture_output=True)
         out = Path("runs/bench-criteo/compare")
         subprocess.run(CLI + ["compare", "--data", str(prep), "--methods", "full,hash,unified,compositional,dynamic",
-                              "--budgets", "1/4,1/16", "--epochs", "4", "--batch-size", "256", "--dense-arch",
+                              "--budgets", "1/4,1/16", "--epochs", "4", "--batch-size", "256", "--seeds", "0,1,2",
+                              "--patience", "2", "--dense-arch",
                               "32,16", "--over-arch", "32,1", "--quiet", "--out", str(out)],
                        check=True, capture_output=True)
         lines += [
             "Accuracy at equal bytes on the real Criteo sample (`../shared/data/criteo`, 8,971 rows, vocab ids with "
-            "min count 2, 80/10/10 split, DLRM 32-16 / 32-1, batch 256, 4 epochs, one seed; table bytes include "
+            "min count 2, 80/10/10 split, DLRM 32-16 / 32-1, batch 256, up to 4 epochs (patience 2), 3 seeds (mean ± std); "
+            "table bytes include "
             "`dynamic`'s map). The generated-data comparison is in the accuracy section below.",
             "",
             (out / "comparison.md").read_text(),

@@ -33,8 +33,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     methods = args.methods.split(",") if args.methods else list_tables()
     budgets = [parse_fraction(b) for b in args.budgets.split(",")]
     print(f"{args.preset}: {len(cards)} features, {sum(cards):,} ids, dim {args.dim}, optimizer {opt.name}")
-    print(f"| method | budget | rows | weights | optimizer | total | vs full |")
-    print(f"|---|---|---:|---:|---:|---:|---:|")
+    print("| method | budget | rows | weights | optimizer | total | vs full |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     full_total = None
     for method in methods:
         for frac in [1.0] if method == "full" else budgets:
@@ -83,7 +83,8 @@ def _spec(args) -> dict:
         "dim": args.dim, "model": args.model,
         "dense_arch": [int(x) for x in args.dense_arch.split(",")], "over_arch": [int(x) for x in args.over_arch.split(",")],
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "sparse_optimizer": args.optimizer,
-                  "sparse_lr": args.sparse_lr, "dense_lr": args.dense_lr, "seed": args.seed,
+                  **({} if args.sparse_lr is None else {"sparse_lr": args.sparse_lr}),
+                  "dense_lr": args.dense_lr, "seed": args.seed,
                   "max_steps_per_epoch": args.max_steps, "progress": not args.quiet, "patience": args.patience},
     }
 
@@ -140,7 +141,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4096, help="rows per optimizer step")
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="rowwise_adagrad",
                    help="sparse optimizer of the tables (fused into backward)")
-    p.add_argument("--sparse-lr", type=float, default=0.05, help="learning rate of the tables")
+    p.add_argument("--sparse-lr", type=float, default=None,
+                   help="learning rate of the tables (default: 0.05 for dlrm, 0.01 for deepfm)")
     p.add_argument("--dense-lr", type=float, default=1e-3, help="learning rate of the dense layers (Adam)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
     p.add_argument("--max-steps", type=int, default=0, help="cap on steps per epoch (0: the whole split)")

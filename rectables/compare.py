@@ -121,7 +121,11 @@ def _mb(b: float) -> str:
 
 
 def _settings(d: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in d.items())
+    """``num_chunks=[2, 2, ..., 2]`` (one per feature) reads ``num_chunks=2 x26``."""
+    def show(v):
+        return f"{v[0]} x{len(v)}" if isinstance(v, list) and len(v) > 3 and len(set(map(str, v))) == 1 else v
+
+    return ", ".join(f"{k}={show(v)}" for k, v in d.items())
 
 
 def write_report(rows: list[dict], out: Path, base: list[dict] | None = None, runs: list[dict] | None = None,

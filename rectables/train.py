@@ -166,7 +166,8 @@ def _warn_if_few_steps(steps_per_epoch: int, cfg: TrainConfig) -> None:
         rows = steps_per_epoch * cfg.batch_size
         warnings.warn(f"{cfg.epochs} epoch(s) of about {rows:,} training rows at batch size {cfg.batch_size} are only "
                       f"{steps} optimizer steps: the model will barely train. Use a smaller --batch-size "
-                      f"(e.g. {max(32, rows * cfg.epochs // (4 * MIN_STEPS)):,}) or more --epochs", RuntimeWarning,
+                      f"(e.g. {max(32, 1 << (rows * cfg.epochs // (4 * MIN_STEPS)).bit_length() - 1):,}) or more "
+                      "--epochs", RuntimeWarning,
                       stacklevel=3)
 
 

@@ -8,6 +8,8 @@ Reduction Using Frequency Based Double Hashing for Recommender Systems", RecSys 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rectables import hashing
@@ -130,6 +132,13 @@ class MultiHashTable(_Hashed):
 
     def feature_lanes(self, f: int) -> list[int]:
         return [0] * self.num_hashes
+
+    def init_bound(self, k: int) -> float:
+        """A sum of k rows starts with the spread of one row: each row's bound / sqrt(k)
+        (with one row's spread per row, the sum of two was sqrt(2) wider, and DeepFM's
+        pairwise term over 26 fields, quadratic in it, started at 2.5x hash's)."""
+        scale = 1 / math.sqrt(self.num_hashes) if self.combine == "sum" else 1.0
+        return scale * super().init_bound(k)
 
     def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         return self.per_feature(self._buckets(values, counts, self.num_hashes, self.num_buckets), counts)
