@@ -10,12 +10,15 @@ from rectables.presets import PRESETS, parse_fraction
 
 
 def build_criteo_collection(method: str, dim: int, fraction: float, cardinalities: list[int], optimizer, device="cpu"):
-    """The method's tables for the Criteo features at ``fraction`` of the full bytes."""
+    """The method's tables for the Criteo features at ``fraction`` of the full table bytes
+    (weights + optimizer state + buffers)."""
     from rectables.embedding_modules import EmbeddingBagCollection
     from rectables.registry import table_class
 
+    from rectables.sizing import tables_for_budget
+
     names = [f"C{i + 1}" for i in range(len(cardinalities))]
-    tables = table_class(method).for_budget_all(dim, names, cardinalities, fraction)
+    tables = tables_for_budget(table_class(method), dim, names, cardinalities, fraction, optimizer)
     return EmbeddingBagCollection(tables, optimizer, device)
 
 

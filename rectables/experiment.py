@@ -34,12 +34,15 @@ def build_model(spec: dict, meta: dict):
     from models.dlrm import DLRM
     from rectables.embedding_modules import EmbeddingBagCollection
 
+    from rectables.sizing import tables_for_budget
+
     cls, tcfg = table_class(spec["method"]), TrainConfig(**spec.get("train", {}))
-    tables = cls.for_budget_all(spec["dim"], meta["features"], meta["cardinalities"], spec["budget"])
+    opt = SparseOptimizer(tcfg.sparse_optimizer, lr=tcfg.sparse_lr)
+    tables = tables_for_budget(cls, spec["dim"], meta["features"], meta["cardinalities"], spec["budget"], opt)
     if meta["mode"] == "raw" and not cls.raw_ids:  # check_method let it through: it can hash raw ids
         for t in tables:
             t.hash_ids = True
-    ebc = EmbeddingBagCollection(tables, SparseOptimizer(tcfg.sparse_optimizer, lr=tcfg.sparse_lr))
+    ebc = EmbeddingBagCollection(tables, opt)
     if spec["model"] == "dlrm":
         return DLRM(ebc, 13, spec["dense_arch"], spec["over_arch"])
     if spec["model"] == "deepfm":

@@ -143,3 +143,23 @@ def test_sizing_from_configs_is_a_budget_or_the_documented_default(method):
     assert 0.2 * 4 * 16 * 4000 < rep["weights"] + (rep["buffers"] if method == "dynamic" else 0) <= 0.27 * 4 * 16 * 4000
     with pytest.raises(ValueError, match="budget or the method's own options"):
         rectables.EmbeddingBagCollection.from_configs(cfg, methods={"t": (method, {"budget": 0.25, size_arg: 10})})
+
+
+@pytest.mark.parametrize("method", [m for m in rectables.list_tables() if m != "full"])
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+def test_a_budget_means_the_same_reported_bytes_for_every_method(method, optimizer):
+    """Sized on what memory_report reports (weights + optimizer state + buffers), every
+    method lands at 1/4 of full's bytes (unified sized on weights held 1/3.8)."""
+    from rectables.registry import table_class
+    from rectables.sizing import tables_for_budget
+
+    feats, cards = [f"f{i}" for i in range(6)], [50_000, 20_000, 9_000, 3_000, 800, 300]
+    opt = rectables.SparseOptimizer(optimizer)
+
+    def total(tables):
+        return rectables.memory_report(rectables.EmbeddingBagCollection(tables, opt, device="meta"))["tables"]
+
+    full = sum(t["total"] for t in total(table_class("full").for_budget_all(16, feats, cards, 1.0)).values())
+    got = sum(t["total"] for t in total(tables_for_budget(table_class(method), 16, feats, cards, 0.25, opt)).values())
+    low = 0.19 if method == "compositional" else 0.24  # QR's m = ceil(1/fraction) moves in steps: 1/4 -> 1/5
+    assert low * full <= got <= 0.25 * full, got / full
