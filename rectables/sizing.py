@@ -32,19 +32,23 @@ def tables_for_budget(cls, dim: int, features: list[str], num_ids: list[int], bu
                       optimizer: SparseOptimizer, steps: int = 16) -> list[Table]:
     """``cls``'s tables (``for_budget_all``) holding at most ``budget`` of the bytes of
     ``full``'s tables, weights + optimizer state + buffers; the largest such.  Where
-    per-method floors (``MIN_ROWS``) make the budget unreachable, the smallest tables."""
+    per-method floors (``MIN_ROWS``) make the budget unreachable, the smallest tables the
+    search met (a table's size need not shrink with the fraction: QR's m grows)."""
     from rectables.registry import table_class
 
     if budget >= 1 or cls.method == "full":
         return cls.for_budget_all(dim, features, num_ids, budget)
     target = budget * table_bytes(table_class("full").for_budget_all(dim, features, num_ids, 1.0), optimizer)
     lo, hi = math.log(budget) - math.log(64), 0.0  # log of the weight fraction
-    best = None
+    best, smallest = None, None
     for _ in range(steps):
         mid = (lo + hi) / 2
         tables = cls.for_budget_all(dim, features, num_ids, math.exp(mid))
-        if table_bytes(tables, optimizer) <= target:
+        size = table_bytes(tables, optimizer)
+        if smallest is None or size < smallest[0]:
+            smallest = (size, tables)
+        if size <= target:
             best, lo = tables, mid
         else:
             hi = mid
-    return best if best is not None else cls.for_budget_all(dim, features, num_ids, math.exp(lo))
+    return best if best is not None else smallest[1]

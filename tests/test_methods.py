@@ -163,3 +163,17 @@ def test_a_budget_means_the_same_reported_bytes_for_every_method(method, optimiz
     got = sum(t["total"] for t in total(tables_for_budget(table_class(method), 16, feats, cards, 0.25, opt)).values())
     low = 0.19 if method == "compositional" else 0.24  # QR's m = ceil(1/fraction) moves in steps: 1/4 -> 1/5
     assert low * full <= got <= 0.25 * full, got / full
+
+
+def test_an_unreachable_budget_gives_the_smallest_tables_not_the_smallest_fraction():
+    """Small features: QR cannot reach 1/16 (m + n/m rows >= 2 sqrt(n)), and its m =
+    ceil(1/fraction) grows as the fraction shrinks; the search once returned m = 1024 on
+    300 ids, a table larger than full's."""
+    from rectables.registry import table_class
+    from rectables.sizing import table_bytes, tables_for_budget
+
+    opt = rectables.SparseOptimizer("rowwise_adagrad")
+    feats, cards = ["a", "b"], [300, 400]
+    full = table_bytes(table_class("full").for_budget_all(16, feats, cards, 1.0), opt)
+    tables = tables_for_budget(table_class("compositional"), 16, feats, cards, 1 / 16, opt)
+    assert table_bytes(tables, opt) < full / 4 and tables[0].moduli[0] < 300
