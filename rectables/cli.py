@@ -27,6 +27,7 @@ def _gb(b: int) -> str:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
+    from rectables.compare import budget_label
     from rectables.memory import memory_report
     from rectables.optim import SparseOptimizer
     from rectables.registry import list_tables
@@ -36,8 +37,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
     methods = args.methods.split(",") if args.methods else list_tables()
     budgets = [parse_fraction(b) for b in args.budgets.split(",")]
     print(f"{args.preset}: {len(cards)} features, {sum(cards):,} ids, dim {args.dim}, optimizer {opt.name}")
-    print("| method | budget | rows | weights | optimizer | total | vs full |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| method | budget | rows | weights | optimizer | buffers | total | vs full |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     full_total = None
     for method in methods:
         for frac in [1.0] if method == "full" else budgets:
@@ -46,9 +47,11 @@ def cmd_memory(args: argparse.Namespace) -> int:
             rows = sum(t["rows"] for t in rep["tables"].values())
             w = sum(t["weights"] for t in rep["tables"].values())
             o = sum(t["optimizer"] for t in rep["tables"].values())
+            b = sum(t["buffers"] for t in rep["tables"].values())  # seeds, salts, a dynamic table's map
             full_total = full_total or (rep["total"] if method == "full" else None)
             ratio = f"{full_total / rep['total']:.1f}x" if full_total else "-"
-            print(f"| {method} | {frac:g} | {rows:,} | {_gb(w)} | {_gb(o)} | {_gb(rep['total'])} | {ratio} |")
+            print(f"| {method} | {budget_label(frac)} | {rows:,} | {_gb(w)} | {_gb(o)} | {_gb(b)} | "
+                  f"{_gb(rep['total'])} | {ratio} |")
     return 0
 
 

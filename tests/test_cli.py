@@ -8,11 +8,13 @@ def test_memory_command_criteo(capsys):
     assert main(["memory", "--preset", "criteo-kaggle", "--dim", "16", "--optimizer", "sgd"]) == 0
     out = capsys.readouterr().out
     assert "33,762,577 ids" in out
-    full = re.search(r"\| full \| 1 \| 33,762,577 \| 2\.161 GB \| 0\.00 MB \| (\S+) GB", out)
+    full = re.search(r"\| full \| 1 \| 33,762,577 \| 2\.161 GB \| 0\.00 MB \| 0\.00 MB \| (\S+) GB", out)
     assert full, out
-    for method in ("hash", "multihash"):
-        rows = re.findall(rf"\| {method} \| 0\.25 \| ([\d,]+) \|.*\| ([\d.]+)x \|", out)
+    for method in ("hash", "multihash", "unified", "dynamic"):  # budgets on the bytes shown
+        rows = re.findall(rf"\| {method} \| 1/4 \| ([\d,]+) \|.*\| ([\d.]+)x \|", out)
         assert rows and abs(float(rows[0][1]) - 4.0) < 0.1, out
+    dyn = re.search(r"\| dynamic \| 1/4 \| [\d,]+ \| \S+ GB \| \S+ MB \| ([\d.]+) GB", out)
+    assert dyn and float(dyn.group(1)) > 0.1, out  # its map is shown
 
 
 def test_every_flag_has_a_description_and_shows_its_default(capsys):
