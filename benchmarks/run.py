@@ -19,6 +19,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+import dynamic_remap  # noqa: E402
 import e2e_deepfm  # noqa: E402
 import e2e_dlrm  # noqa: E402
 import embedding_step  # noqa: E402
@@ -300,64 +301,6 @@ def compile_section() -> str:
     ])
 
 
-CRITEO_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo" / "criteo_dac_train_sample.tsv.gz"
-
-
-def dynamic_section(warm: int = 3000, measure: int = 300) -> str:
-    def run(*args):
-        out = subprocess.run([sys.executable, str(HERE / "dynamic_remap.py"), *args], capture_output=True, text=True,
-                             check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    r, st = run("remap", str(warm), str(measure)), run("step", str(warm), "100")
-    lines = [
-        "## Dynamic tables (issue: collisionless dynamic tables)",
-        "",
-        f"Remap in train mode, one module per feature with capacity min(cardinality, 2^20) at the Criteo Kaggle "
-        f"cardinalities, {r['ids_per_batch']:,} Zipf(1.05) raw 62-bit ids per batch (26 x 4096), the same stream "
-        f"for both; {r['warm']} batches first, then {r['measure']} batches interleaved batch by batch (medians). "
-        f"rectables `dynamic`: count-min admission at 2 occurrences, LFU eviction when full (1% of the rows at a "
-        f"time), every evicted row re-initialised and its optimizer state zeroed. torchrec "
-        f"`MCHManagedCollisionModule`: LFU, eviction every {10} batches, no row reset.",
-        "",
-        "| remap | ids/s | vs torchrec MCH |",
-        "|---|---:|---:|",
-        f"| rectables `dynamic` | {r['dynamic_ids_per_s'] / 1e6:.1f}M | **{r['ratio']:.2f}x** |",
-        f"| torchrec `MCHManagedCollisionModule` | {r['mch_ids_per_s'] / 1e6:.1f}M | 1.00x |",
-        "",
-        f"State after the run: occupancy of the five tables of > 2^20 ids {r['occupancy_big']}; "
-        f"{r['admitted']:,} keys admitted, {r['rejected']:,} rejected (key and step), {r['evicted']:,} evicted, "
-        f"{r['collisions']} collisions.",
-        "",
-        f"Embedding train step (remap + lookup + backward + fused row-wise Adagrad, dim 16, batch 4096) of "
-        f"`dynamic` against `hash` with the same rows per feature, after {warm} batches of remaps alone filled "
-        f"the dynamic tables (occupancy of the five largest {st['occupancy_big']}, evicting all along: "
-        f"{st['evicted']:,} rows evicted), {st['measure']} interleaved steps: `dynamic` {st['dynamic_ms']:.1f} ms, "
-        f"`hash` {st['hash_ms']:.1f} ms, **{st['ratio']:.2f}x** the time of `hash` (target <= 1.3x).",
-        "",
-    ]
-    if CRITEO_SAMPLE.exists():
-        prep = Path("runs/bench-criteo/prep")
-        if not (prep / "meta.json").exists():
-            subprocess.run(CLI + ["preprocess", str(CRITEO_SAMPLE), "--out", str(prep), "--min-count", "2"],
-                           check=True, capture_output=True)
-        out = Path("runs/bench-criteo/compare")
-        subprocess.run(CLI + ["compare", "--data", str(prep), "--methods", "full,hash,unified,compositional,dynamic",
-                              "--budgets", "1/4,1/16", "--epochs", "4", "--batch-size", "256", "--seeds", "0,1,2",
-                              "--patience", "2", "--dense-arch",
-                              "32,16", "--over-arch", "32,1", "--quiet", "--out", str(out)],
-                       check=True, capture_output=True)
-        lines += [
-            "Accuracy at equal bytes on the real Criteo sample (`../shared/data/criteo`, 8,971 rows, vocab ids with "
-            "min count 2, 80/10/10 split, DLRM 32-16 / 32-1, batch 256, up to 4 epochs (patience 2), 3 seeds (mean ± std); "
-            "table bytes include "
-            "`dynamic`'s map). The generated-data comparison is in the accuracy section below.",
-            "",
-            (out / "comparison.md").read_text(),
-        ]
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="BENCHMARKS.md")
@@ -376,7 +319,8 @@ def main() -> None:
     wanted = args.only.split(",") if args.only else sections
     make = {"embedding": lambda: embedding_section(args.rounds), "dlrm": lambda: dlrm_section(args.rounds),
             "deepfm": deepfm_section, "ingest": ingest_section, "movielens": movielens_section,
-            "accuracy": accuracy_section, "compile": compile_section, "dynamic": dynamic_section}
+            "accuracy": accuracy_section, "compile": compile_section,
+            "dynamic": lambda: dynamic_remap.section(CLI)}
     fresh = {w: make[w]() for w in wanted}
     out = Path(args.out)
     if args.only and out.exists():  # replace those sections of the existing file, keep the rest

@@ -138,9 +138,8 @@ def write_report(rows: list[dict], out: Path, base: list[dict] | None = None, ru
              "ΔAUC | logloss | best epoch | val AUC | train samples/s | train s |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b in base or []:
-        lines.append(f"| *{b['method']}* | - | no tables | - | - | - | - | - | - | {b['auc']:.4f} | "
-                     f"{b['auc'] - full['auc']:+.4f} | {b['logloss']:.4f} | - | - | - | - |" if full else
-                     f"| *{b['method']}* | - | no tables | - | - | - | - | - | - | {b['auc']:.4f} | - | "
+        delta = f"{b['auc'] - full['auc']:+.4f}" if full else "-"
+        lines.append(f"| *{b['method']}* | - | no tables | - | - | - | - | - | - | {b['auc']:.4f} | {delta} | "
                      f"{b['logloss']:.4f} | - | - | - | - |")
     for r in done:
         n = len(r["seeds"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 from rectables.optim import SparseOptimizer
+from rectables.storage import stored_dim
 from rectables.table import Table
 
 
@@ -22,8 +23,7 @@ def table_bytes(tables: list[Table], optimizer: SparseOptimizer) -> int:
     total = 0
     for t in tables:
         for m, d in t.physical_shapes():
-            stored = -(-d // 4) * 4
-            total += 4 * m * stored + 4 * optimizer.state_floats(m, stored)
+            total += 4 * m * stored_dim(d) + 4 * optimizer.state_floats(m, stored_dim(d))
         total += sum(b.nbytes for b in t.buffers())
     return total
 

@@ -31,6 +31,11 @@ _FBGEMM_OPT = {
 }
 
 
+
+def stored_dim(d: int) -> int:
+    """fbgemm's row width for a dim: the next multiple of 4."""
+    return -(-d // 4) * 4
+
 class FusedStorage(nn.Module):
     """Physical tables [M_k, D_k] in one fused TBE; lookups by lane.
 
@@ -62,7 +67,7 @@ class FusedStorage(nn.Module):
         if device.type not in ("cpu", "meta"):
             raise ValueError(f"fused storage runs on cpu or meta, not {device}")
         self.shapes = [(int(m), int(d)) for m, d in shapes]
-        self._padded = [-(-d // 4) * 4 for _, d in self.shapes]  # fbgemm's row width
+        self._padded = [stored_dim(d) for _, d in self.shapes]
         self.lane_tables = list(lane_tables)
         self.optimizer = optimizer
         # fbgemm's CPU backward takes a run of consecutive lanes to be one table (and breaks

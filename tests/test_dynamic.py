@@ -83,6 +83,17 @@ def test_ttl_expires_idle_rows_every_n_steps_even_with_room():
     assert resident(t, [1, 2]) == [1] and t.stats()["expired"] == 1  # step 4: 2 idle 3 steps
 
 
+def test_expiry_then_policy_eviction_frees_exactly_what_is_still_missing():
+    """Full-table eviction with a ttl: expired rows count, then LRU frees the rest (it once
+    subtracted every free row, not only the expired ones, and left keys without rows)."""
+    t, ebc = build(eviction="lru", ttl=2, evict_every=100)
+    for ids in ([1], [2], [3]):  # one row still free
+        step(ebc, ids)
+    step(ebc, [5, 6, 7])  # 3 needed, 1 free; 1 expires (idle 3 > 2), LRU takes 2 (last read at step 2)
+    assert resident(t, [1, 2, 3, 5, 6, 7]) == [3, 5, 6, 7]
+    assert t.stats()["expired"] == 1 and t.stats()["evicted"] == 1 and t.stats()["rejected"] == 0
+
+
 def test_eviction_never_takes_a_row_this_step_reads():
     t, ebc = build(eviction="lru")
     step(ebc, [1, 2, 3, 4])

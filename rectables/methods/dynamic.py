@@ -47,7 +47,7 @@ import math
 import torch
 
 from rectables import hashing
-from rectables.idmap import IdMap, num_slots
+from rectables.idmap import IdMap, _i64, _kernels, h63, in_range, num_slots
 from rectables.presets import MIN_ROWS
 from rectables.registry import register
 from rectables.table import Table
@@ -159,27 +159,23 @@ class DynamicTable(Table):
         if self.ttl is not None and step % self.evict_every == 0:
             self._expire(step)
         m = self.map
-        if m.native:
-            rows, new, short = self._train_native(values, f, step)
+        if m.native:  # one C call; it also gives rows when there are enough
+            rows, new, admit, n, settled = self._train_native(values, f, step)
         else:
             self.step.fill_(step)
             rows, new = m.find(values, f, step=step)
-            admit, short = self._admit(new, step), 0
-            if new.shape[1] and int(admit.sum()) > m.num_free:
-                short = int(admit.sum()) - m.num_free
-        if short > 0:  # more keys admitted than rows free: make room, then give rows
-            self._make_room(short, step)
-        if new.shape[1] and (short or not m.native):
-            rows = m.settle(rows, new, admit if not m.native else self._admitted[: new.shape[1]],
-                            self.default_row, step, self.counters)
+            admit = _admit_torch(self, new[0], new[1], new[2], self._prob_key_at(step))
+            n, settled = int(admit.sum()), False
+        if new.shape[1] and not settled:
+            if n > m.num_free:  # more keys admitted than rows free: make room first
+                self._make_room(n, step)
+            rows = m.settle(rows, new, admit, self.default_row, step, self.counters)
         return self.per_feature(rows[None], counts)
 
     def _train_native(self, values: torch.Tensor, f: torch.Tensor | None, step: int):
-        """One C call: step count, find, admission and (rows enough) settle.  Returns
-        (rows, new keys [4, U], how many admitted keys lack a row).  Buffers are read from
+        """One C call: step count, find, admission and, if rows are enough, settle.  Returns
+        (rows, new keys [4, U], admitted [U], how many, settled).  Buffers are read from
         ``_buffers`` directly: module attribute lookups were a third of a small table's time."""
-        from rectables.idmap import _i64, _kernels
-
         m = self._modules["map"]
         b, mb, n = self._buffers, m._buffers, values.numel()
         values = _i64(values)
@@ -194,27 +190,22 @@ class DynamicTable(Table):
             sketch.shape[0], sketch.shape[1], b["sketch_keys"].data_ptr(), self.min_count, self._threshold,
             self._prob_key_at(step), self._admitted.data_ptr(), mb["free"].data_ptr(), mb["num_free_"].data_ptr(),
             b["counters"].data_ptr(), self.max_rows)
-        return rows, new[:, :u], 0 if settled else admitted - m.num_free
+        return rows, new[:, :u], self._admitted[:u], admitted, bool(settled)
 
     def _prob_key_at(self, step: int) -> int:
         return hashing._signed(self._prob_key ^ (step * hashing.GOLDEN))
 
-    def _admit(self, new: torch.Tensor, step: int) -> torch.Tensor:
-        """Which of the U missing keys (``new`` [4, U]) may take a row [U] (pure-torch path)."""
-        return _admit_torch(self, new[0], new[1], new[2], self._prob_key_at(step))
-
     # ---- eviction ----------------------------------------------------------------------
-    def _make_room(self, short: int, step: int) -> None:
+    def _make_room(self, admitted: int, step: int) -> None:
+        """Free rows for ``admitted`` keys: expire stale rows, then evict by policy."""
+        m = self.map
         if self.ttl is not None:
             self._expire(step)
-            short -= self.map.num_free
+        short = admitted - m.num_free
         if short <= 0 or self.eviction not in ("lru", "lfu"):
             return
         k = max(short, math.ceil(self.evict_chunk * self.max_rows))
-        m = self.map
         if m.native:
-            from rectables.idmap import _kernels
-
             out = torch.empty(k, dtype=torch.int64)
             n = _kernels.select(m.slots.data_ptr(), m.slots.shape[0], step, self.eviction == "lfu", k, out.data_ptr())
             self._drop(out[:n], 2, step)
@@ -242,8 +233,6 @@ class DynamicTable(Table):
     def sketch_estimate(self, ids: torch.Tensor, feature: int = 0) -> torch.Tensor:
         """The sketch's occurrence estimate [N] for ids [N] of the table's ``feature``-th
         feature (reads only; counts occurrences seen while the key had no row)."""
-        from rectables.idmap import h63, in_range
-
         depth, width = self.sketch.shape
         if not depth:
             raise ValueError(f"table {self.name!r} keeps no sketch (min_count <= 1)")
@@ -292,8 +281,7 @@ def smallest(keys: list[torch.Tensor], k: int) -> torch.Tensor:
 
 
 def _admit_torch(t: DynamicTable, ids, f, cnt, prob_key) -> torch.Tensor:
-    from rectables.idmap import h63, in_range
-
+    """Which of the U missing keys may take a row [U] (the pure-torch path of the C admit)."""
     ok = torch.ones(ids.numel(), dtype=torch.bool)
     depth, width = t.sketch.shape
     if t.min_count > 1:
