@@ -12,7 +12,7 @@ import torch
 
 @dataclass
 class Batch:
-    """dense float32 [B, 13]; sparse KJT (26 keys, one id each, B bags); labels float32 [B]."""
+    """dense float32 [B, Nd]; sparse KJT (F keys, one id each, B bags); labels float32 [B]."""
 
     dense: torch.Tensor
     sparse: object

@@ -1,4 +1,8 @@
-"""Criteo TSV -> memmapped .npy (labels float32 [R], dense float32 [R, 13], sparse int64 [R, 26]).
+"""CTR file -> memmapped .npy (labels float32 [R], dense float32 [R, Nd], sparse int64 [R, F]).
+
+The file's columns follow a schema (:mod:`data.schema`): ``criteo`` (label, 13 integers,
+26 hex ids: Nd = 13, F = 26), ``avazu`` (Nd = 0, F = 23) or a declared JSON schema; the
+dataset's ``meta.json`` records it, with the dense and categorical feature names.
 
 Id modes, recorded in ``meta.json``:
 - ``raw``: the parsed 32-bit hex ids (missing = -1), for hashed / unified / dynamic tables.
@@ -23,11 +27,16 @@ from pathlib import Path
 
 import numpy as np
 
-from data.criteo import NUM_DENSE, NUM_SPARSE, SPARSE_NAMES, CriteoFormatError, dense_transform, read_criteo
+from data.criteo import DENSE_NAMES, CriteoFormatError, dense_transform
+from data.schema import Schema, get_schema, read_rows
 
 FORMAT = 1  # version of the directory layout, in meta.json
 
-ARRAYS = {"labels": (np.float32, ()), "dense": (np.float32, (NUM_DENSE,)), "sparse": (np.int64, (NUM_SPARSE,))}
+
+def arrays(meta: dict) -> dict:
+    """name -> (dtype, shape of a row) of a dataset's arrays (meta of a schema or older)."""
+    nd = len(meta.get("dense_features", DENSE_NAMES))  # datasets written before schemas are Criteo's
+    return {"labels": (np.float32, ()), "dense": (np.float32, (nd,)), "sparse": (np.int64, (len(meta["features"]),))}
 
 
 def _finish_npy(raw: Path, out: Path, dtype, tail: tuple, rows: int) -> None:
@@ -61,9 +70,10 @@ class DatasetError(ValueError):
 def preprocess(
     src: str | Path, out_dir: str | Path, mode: str = "vocab", min_count: int = 2,
     val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, skip_bad_lines: bool = False,
-    overwrite: bool = False,
+    overwrite: bool = False, schema: str | dict | Schema = "criteo",
 ) -> dict:
-    """Parse ``src`` into a dataset directory ``out_dir``; returns its meta.
+    """Parse ``src`` (columns as ``schema`` declares: a name, a JSON file or a Schema)
+    into a dataset directory ``out_dir``; returns its meta.
 
     An existing dataset at ``out_dir`` is replaced atomically; a non-empty directory that
     is not a dataset is refused unless ``overwrite``.  An input without rows, or too few
@@ -74,6 +84,7 @@ def preprocess(
         raise ValueError(f"min_count must be >= 1, got {min_count}")
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val_fraction and test_fraction must be > 0 and sum to < 1, got {val_fraction}, {test_fraction}")
+    schema = get_schema(schema)
     out = Path(out_dir).absolute()
     _check_target(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -81,18 +92,20 @@ def preprocess(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
-        meta = _write(Path(src), tmp, mode, min_count, val_fraction, test_fraction, seed, skip_bad_lines)
+        meta = _write(Path(src), tmp, schema, mode, min_count, val_fraction, test_fraction, seed, skip_bad_lines)
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the new data if it failed, else the old dataset
     return meta
 
 
-def _write(src: Path, out: Path, mode, min_count, val_fraction, test_fraction, seed, skip_bad_lines) -> dict:
-    files = {k: open(out / f"{k}.raw", "wb") for k in ARRAYS}
+def _write(src: Path, out: Path, schema: Schema, mode, min_count, val_fraction, test_fraction, seed,
+           skip_bad_lines) -> dict:
+    shapes = arrays({"features": schema.features, "dense_features": schema.dense})
+    files = {k: open(out / f"{k}.raw", "wb") for k in shapes}
     rows = skipped = 0
     try:
-        for ch in read_criteo(src, skip_bad_lines=skip_bad_lines):
+        for ch in read_rows(src, schema, skip_bad_lines=skip_bad_lines):
             files["labels"].write(ch.labels.tobytes())
             files["dense"].write(dense_transform(ch.dense).tobytes())
             files["sparse"].write(ch.sparse.tobytes())
@@ -105,8 +118,8 @@ def _write(src: Path, out: Path, mode, min_count, val_fraction, test_fraction, s
     if min(n_test, n_val, rows - n_test - n_val) < 1:
         raise CriteoFormatError(f"{src}: {rows} rows ({skipped} bad lines skipped) are too few for a train, "
                                 f"validation and test split of at least one row each; nothing was written")
-    for k in ARRAYS:
-        _finish_npy(out / f"{k}.raw", out / f"{k}.npy", ARRAYS[k][0], ARRAYS[k][1], rows)
+    for k, (dtype, tail) in shapes.items():
+        _finish_npy(out / f"{k}.raw", out / f"{k}.npy", dtype, tail, rows)
     perm = np.random.default_rng(seed).permutation(rows)
     splits = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
     for name, idx in splits.items():
@@ -114,7 +127,7 @@ def _write(src: Path, out: Path, mode, min_count, val_fraction, test_fraction, s
     sparse = np.load(out / "sparse.npy", mmap_mode="r+")
     train = np.sort(splits["train"])
     cards = []
-    for f, name in enumerate(SPARSE_NAMES):
+    for f, name in enumerate(schema.features):
         col = np.asarray(sparse[:, f])
         if mode == "vocab":
             vocab = fit_vocab(col[train], min_count)
@@ -128,8 +141,9 @@ def _write(src: Path, out: Path, mode, min_count, val_fraction, test_fraction, s
     meta = {
         "format": FORMAT, "source": str(src.absolute()), "mode": mode, "rows": rows, "skipped_lines": skipped,
         "min_count": min_count, "seed": seed, "splits": {k: len(v) for k, v in splits.items()},
-        "features": SPARSE_NAMES, "cardinalities": cards, "oov_id": 0 if mode == "vocab" else None,
-        "missing_id": -1, "dense_transform": "log(1 + max(x, 0)), missing -> 0",
+        "features": schema.features, "cardinalities": cards, "oov_id": 0 if mode == "vocab" else None,
+        "missing_id": -1, "dense_features": schema.dense, "dense_transform": "log(1 + max(x, 0)), missing -> 0",
+        "schema": schema.to_dict(),
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
@@ -150,7 +164,7 @@ def open_dataset(data_dir: str | Path) -> dict:
     try:
         meta = json.loads((d / "meta.json").read_text())
         rows, splits = meta["rows"], meta["splits"]
-        for k, (dtype, tail) in ARRAYS.items():
+        for k, (dtype, tail) in arrays(meta).items():
             a = load(f"{k}.npy")
             if a.dtype != dtype or a.shape != (rows, *tail):
                 raise DatasetError(f"{k}.npy holds {a.dtype} {a.shape}, meta.json says {np.dtype(dtype)} {(rows, *tail)}")

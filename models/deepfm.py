@@ -12,7 +12,7 @@ from models.layers import mlp
 
 
 class DeepFM(nn.Module):
-    """forward(dense [B, 13], sparse KJT) -> logits [B].  All features share dim D."""
+    """forward(dense [B, Nd], sparse KJT) -> logits [B].  All features share dim D."""
 
     def __init__(self, embedding: nn.Module, num_dense: int, hidden: list[int]):
         super().__init__()

@@ -70,16 +70,14 @@ def cmd_preprocess(args) -> int:
     from data.preprocess import preprocess
 
     meta = preprocess(args.src, args.out, mode=args.mode, min_count=args.min_count, seed=args.seed,
-                      skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite)
+                      skip_bad_lines=args.skip_bad_lines, overwrite=args.overwrite, schema=args.schema)
     print(f"{meta['rows']:,} rows ({meta['skipped_lines']} bad lines skipped), mode {meta['mode']}, "
           f"splits {meta['splits']}, {sum(meta['cardinalities']):,} ids -> {args.out}")
     return 0
 
 
 def _spec(args) -> dict:
-    if args.dense_arch is None:  # follows --dim
-        args.dense_arch = f"64,{args.dim}"
-    last = int(args.dense_arch.split(",")[-1])
+    last = int(args.dense_arch.split(",")[-1]) if args.dense_arch else args.dim  # None: follows --dim (and the data)
     if args.model == "dlrm" and last != args.dim:
         raise ValueError(f"DLRM's bottom MLP ends at the embedding dim: the last layer of --dense-arch "
                          f"{args.dense_arch} is {last} but --dim is {args.dim}; set --dense-arch "
@@ -87,7 +85,7 @@ def _spec(args) -> dict:
     return {
         "data": str(args.data), "method": getattr(args, "method", "full"), "budget": parse_fraction(getattr(args, "budget", "1")),
         "dim": args.dim, "model": args.model,
-        "dense_arch": [int(x) for x in args.dense_arch.split(",")], "over_arch": [int(x) for x in args.over_arch.split(",")],
+        "dense_arch": [int(x) for x in args.dense_arch.split(",")] if args.dense_arch else None, "over_arch": [int(x) for x in args.over_arch.split(",")],
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "sparse_optimizer": args.optimizer,
                   **({} if args.sparse_lr is None else {"sparse_lr": args.sparse_lr}),
                   "dense_lr": args.dense_lr, "seed": args.seed,
@@ -110,7 +108,7 @@ def cmd_eval(args) -> int:
     if r["labelled"]:
         print(f"{args.data}: AUC {r['auc']:.4f}, logloss {r['logloss']:.4f} over {r['n']:,} rows")
     else:
-        print(f"{args.data}: {r['n']:,} unlabelled rows (39 fields): no AUC or logloss")
+        print(f"{args.data}: {r['n']:,} unlabelled rows: no AUC or logloss")
     if "oov_share" in r:
         shares = sorted(r["oov_share"].items(), key=lambda kv: -kv[1])
         print("values the vocabulary does not know (they read the OOV row): "
@@ -139,7 +137,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="embedding dim; the last layer of --dense-arch must equal it (DLRM)")
     p.add_argument("--model", choices=["dlrm", "deepfm"], default="dlrm", help="CTR model over the tables")
     p.add_argument("--dense-arch", default=None,
-                   help="DLRM bottom MLP over the 13 dense features, its last layer = --dim (default: 64,DIM)")
+                   help="DLRM bottom MLP over the dense features, its last layer = --dim (default: 64,DIM; "
+                        "DIM on data without dense features)")
     p.add_argument("--over-arch", default="64,1", help="DLRM top MLP (last = 1); DeepFM: its hidden layers + 1")
     p.add_argument("--epochs", type=int, default=1, help="passes over the training split (at most)")
     p.add_argument("--patience", type=int, default=1,
@@ -189,8 +188,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the planted model and the rows")
     s.add_argument("--scale", type=float, default=1.0, help="multiplies the Criteo Kaggle cardinalities")
     s.set_defaults(func=cmd_synth)
-    pp = sub.add_parser("preprocess", help="Criteo TSV -> memmapped npy + meta.json", **fmt)
-    pp.add_argument("src", help="Criteo-format TSV (.tsv or .tsv.gz): label, 13 integers, 26 hex ids")
+    pp = sub.add_parser("preprocess", help="CTR file (Criteo, Avazu, or a declared schema) -> memmapped npy + meta.json", **fmt)
+    pp.add_argument("src", help="data file, plain or .gz, in the --schema's format")
+    pp.add_argument("--schema", default="criteo",
+                    help="column format: criteo (TSV: label, 13 integers, 26 hex ids), avazu (Kaggle CSV with header), "
+                         "or a JSON file declaring each column's role (see data/schema.py)")
     pp.add_argument("--out", required=True, help="dataset directory to write (atomically)")
     pp.add_argument("--mode", choices=["vocab", "raw"], default="vocab",
                     help="vocab: ids renumbered [0, n) per feature (rare ones to OOV id 0); raw: the hashed 32-bit values")
@@ -209,11 +211,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --run (same settings; more --epochs allowed)")
     t.add_argument("--overwrite", action="store_true", help="start over, removing the run already in --run")
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="score a Criteo-format file with a trained run", **fmt)
+    e = sub.add_parser("eval", help="score a data file with a trained run", **fmt)
     e.add_argument("--run", required=True, help="run directory of a trained run")
     e.add_argument("--data", required=True,
-                   help="Criteo-format TSV (.gz) with labels (40 fields) or without (39), or the run's own "
-                        "preprocessed directory (its test split)")
+                   help="a file in the run's data format, with labels or without (Criteo: 40 or 39 fields), or the "
+                        "run's own preprocessed directory (its test split)")
     e.add_argument("--predictions", default=None, help="write one click probability per input line to this file")
     e.set_defaults(func=cmd_eval)
     c = sub.add_parser("compare", help="every method at every budget: comparison.md + pareto.png", **fmt)

@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.schema import schema_of
 from rectables.optim import SparseOptimizer
 from rectables.registry import table_class
 from rectables.runs import RunError, load_model, read_checkpoint, start_run, write_json
 from rectables.memory import _collections
 from rectables.train import TrainConfig, evaluate, fit
 
+#: dense_arch None: [64, dim], or [dim] on data without dense features (see models.dlrm)
 DEFAULT_SPEC = {"method": "full", "budget": 1.0, "dim": 16, "model": "dlrm",
-                "dense_arch": [64, 16], "over_arch": [64, 1]}
+                "dense_arch": None, "over_arch": [64, 1]}
 #: tables' learning rate where the spec gives none: DeepFM's pairwise term sums 325 products
 #: of field vectors, and row-wise Adagrad's first step moves every row by lr per coordinate
 #: in much the same direction, so at 0.05 the term jumped to ~6-11 after one step
@@ -43,11 +45,17 @@ def build_model(spec: dict, meta: dict):
         for t in tables:
             t.hash_ids = True
     ebc = EmbeddingBagCollection(tables, opt)
+    num_dense = len(schema_of(meta).dense)
     if spec["model"] == "dlrm":
-        return DLRM(ebc, 13, spec["dense_arch"], spec["over_arch"])
+        return DLRM(ebc, num_dense, spec["dense_arch"] or default_dense_arch(spec["dim"], meta), spec["over_arch"])
     if spec["model"] == "deepfm":
-        return DeepFM(ebc, 13, spec["over_arch"][:-1])
+        return DeepFM(ebc, num_dense, spec["over_arch"][:-1])
     raise ValueError(f"unknown model {spec['model']!r}")
+
+
+def default_dense_arch(dim: int, meta: dict) -> list[int]:
+    """DLRM's bottom MLP where the spec gives none: [64, dim], or [dim] without dense features."""
+    return [64, dim] if schema_of(meta).dense else [dim]
 
 
 def dataset_facts(meta: dict) -> dict:
@@ -96,6 +104,8 @@ def run_training(spec: dict, run_dir: str | Path, resume: bool = False, overwrit
     spec["data"] = str(Path(spec["data"]).absolute())
     meta = open_dataset(spec["data"])
     check_method(spec, meta)
+    if spec["dense_arch"] is None:
+        spec["dense_arch"] = default_dense_arch(spec["dim"], meta)
     cfg = TrainConfig(**spec.get("train", {}))
     config = {**spec, "train": asdict(cfg), "id_mode": meta["mode"], "dataset": dataset_facts(meta),
               "versions": {"torch": torch.__version__, "python": platform.python_version()}}
@@ -140,50 +150,40 @@ def _short(v) -> str:
     return repr(v) if not isinstance(v, list) or len(v) <= 4 else f"[{', '.join(map(str, v[:4]))}, ...]"
 
 
-def _is_labelled(path: Path) -> bool:
-    """True for 40 tab-separated fields (label first), False for 39 (Criteo's test format)."""
-    from data.criteo import _open
-
-    with _open(path) as fh:
-        first = fh.readline()
-    fields = first.rstrip(b"\r\n").count(b"\t") + 1
-    if fields not in (39, 40):
-        raise ValueError(f"{path}: the first line has {fields} tab-separated fields; Criteo format has 40 "
-                         f"(label first) or 39 (no label)")
-    return fields == 40
-
-
 def score_file(run_dir: str | Path, path: str | Path, predictions: str | Path | None = None) -> dict:
-    """Score a Criteo-format file (40 fields, or 39 without labels) with a trained run:
-    AUC and logloss where there are labels, the share of each feature's values the run's
+    """Score a file in the run's data format (Criteo: 40 fields, or 39 without labels;
+    a schema's file with or without its label column) with a trained run: AUC and
+    logloss where there are labels, the share of each feature's values the run's
     vocabulary does not know (they read the OOV row), and with ``predictions`` one
     click probability per line written to that file (atomically).  ``path`` may also be
     the run's own preprocessed dataset: its test split is scored."""
-    from data.criteo import SPARSE_NAMES, dense_transform, read_criteo
+    from data.criteo import dense_transform
     from data.preprocess import apply_vocab
+    from data.schema import is_labelled, read_rows
     from rectables.metrics import StreamingMetrics
     from rectables.runs import atomic_write
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     run, path = Path(run_dir), Path(path)
     spec, meta = _open_run(run)
-    data = Path(spec["data"])
+    data, schema = Path(spec["data"]), schema_of(meta)
     model = build_model(spec, meta)
     load_best(model, run)
     model.eval()
     if path.is_dir():
         return _score_dataset(model, spec, path, predictions)
-    labelled = _is_labelled(path)
-    vocabs = [np.load(data / f"vocab_{n}.npy") for n in SPARSE_NAMES] if meta["mode"] == "vocab" else None
-    m, probs, oov, n = StreamingMetrics(), [], np.zeros(len(SPARSE_NAMES), dtype=np.int64), 0
+    labelled = is_labelled(path, schema)
+    names = meta["features"]
+    vocabs = [np.load(data / f"vocab_{n}.npy") for n in names] if meta["mode"] == "vocab" else None
+    m, probs, oov, n = StreamingMetrics(), [], np.zeros(len(names), dtype=np.int64), 0
     with torch.no_grad():
-        for ch in read_criteo(path, chunk_rows=50_000, labelled=labelled):
+        for ch in read_rows(path, schema, chunk_rows=50_000, labelled=labelled):
             sp = ch.sparse if vocabs is None else np.stack([apply_vocab(ch.sparse[:, f], v) for f, v in enumerate(vocabs)], 1)
             if vocabs is not None:
                 oov += (sp == meta["oov_id"]).sum(0)
             B = len(sp)
             n += B
-            kjt = KeyedJaggedTensor.from_lengths_sync(meta["features"], torch.from_numpy(np.ascontiguousarray(sp.T)).reshape(-1),
+            kjt = KeyedJaggedTensor.from_lengths_sync(names, torch.from_numpy(np.ascontiguousarray(sp.T)).reshape(-1),
                                                       torch.ones(B * sp.shape[1], dtype=torch.int64))
             logits = model(torch.from_numpy(dense_transform(ch.dense)), kjt)
             if labelled:
@@ -194,7 +194,7 @@ def score_file(run_dir: str | Path, path: str | Path, predictions: str | Path | 
         atomic_write(Path(predictions), lambda fh: np.savetxt(fh, np.concatenate(probs) if probs else [], fmt="%.6f"))
     out = {**(m.result() if labelled else {"auc": None, "logloss": None}), "n": n, "labelled": labelled}
     if vocabs is not None:
-        out["oov_share"] = {name: float(c) / max(n, 1) for name, c in zip(SPARSE_NAMES, oov)}
+        out["oov_share"] = {name: float(c) / max(n, 1) for name, c in zip(names, oov)}
     return out
 
 

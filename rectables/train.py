@@ -164,10 +164,12 @@ def _warn_if_few_steps(steps_per_epoch: int, cfg: TrainConfig) -> None:
         steps = min(steps_per_epoch, cfg.max_steps_per_epoch) * cfg.epochs
     if steps < MIN_STEPS:
         rows = steps_per_epoch * cfg.batch_size
+        batch = max(32, 1 << (rows * cfg.epochs // (4 * MIN_STEPS)).bit_length() - 1)
+        epochs = -(-MIN_STEPS // max(1, steps // cfg.epochs))
+        fix = (f"a smaller --batch-size (e.g. {batch:,}) or more --epochs" if batch < cfg.batch_size
+               else f"more --epochs (e.g. {epochs})")
         warnings.warn(f"{cfg.epochs} epoch(s) of about {rows:,} training rows at batch size {cfg.batch_size} are only "
-                      f"{steps} optimizer steps: the model will barely train. Use a smaller --batch-size "
-                      f"(e.g. {max(32, 1 << (rows * cfg.epochs // (4 * MIN_STEPS)).bit_length() - 1):,}) or more "
-                      "--epochs", RuntimeWarning,
+                      f"{steps} optimizer steps: the model will barely train. Use {fix}", RuntimeWarning,
                       stacklevel=3)
 
 

@@ -208,6 +208,8 @@ def test_an_epoch_of_a_few_steps_is_warned_about_and_epochs_are_reported(data, t
     with pytest.warns(RuntimeWarning, match=r"only 1 optimizer steps.*--batch-size"):
         run_training(s, tmp_path / "r")
     assert "epoch 1: train loss" in capsys.readouterr().out
+    with pytest.warns(RuntimeWarning, match=r"Use more --epochs \(e.g. \d+\)$"):  # a batch already small: no batch advice
+        run_training(spec(data, batch_size=32, epochs=1, max_steps_per_epoch=3), tmp_path / "r2")
 
 
 def test_by_default_rare_training_values_train_the_oov_row(data, tmp_path):
