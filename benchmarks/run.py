@@ -22,6 +22,7 @@ sys.path.insert(0, str(HERE))
 import dynamic_remap  # noqa: E402
 import e2e_deepfm  # noqa: E402
 import e2e_dlrm  # noqa: E402
+import real_data  # noqa: E402
 import embedding_step  # noqa: E402
 
 LABELS = {
@@ -313,14 +314,14 @@ def main() -> None:
         "times move up to 2x between runs); compare the ratios, which come from the same run.",
         "",
     ]
-    sections = ["embedding", "dlrm", "deepfm", "ingest", "movielens", "accuracy", "compile", "dynamic"]
+    sections = ["embedding", "dlrm", "deepfm", "ingest", "movielens", "accuracy", "compile", "dynamic", "real"]
     p.add_argument("--only", default="", help="comma list of sections: " + ",".join(sections))
     args = p.parse_args()
     wanted = args.only.split(",") if args.only else sections
     make = {"embedding": lambda: embedding_section(args.rounds), "dlrm": lambda: dlrm_section(args.rounds),
             "deepfm": deepfm_section, "ingest": ingest_section, "movielens": movielens_section,
             "accuracy": accuracy_section, "compile": compile_section,
-            "dynamic": lambda: dynamic_remap.section(CLI)}
+            "dynamic": lambda: dynamic_remap.section(CLI), "real": lambda: real_data.section(CLI)}
     fresh = {w: make[w]() for w in wanted}
     out = Path(args.out)
     if args.only and out.exists():  # replace those sections of the existing file, keep the rest
@@ -335,7 +336,7 @@ def main() -> None:
 
 HEADINGS = {"embedding": "## Embedding train step", "dlrm": "## DLRM train step", "deepfm": "## DeepFM train step",
             "ingest": "## Ingest and loader", "movielens": "## Unified Embedding protocol", "accuracy": "## Accuracy at",
-            "compile": "## torch.compile", "dynamic": "## Dynamic tables"}
+            "compile": "## torch.compile", "dynamic": "## Dynamic tables", "real": "## Real data with default settings"}
 
 
 def _split_sections(text: str) -> dict[str, str]:

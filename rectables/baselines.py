@@ -18,18 +18,12 @@ def _split(data_dir: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def baselines(data_dir: str, l2: float = 1e-4, steps: int = 100) -> list[dict]:
-    """Test AUC and logloss of the base rate and of a logistic regression on the dense
-    features (standardised; L-BFGS on the training split with L2 ``l2``)."""
-    x, y = _split(data_dir, "train")
-    tx, ty = _split(data_dir, "test")
+def fit_dense_regression(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4, steps: int = 100):
+    """Logistic regression on dense features x [R, Nd] (standardised; L-BFGS with L2
+    ``l2``) -> a function from dense [B, Nd] to logits [B]."""
     p = float(y.mean().clamp(1e-6, 1 - 1e-6))
-    rate = StreamingMetrics()
-    rate.update(torch.full_like(ty, math.log(p / (1 - p))), ty)
-    if x.shape[1] == 0:  # e.g. Avazu: nothing for the regression to read
-        return [{"method": "base rate", **rate.result()}]
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
-    x, tx = (x - mu) / sd, (tx - mu) / sd
+    x = (x - mu) / sd
     w = torch.zeros(x.shape[1], requires_grad=True)
     b = torch.tensor(math.log(p / (1 - p)), requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
@@ -41,8 +35,21 @@ def baselines(data_dir: str, l2: float = 1e-4, steps: int = 100) -> list[dict]:
         return loss
 
     opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda dense: ((dense - mu) / sd) @ w + b
+
+
+def baselines(data_dir: str) -> list[dict]:
+    """Test AUC and logloss of the base rate and of a logistic regression on the dense
+    features (:func:`fit_dense_regression` on the training split)."""
+    x, y = _split(data_dir, "train")
+    tx, ty = _split(data_dir, "test")
+    p = float(y.mean().clamp(1e-6, 1 - 1e-6))
+    rate = StreamingMetrics()
+    rate.update(torch.full_like(ty, math.log(p / (1 - p))), ty)
+    if x.shape[1] == 0:  # e.g. Avazu: nothing for the regression to read
+        return [{"method": "base rate", **rate.result()}]
     lr = StreamingMetrics()
-    with torch.no_grad():
-        lr.update(tx @ w + b, ty)
+    lr.update(fit_dense_regression(x, y)(tx), ty)
     return [{"method": "base rate", **rate.result()},
             {"method": f"logistic regression, {x.shape[1]} dense features", **lr.result()}]

@@ -29,6 +29,19 @@ DEFAULT_SPEC = {"method": "full", "budget": 1.0, "dim": 16, "model": "dlrm",
 #: in much the same direction, so at 0.05 the term jumped to ~6-11 after one step
 #: (multihash, unified on the Criteo sample: test logloss 1.1-1.4, worse than the base rate)
 SPARSE_LR = {"dlrm": 0.05, "deepfm": 0.01}
+#: an epoch should be at least this many optimizer steps where the data allows it
+AUTO_STEPS = 100
+
+
+def auto_batch_size(train_rows: int) -> int:
+    """The batch size where the spec gives none (or "auto"): the largest power of two at
+    most ``train_rows / AUTO_STEPS``, within [32, 4096].  Criteo at scale gets 4096; the
+    7,177 training rows of the real Criteo sample get 64.  Measured there (DLRM, one
+    epoch, 3 seeds, scored on the sample's latest 1,076 rows after training on the
+    rest): batch 4096 = 1 step, AUC ~0.5; 256: 0.711; 64: 0.735; 32: 0.740, against
+    0.717 for a logistic regression on the dense features.  More epochs only overfit:
+    validation AUC fell after the first at every batch size tried."""
+    return int(min(4096, max(32, 1 << max(0, (train_rows // AUTO_STEPS).bit_length() - 1))))
 
 
 def build_model(spec: dict, meta: dict):
@@ -106,6 +119,8 @@ def run_training(spec: dict, run_dir: str | Path, resume: bool = False, overwrit
     check_method(spec, meta)
     if spec["dense_arch"] is None:
         spec["dense_arch"] = default_dense_arch(spec["dim"], meta)
+    if spec.get("train", {}).get("batch_size", "auto") == "auto":
+        spec["train"] = {**spec.get("train", {}), "batch_size": auto_batch_size(meta["splits"]["train"])}
     cfg = TrainConfig(**spec.get("train", {}))
     config = {**spec, "train": asdict(cfg), "id_mode": meta["mode"], "dataset": dataset_facts(meta),
               "versions": {"torch": torch.__version__, "python": platform.python_version()}}
