@@ -76,7 +76,43 @@ def cmd_preprocess(args) -> int:
     return 0
 
 
+CTR_DEFAULTS = {"dim": 16, "epochs": 1, "optimizer": "rowwise_adagrad", "over_arch": "64,1", "patience": 1,
+                "max_steps": 0}
+CTR_ONLY = ("dense_arch", "over_arch", "patience", "max_steps")
+GRAPH_ONLY = ("layers", "l2", "message_dropout", "node_dropout", "eval_every", "k")
+
+
+def _check_family(args) -> bool:
+    """True for a graph model; a flag of the other family is an error naming it."""
+    from rectables.graph import GRAPH_MODELS
+
+    graph = args.model in GRAPH_MODELS
+    wrong = [f for f in (CTR_ONLY if graph else GRAPH_ONLY) if getattr(args, f, None) is not None]
+    if wrong:
+        flags = ", ".join("--" + f.replace("_", "-") for f in wrong)
+        raise ValueError(f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to --model {args.model}"
+                         + (" (a graph model)" if graph else " (only ngcf and lightgcn take it)"))
+    if not graph:
+        for k, v in CTR_DEFAULTS.items():
+            if getattr(args, k, None) is None:
+                setattr(args, k, v)
+    return graph
+
+
+def _graph_spec(args) -> dict:
+    from data.sources import resolve
+
+    return {"data": str(resolve(args.data)), "model": args.model, "method": getattr(args, "method", "full"),
+            "budget": parse_fraction(getattr(args, "budget", "1")), "dim": args.dim, "layers": args.layers,
+            "epochs": args.epochs, "batch_size": None if args.batch_size == "auto" else args.batch_size,
+            "sparse_optimizer": args.optimizer, "sparse_lr": args.sparse_lr, "dense_lr": args.dense_lr, "l2": args.l2,
+            "message_dropout": args.message_dropout, "node_dropout": args.node_dropout, "seed": args.seed,
+            "eval_every": args.eval_every, "k": args.k, "progress": not args.quiet}
+
+
 def _spec(args) -> dict:
+    if _check_family(args):
+        raise ValueError(f"--model {args.model} is a graph model: use `rectables train`")
     last = int(args.dense_arch.split(",")[-1]) if args.dense_arch else args.dim  # None: follows --dim (and the data)
     if args.model == "dlrm" and last != args.dim:
         raise ValueError(f"DLRM's bottom MLP ends at the embedding dim: the last layer of --dense-arch "
@@ -96,6 +132,15 @@ def _spec(args) -> dict:
 def cmd_train(args) -> int:
     from rectables.experiment import run_training
 
+    if _check_family(args):
+        from rectables.graph import run_graph
+
+        s = run_graph(_graph_spec(args), args.run, resume=args.resume, overwrite=args.overwrite)
+        last = s["last"]
+        k = s["config"]["k"]
+        print(f"epoch {last['epoch']}: recall@{k} {last[f'recall@{k}']:.4f}, ndcg@{k} {last[f'ndcg@{k}']:.4f}, "
+              f"{s['seconds_per_epoch']:.0f} s per epoch -> {args.run}")
+        return 0
     s = run_training(_spec(args), args.run, resume=args.resume, overwrite=args.overwrite)
     print(f"best val AUC {s['best_val_auc']:.4f} (epoch {s['best_epoch']}, chosen by {s['selected_by']}); test AUC {s['test']['auc']:.4f}, logloss {s['test']['logloss']:.4f} -> {args.run}")
     return 0
@@ -140,28 +185,43 @@ def _batch_size(text: str):
 def _train_args(p: argparse.ArgumentParser) -> None:
     from rectables.optim import OPTIMIZERS
 
-    p.add_argument("--data", required=True, help="preprocessed dataset directory (rectables preprocess)")
-    p.add_argument("--dim", type=int, default=16,
-                   help="embedding dim; the last layer of --dense-arch must equal it (DLRM)")
-    p.add_argument("--model", choices=["dlrm", "deepfm"], default="dlrm", help="CTR model over the tables")
+    from rectables.graph import GRAPH_MODELS
+
+    p.add_argument("--data", required=True,
+                   help="preprocessed dataset directory (rectables preprocess); for ngcf/lightgcn a directory with "
+                        "train.txt and test.txt in the NGCF format, or 'gowalla' (../shared/data/gowalla)")
+    p.add_argument("--dim", type=int, default=None,
+                   help="embedding dim (default: 16; 64 for ngcf/lightgcn); DLRM: the last layer of --dense-arch")
+    p.add_argument("--model", choices=["dlrm", "deepfm", *GRAPH_MODELS], default="dlrm",
+                   help="CTR model over the tables, or a graph model (implicit feedback, ranking metrics)")
     p.add_argument("--dense-arch", default=None,
                    help="DLRM bottom MLP over the dense features, its last layer = --dim (default: 64,DIM; "
                         "DIM on data without dense features)")
-    p.add_argument("--over-arch", default="64,1", help="DLRM top MLP (last = 1); DeepFM: its hidden layers + 1")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the training split (at most)")
-    p.add_argument("--patience", type=int, default=1,
-                   help="stop after this many epochs without a better validation score")
+    p.add_argument("--over-arch", default=None,
+                   help="DLRM top MLP (last = 1); DeepFM: its hidden layers + 1 (default: 64,1)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training split (default: 1; 20 for "
+                                                            "ngcf/lightgcn)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop after this many epochs without a better validation score (default: 1)")
     p.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="rows per optimizer step; auto: the largest power of two giving an epoch of >= 100 steps, "
                         "within [32, 4096] (4096 for Criteo at scale, 64 for the 9k-row Criteo sample)")
-    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="rowwise_adagrad",
-                   help="sparse optimizer of the tables (fused into backward)")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
+                   help="sparse optimizer of the tables, fused into backward (default: rowwise_adagrad; adam for "
+                        "ngcf/lightgcn)")
     p.add_argument("--sparse-lr", type=float, default=None,
-                   help="learning rate of the tables (default: 0.05 for dlrm, 0.01 for deepfm)")
+                   help="learning rate of the tables (default: 0.05 for dlrm, 0.01 for deepfm, ngcf and lightgcn)")
     p.add_argument("--dense-lr", type=float, default=1e-3, help="learning rate of the dense layers (Adam)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
-    p.add_argument("--max-steps", type=int, default=0, help="cap on steps per epoch (0: the whole split)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (default 0: the whole split)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("graph models (ngcf, lightgcn) only")
+    g.add_argument("--layers", type=int, default=None, help="propagation layers (default: 3)")
+    g.add_argument("--l2", type=float, default=None, help="L2 on the batch's ego embeddings (default: 1e-4)")
+    g.add_argument("--message-dropout", type=float, default=None, help="NGCF's message dropout (default: 0.1)")
+    g.add_argument("--node-dropout", type=float, default=None, help="share of edges dropped per step (default: 0)")
+    g.add_argument("--eval-every", type=int, default=None, help="epochs between test evaluations (default: 1)")
+    g.add_argument("--k", type=int, default=None, help="cut-off of Recall@k and NDCG@k (default: 20)")
 
 
 def main(argv: list[str] | None = None) -> int:

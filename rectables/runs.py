@@ -86,8 +86,9 @@ def _collections(model) -> dict:
 
 def save_checkpoint(path: Path, model, dense_opt, state: dict) -> None:
     """Model (rows under torchrec's keys), the collections' fused optimizer state, the
-    dense optimizer and the loop's state, in one atomic file."""
-    blob = {"model": model.state_dict(), "dense_opt": dense_opt.state_dict(), "state": state,
+    dense optimizer (None for a model without dense parameters) and the loop's state, in
+    one atomic file."""
+    blob = {"model": model.state_dict(), "dense_opt": dense_opt.state_dict() if dense_opt else {}, "state": state,
             "sparse_opt": {n: c.optimizer_state_dict() for n, c in _collections(model).items()}}
     atomic_write(Path(path), lambda fh: torch.save(blob, fh))
 
@@ -111,7 +112,8 @@ def read_checkpoint(path: Path) -> dict:
 def load_checkpoint(path: Path, model, dense_opt) -> dict:
     blob = read_checkpoint(path)
     load_model(model, blob)
-    dense_opt.load_state_dict(blob["dense_opt"])
+    if dense_opt is not None:  # a model without dense parameters (LightGCN) has none
+        dense_opt.load_state_dict(blob["dense_opt"])
     return blob["state"]
 
 

@@ -1,0 +1,147 @@
+"""Graph collaborative filtering over any rectables table: NGCF (Wang et al., "Neural Graph
+Collaborative Filtering", SIGIR 2019) and LightGCN (He et al., "LightGCN: Simplifying and
+Powering Graph Convolution Network for Recommendation", SIGIR 2020).
+
+The ego embeddings E0 [N, D] (N = U users + I items) are looked up through an unpooled
+collection holding a ``user`` and an ``item`` feature, so hashed, unified, compositional
+or dynamic tables replace the full ones; their fused optimizer updates the rows the step
+read (here: every row, since propagation reads them all).  With L the symmetric-
+normalised adjacency (:func:`data.gowalla.normalized_adjacency`):
+- NGCF layer: E' = LeakyReLU_0.2(((L + I) E) W1 + b1 + ((L E) * E) W2 + b2), message
+  dropout on E', node dropout on L's edges; the output is the concatenation of E0 and
+  each layer's L2-normalised E' ([N, D (L + 1)]).
+- LightGCN layer: E' = L E, no weights and no nonlinearity; the output is the mean of
+  E0 .. E_L.
+Loss: BPR, -log sigmoid(s(u, i) - s(u, j)) for a training pair (u, i) and a sampled item
+j the user never interacted with, plus ``l2`` / 2 x the squared norms of the batch's ego
+embeddings (averaged over the batch).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+KINDS = ("ngcf", "lightgcn")
+
+
+class _SymmetricSpMM(torch.autograd.Function):
+    """y = A x for a symmetric sparse CSR A [N, N] and x [N, D]; the backward is A grad
+    (A^T = A), also a CSR product: torch's own backward of a CSR product took ~8x the
+    forward here (0.52 s against 0.07 s for LightGCN's three layers on Gowalla)."""
+
+    @staticmethod
+    def forward(ctx, adj, x):
+        ctx.adj = adj
+        return torch.sparse.mm(adj, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, torch.sparse.mm(ctx.adj, grad.contiguous())
+
+
+class GraphCF(nn.Module):
+    """``loss(users [B], pos [B], neg [B])`` -> scalar; ``embeddings()`` -> (users [U, D'],
+    items [I, D']) for ranking (eval mode: no dropout)."""
+
+    def __init__(self, embedding: nn.Module, num_users: int, num_items: int, adjacency: torch.Tensor,
+                 layers: int = 3, kind: str = "ngcf", message_dropout: float = 0.1, node_dropout: float = 0.0,
+                 l2: float = 1e-4):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if sorted(embedding.feature_names) != ["item", "user"]:
+            raise ValueError(f"the collection needs exactly the features 'user' and 'item', got {embedding.feature_names}")
+        if not (0 <= message_dropout < 1 and 0 <= node_dropout < 1 and layers >= 0 and l2 >= 0):
+            raise ValueError("dropouts must lie in [0, 1), layers and l2 must be >= 0")
+        if kind == "lightgcn" and message_dropout:
+            raise ValueError("LightGCN has no message dropout (set message_dropout=0)")
+        N = num_users + num_items
+        if adjacency.shape != (N, N):
+            raise ValueError(f"adjacency is {tuple(adjacency.shape)}, needs ({N}, {N}) for {num_users} users + {num_items} items")
+        self.embedding, self.kind, self.layers = embedding, kind, layers
+        self.U, self.I = num_users, num_items
+        self.message_dropout, self.node_dropout, self.l2 = message_dropout, node_dropout, l2
+        D = embedding.dims[0]
+        self.w1 = nn.ModuleList(nn.Linear(D, D) for _ in range(layers if kind == "ngcf" else 0))
+        self.w2 = nn.ModuleList(nn.Linear(D, D) for _ in range(layers if kind == "ngcf" else 0))
+        for lin in [*self.w1, *self.w2]:
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.adj = adjacency if adjacency.layout == torch.sparse_csr else adjacency.to_sparse_csr()
+        coo = self.adj.to_sparse_coo().coalesce()
+        asym = (coo - coo.t()).coalesce().values()
+        if asym.numel() and asym.abs().max() > 0:
+            raise ValueError("the adjacency must be symmetric (user-item edges both ways)")
+        upper = coo.indices()[0] < coo.indices()[1]  # each undirected edge once: node dropout keeps both ways or none
+        self._edges, self._weights = coo.indices()[:, upper], coo.values()[upper]
+        self._kjt = _all_ids(num_users, num_items)
+
+    def ego(self) -> torch.Tensor:
+        """E0 [N, D]: every user's row, then every item's, through the collection."""
+        out = self.embedding(self._kjt)
+        return torch.cat([out["user"].values(), out["item"].values()])
+
+    def _adjacency(self) -> torch.Tensor:
+        if not (self.training and self.node_dropout):
+            return self.adj
+        from data.gowalla import to_csr
+
+        keep = torch.rand(self._weights.shape[0]) >= self.node_dropout
+        e, w = self._edges[:, keep], self._weights[keep] / (1 - self.node_dropout)
+        return to_csr(torch.cat([e, e.flip(0)], 1), torch.cat([w, w]), self.U + self.I)
+
+    def propagate(self, e0: torch.Tensor) -> torch.Tensor:
+        """Final node embeddings [N, D'] from E0 [N, D]."""
+        adj, e, outs = self._adjacency(), e0, [e0]
+        for layer in range(self.layers):
+            side = _SymmetricSpMM.apply(adj, e)
+            if self.kind == "lightgcn":
+                e = side
+                outs.append(e)
+                continue
+            e = F.leaky_relu(self.w1[layer](side + e) + self.w2[layer](side * e), 0.2)
+            e = F.dropout(e, self.message_dropout, self.training)
+            outs.append(F.normalize(e, dim=1))
+        return torch.stack(outs).mean(0) if self.kind == "lightgcn" else torch.cat(outs, 1)
+
+    def loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        e0 = self.ego()
+        final = self.propagate(e0)
+        u, i, j = users, pos + self.U, neg + self.U
+        diff = (final[u] * (final[i] - final[j])).sum(1)
+        reg = (e0[u].square().sum() + e0[i].square().sum() + e0[j].square().sum()) / (2 * len(users))
+        return F.softplus(-diff).mean() + self.l2 * reg
+
+    @torch.no_grad()
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        final = self.propagate(self.ego())
+        return final[: self.U], final[self.U :]
+
+
+def _all_ids(U: int, I: int):
+    """KJT with the features user (ids 0..U-1) and item (0..I-1), one id per bag, padded
+    with empty bags to one stride."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    B = max(U, I)
+    lengths = torch.cat([torch.ones(U), torch.zeros(B - U), torch.ones(I), torch.zeros(B - I)]).long()
+    return KeyedJaggedTensor.from_lengths_sync(["user", "item"], torch.cat([torch.arange(U), torch.arange(I)]), lengths)
+
+
+def bpr_triples(train, num_items: int, gen: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, pos, neg) [E]: every training interaction once, shuffled, each with an item
+    drawn uniformly among those its user has no training interaction with."""
+    users, pos = train.users, train.items
+    order = gen.permutation(len(pos))
+    users, pos = users[order], pos[order]
+    known = np.sort(train.users * num_items + train.items)
+    neg = gen.integers(0, num_items, len(pos))
+    todo = np.arange(len(pos))
+    while len(todo):
+        key = users[todo] * num_items + neg[todo]
+        at = np.searchsorted(known, key).clip(max=len(known) - 1)
+        todo = todo[known[at] == key]
+        neg[todo] = gen.integers(0, num_items, len(todo))
+    return users, pos, neg

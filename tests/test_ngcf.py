@@ -1,0 +1,182 @@
+"""NGCF and LightGCN (models/ngcf.py), the NGCF-format reader, full-ranking metrics and
+graph runs, on tiny hand-made graphs."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from data.gowalla import Interactions, load_interactions, normalized_adjacency
+from models.ngcf import GraphCF, bpr_triples
+from rectables.embedding_modules import EmbeddingCollection
+from rectables.optim import SparseOptimizer
+from rectables.ranking import recall_ndcg
+from rectables.registry import table_class
+from rectables.sizing import tables_for_budget
+
+# users 0-2, items 0-3: u0 {0, 1}, u1 {1}, u2 {2, 3}
+TRAIN = Interactions(np.array([0, 2, 3, 5]), np.array([0, 1, 1, 2, 3]))
+U, I = 3, 4
+
+
+def dense_adjacency():
+    A = torch.zeros(U + I, U + I, dtype=torch.float64)
+    for u, i in zip(TRAIN.users, TRAIN.items):
+        A[u, U + i] = A[U + i, u] = 1
+    d = A.sum(1)
+    inv = torch.where(d > 0, d.pow(-0.5), torch.zeros_like(d))
+    return inv[:, None] * A * inv[None, :]
+
+
+def model(kind, method="full", budget=1.0, dim=4, opt="sgd", lr=0.1, **kw):
+    o = SparseOptimizer(opt, lr=lr)
+    tables = tables_for_budget(table_class(method), dim, ["user", "item"], [U, I], budget, o)
+    kw.setdefault("message_dropout", 0.0)
+    return GraphCF(EmbeddingCollection(tables, o), U, I, normalized_adjacency(TRAIN, U, I), kind=kind, **kw)
+
+
+def test_normalized_adjacency_is_d_half_a_d_half():
+    assert torch.allclose(normalized_adjacency(TRAIN, U, I).to_dense().double(), dense_adjacency(), atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["lightgcn", "ngcf"])
+def test_propagation_and_its_gradient_match_a_dense_matrix_reference(kind):
+    torch.manual_seed(0)
+    m = model(kind, layers=2)
+    L = dense_adjacency().float()
+    e0 = torch.randn(U + I, 4, requires_grad=True)
+    got = m.propagate(e0)
+    ref_e, outs = e0, [e0]
+    for layer in range(2):
+        side = L @ ref_e
+        if kind == "lightgcn":
+            ref_e = side
+            outs.append(ref_e)
+        else:
+            ref_e = torch.nn.functional.leaky_relu(m.w1[layer](side + ref_e) + m.w2[layer](side * ref_e), 0.2)
+            outs.append(torch.nn.functional.normalize(ref_e, dim=1))
+    ref = torch.stack(outs).mean(0) if kind == "lightgcn" else torch.cat(outs, 1)
+    assert torch.allclose(got, ref, atol=1e-5)
+    w = torch.randn_like(ref)
+    g_got, = torch.autograd.grad((got * w).sum(), e0)
+    g_ref, = torch.autograd.grad((ref * w).sum(), e0)
+    assert torch.allclose(g_got, g_ref, atol=1e-5)
+
+
+def test_node_dropout_drops_undirected_edges_and_an_asymmetric_matrix_is_refused():
+    torch.manual_seed(0)
+    m = model("ngcf", node_dropout=0.5)
+    m.train()
+    for _ in range(5):
+        a = m._adjacency().to_dense()
+        assert torch.equal(a, a.T) and a.count_nonzero() < 2 * len(TRAIN.items)
+    m.eval()
+    assert torch.equal(m._adjacency().to_dense(), normalized_adjacency(TRAIN, U, I).to_dense())
+    bad = normalized_adjacency(TRAIN, U, I).to_dense()
+    bad[0, U] = 0
+    o = SparseOptimizer("sgd", lr=0.1)
+    with pytest.raises(ValueError, match="symmetric"):
+        GraphCF(EmbeddingCollection(tables_for_budget(table_class("full"), 4, ["user", "item"], [U, I], 1.0, o), o),
+                U, I, bad.to_sparse_csr())
+
+
+def test_recall_and_ndcg_by_hand_with_training_items_excluded():
+    # one dim: user scores are the item embeddings times the user's value
+    items = torch.tensor([[4.0], [3.0], [2.0], [1.0], [0.0]])  # ranking for a positive user: 0, 1, 2, 3, 4
+    users = torch.tensor([[1.0], [1.0], [-1.0]])
+    train = Interactions(np.array([0, 1, 1, 1]), np.array([0]))  # u0 trained on item 0: it must not count
+    test = Interactions(np.array([0, 2, 4, 4]), np.array([0, 2, 1, 4]))  # u0 {0, 2}; u1 {1, 4}; u2 none
+    r = recall_ndcg(users, items, train, test, k=2)
+    # u0: item 0 excluded -> top 2 = [1, 2]: hits [0, 1]; recall 1/2; dcg 1/log2(3); ideal 1 + 1/log2(3)
+    # u1: top 2 = [0, 1]: hits [0, 1]; recall 1/2; same dcg and ideal (2 test items, k = 2)
+    # u2: no test items: skipped
+    ndcg = (1 / math.log2(3)) / (1 + 1 / math.log2(3))
+    assert r["users"] == 2 and r["recall"] == pytest.approx(0.5) and r["ndcg"] == pytest.approx(ndcg)
+    r = recall_ndcg(users, items, Interactions(np.array([0, 0, 0, 0]), np.array([], dtype=np.int64)),
+                    Interactions(np.array([0, 1, 1, 1]), np.array([3])), k=3)
+    # ideal over min(k, 1 test item) = 1 relevant item: rank 4 > k -> 0; with k = 4 -> 1/log2(5)
+    assert r["ndcg"] == 0 and recall_ndcg(users, items, Interactions(np.array([0, 0, 0, 0]), np.array([], dtype=np.int64)),
+                                          Interactions(np.array([0, 1, 1, 1]), np.array([3])), k=4)["ndcg"] \
+        == pytest.approx(1 / math.log2(5))
+
+
+def test_bpr_triples_cover_every_interaction_and_never_draw_a_training_item():
+    rng = np.random.default_rng(0)
+    users, pos, neg = bpr_triples(TRAIN, I, rng)
+    assert sorted(zip(users, pos)) == sorted(zip(TRAIN.users, TRAIN.items))
+    seen = set(zip(TRAIN.users, TRAIN.items))
+    for _ in range(20):
+        users, pos, neg = bpr_triples(TRAIN, I, rng)
+        assert not any((u, j) in seen for u, j in zip(users, neg))
+
+
+@pytest.mark.parametrize("method, budget", [("full", 1.0), ("hash", 0.5), ("multihash", 0.5), ("unified", 0.5),
+                                            ("compositional", 0.5), ("dynamic", 1.0)])
+@pytest.mark.parametrize("kind", ["lightgcn", "ngcf"])
+def test_every_method_learns_the_training_pairs(kind, method, budget):
+    torch.manual_seed(0)
+    m = model(kind, method, budget, dim=8, opt="rowwise_adagrad", lr=0.2, l2=0.0)
+    dense = torch.optim.Adam(list(m.w1.parameters()) + list(m.w2.parameters()), lr=0.01) if kind == "ngcf" else None
+    users, pos = torch.from_numpy(TRAIN.users), torch.from_numpy(TRAIN.items)
+    neg = torch.tensor([3, 3, 0, 0, 1])  # items the users never had
+    losses = []
+    for _ in range(40):
+        loss = m.loss(users, pos, neg)
+        if dense:
+            dense.zero_grad()
+        loss.backward()
+        if dense:
+            dense.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+def _write_dataset(d):
+    d.mkdir()
+    (d / "train.txt").write_text("0 0 1\n1 1\n2 2 3\n")
+    (d / "test.txt").write_text("0 2\n1 0 3\n2 1\n")
+
+
+def test_reader_and_a_graph_run_that_resumes_exactly(tmp_path):
+    from rectables.graph import run_graph
+
+    _write_dataset(tmp_path / "g")
+    train, test, n_users, n_items = load_interactions(tmp_path / "g")
+    assert (n_users, n_items) == (3, 4) and train.items.tolist() == [0, 1, 1, 2, 3] and test.offsets.tolist() == [0, 1, 3, 4]
+    spec = {"data": str(tmp_path / "g"), "model": "ngcf", "dim": 4, "batch_size": 2, "progress": False,
+            "node_dropout": 0.2, "sparse_optimizer": "rowwise_adagrad", "sparse_lr": 0.1}
+    whole = run_graph({**spec, "epochs": 3}, tmp_path / "a")
+    run_graph({**spec, "epochs": 1}, tmp_path / "b")
+    resumed = run_graph({**spec, "epochs": 3}, tmp_path / "b", resume=True)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+    assert resumed["last"]["recall@20"] == whole["last"]["recall@20"]
+    assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["message_dropout"] == 0.1  # NGCF's default
+    with pytest.raises(ValueError, match="unknown entries.*'layer'"):
+        run_graph({**spec, "layer": 2}, tmp_path / "c")
+
+
+def test_a_bad_interaction_file_is_named(tmp_path):
+    d = tmp_path / "g"
+    _write_dataset(d)
+    (d / "test.txt").write_text("0 2\n1 x\n")
+    with pytest.raises(ValueError, match="test.txt:2: not a line of integers"):
+        load_interactions(d)
+
+
+def test_command_line_trains_a_graph_model_and_refuses_flags_of_the_other_family(tmp_path, capsys):
+    from rectables.cli import main
+
+    _write_dataset(tmp_path / "g")
+    assert main(["train", "--model", "lightgcn", "--data", str(tmp_path / "g"), "--run", str(tmp_path / "r"),
+                 "--epochs", "2", "--dim", "8", "--batch-size", "4", "--quiet"]) == 0
+    assert "epoch 2: recall@20" in capsys.readouterr().out
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (config["dim"], config["sparse_optimizer"], config["batch_size"]) == (8, "adam", 4)
+    assert main(["train", "--model", "lightgcn", "--data", str(tmp_path / "g"), "--run", str(tmp_path / "r2"),
+                 "--over-arch", "32,1", "--patience", "2"]) == 1
+    assert "--over-arch, --patience do not apply to --model lightgcn" in capsys.readouterr().err
+    assert main(["train", "--model", "dlrm", "--data", str(tmp_path / "g"), "--run", str(tmp_path / "r3"),
+                 "--layers", "2"]) == 1
+    assert "--layers does not apply to --model dlrm" in capsys.readouterr().err
