@@ -17,6 +17,7 @@ class Batch:
     dense: torch.Tensor
     sparse: object
     labels: torch.Tensor
+    groups: torch.Tensor | None = None  # user of each row [B] where a metric groups by it (GAUC)
 
 
 class CriteoBatches:

@@ -78,25 +78,31 @@ def cmd_preprocess(args) -> int:
 
 CTR_DEFAULTS = {"dim": 16, "epochs": 1, "optimizer": "rowwise_adagrad", "over_arch": "64,1", "patience": 1,
                 "max_steps": 0}
-CTR_ONLY = ("dense_arch", "over_arch", "patience", "max_steps")
-GRAPH_ONLY = ("layers", "l2", "message_dropout", "node_dropout", "eval_every", "k")
+#: flags that only some model families take (ctr: dlrm, deepfm; graph: ngcf, lightgcn; sequence: din, din-base)
+ONLY = {"dense_arch": ("ctr",), "over_arch": ("ctr",), "patience": ("ctr", "sequence"), "max_steps": ("ctr", "sequence"),
+        **{f: ("graph",) for f in ("layers", "l2", "message_dropout", "node_dropout", "eval_every", "k")},
+        "activation": ("sequence",), "softmax": ("sequence",)}
 
 
-def _check_family(args) -> bool:
-    """True for a graph model; a flag of the other family is an error naming it."""
+def _family(model: str) -> str:
     from rectables.graph import GRAPH_MODELS
+    from rectables.sequential import SEQUENCE_MODELS
 
-    graph = args.model in GRAPH_MODELS
-    wrong = [f for f in (CTR_ONLY if graph else GRAPH_ONLY) if getattr(args, f, None) is not None]
+    return "graph" if model in GRAPH_MODELS else "sequence" if model in SEQUENCE_MODELS else "ctr"
+
+
+def _check_family(args) -> str:
+    """The model's family; a flag the family does not take is an error naming it."""
+    family = _family(args.model)
+    wrong = [f for f, fams in ONLY.items() if family not in fams and getattr(args, f, None) not in (None, False)]
     if wrong:
         flags = ", ".join("--" + f.replace("_", "-") for f in wrong)
-        raise ValueError(f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to --model {args.model}"
-                         + (" (a graph model)" if graph else " (only ngcf and lightgcn take it)"))
-    if not graph:
+        raise ValueError(f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to --model {args.model}")
+    if family != "graph":
         for k, v in CTR_DEFAULTS.items():
-            if getattr(args, k, None) is None:
+            if getattr(args, k, None) is None and family in ONLY.get(k, (family,)):
                 setattr(args, k, v)
-    return graph
+    return family
 
 
 def _graph_spec(args) -> dict:
@@ -111,8 +117,9 @@ def _graph_spec(args) -> dict:
 
 
 def _spec(args) -> dict:
-    if _check_family(args):
-        raise ValueError(f"--model {args.model} is a graph model: use `rectables train`")
+    if _check_family(args) != "ctr":
+        raise ValueError(f"`rectables compare` takes the CTR models (dlrm, deepfm); train --model {args.model} "
+                         f"runs one at a time with `rectables train`")
     last = int(args.dense_arch.split(",")[-1]) if args.dense_arch else args.dim  # None: follows --dim (and the data)
     if args.model == "dlrm" and last != args.dim:
         raise ValueError(f"DLRM's bottom MLP ends at the embedding dim: the last layer of --dense-arch "
@@ -132,7 +139,21 @@ def _spec(args) -> dict:
 def cmd_train(args) -> int:
     from rectables.experiment import run_training
 
-    if _check_family(args):
+    family = _check_family(args)
+    if family == "sequence":
+        from rectables.sequential import run_din
+
+        spec = {"data": args.data, "model": args.model, "method": args.method, "budget": parse_fraction(args.budget),
+                "dim": args.dim, "activation": args.activation, "softmax": args.softmax or None,
+                "train": {"epochs": args.epochs, "batch_size": args.batch_size, "sparse_optimizer": args.optimizer,
+                          **({} if args.sparse_lr is None else {"sparse_lr": args.sparse_lr}), "dense_lr": args.dense_lr,
+                          "seed": args.seed, "max_steps_per_epoch": args.max_steps, "progress": not args.quiet,
+                          "patience": args.patience}}
+        s = run_din(spec, args.run, resume=args.resume, overwrite=args.overwrite)
+        print(f"best val AUC {s['best_val_auc']:.4f} (epoch {s['best_epoch']}); test AUC {s['test']['auc']:.4f}, "
+              f"GAUC {s['test']['gauc']:.4f}, logloss {s['test']['logloss']:.4f} -> {args.run}")
+        return 0
+    if family == "graph":
         from rectables.graph import run_graph
 
         s = run_graph(_graph_spec(args), args.run, resume=args.resume, overwrite=args.overwrite)
@@ -189,11 +210,15 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--data", required=True,
                    help="preprocessed dataset directory (rectables preprocess); for ngcf/lightgcn a directory with "
-                        "train.txt and test.txt in the NGCF format, or 'gowalla' (../shared/data/gowalla)")
+                        "train.txt and test.txt in the NGCF format, or 'gowalla' (../shared/data/gowalla); for din "
+                        "'movielens' or 'beauty' (or their directories)")
     p.add_argument("--dim", type=int, default=None,
                    help="embedding dim (default: 16; 64 for ngcf/lightgcn); DLRM: the last layer of --dense-arch")
-    p.add_argument("--model", choices=["dlrm", "deepfm", *GRAPH_MODELS], default="dlrm",
-                   help="CTR model over the tables, or a graph model (implicit feedback, ranking metrics)")
+    from rectables.sequential import SEQUENCE_MODELS
+
+    p.add_argument("--model", choices=["dlrm", "deepfm", *GRAPH_MODELS, *SEQUENCE_MODELS], default="dlrm",
+                   help="CTR model over the tables; a graph model (implicit feedback, ranking metrics: --data gowalla); "
+                        "or DIN on behaviour sequences (--data movielens or beauty)")
     p.add_argument("--dense-arch", default=None,
                    help="DLRM bottom MLP over the dense features, its last layer = --dim (default: 64,DIM; "
                         "DIM on data without dense features)")
@@ -222,6 +247,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--node-dropout", type=float, default=None, help="share of edges dropped per step (default: 0)")
     g.add_argument("--eval-every", type=int, default=None, help="epochs between test evaluations (default: 1)")
     g.add_argument("--k", type=int, default=None, help="cut-off of Recall@k and NDCG@k (default: 20)")
+    d = p.add_argument_group("sequence models (din, din-base) only")
+    d.add_argument("--activation", choices=["dice", "prelu"], default=None, help="DIN's activation (default: dice)")
+    d.add_argument("--softmax", action="store_true", help="normalise DIN's attention weights (the paper does not)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,11 +105,12 @@ def _check_finite(losses: list[torch.Tensor], step: int) -> None:
 
 @torch.no_grad()
 def evaluate(model, loader) -> dict:
-    """{auc, logloss, n} of ``model`` on every batch of ``loader``."""
+    """{auc, logloss, n} of ``model`` on every batch of ``loader``; with gauc where the
+    batches carry groups (users)."""
     model.eval()
     m = StreamingMetrics()
     for batch in loader:
-        m.update(model(batch.dense, batch.sparse), batch.labels)
+        m.update(model(batch.dense, batch.sparse), batch.labels, getattr(batch, "groups", None))
     return m.result()
 
 
