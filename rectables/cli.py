@@ -116,10 +116,23 @@ def _graph_spec(args) -> dict:
             "eval_every": args.eval_every, "k": args.k, "progress": not args.quiet}
 
 
+def _din_spec(args) -> dict:
+    return {"data": args.data, "model": args.model, "method": getattr(args, "method", "full"),
+            "budget": parse_fraction(getattr(args, "budget", "1")), "dim": args.dim, "activation": args.activation,
+            "softmax": args.softmax or None,
+            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "sparse_optimizer": args.optimizer,
+                      **({} if args.sparse_lr is None else {"sparse_lr": args.sparse_lr}), "dense_lr": args.dense_lr,
+                      "seed": args.seed, "max_steps_per_epoch": args.max_steps, "progress": not args.quiet,
+                      "patience": args.patience}}
+
+
 def _spec(args) -> dict:
-    if _check_family(args) != "ctr":
-        raise ValueError(f"`rectables compare` takes the CTR models (dlrm, deepfm); train --model {args.model} "
-                         f"runs one at a time with `rectables train`")
+    family = _check_family(args)
+    if family == "sequence":
+        return _din_spec(args)
+    if family == "graph":
+        raise ValueError(f"`rectables compare` takes dlrm, deepfm, din and din-base; train --model {args.model} "
+                         f"runs one table at a time with `rectables train` (ranking metrics)")
     last = int(args.dense_arch.split(",")[-1]) if args.dense_arch else args.dim  # None: follows --dim (and the data)
     if args.model == "dlrm" and last != args.dim:
         raise ValueError(f"DLRM's bottom MLP ends at the embedding dim: the last layer of --dense-arch "
@@ -143,13 +156,7 @@ def cmd_train(args) -> int:
     if family == "sequence":
         from rectables.sequential import run_din
 
-        spec = {"data": args.data, "model": args.model, "method": args.method, "budget": parse_fraction(args.budget),
-                "dim": args.dim, "activation": args.activation, "softmax": args.softmax or None,
-                "train": {"epochs": args.epochs, "batch_size": args.batch_size, "sparse_optimizer": args.optimizer,
-                          **({} if args.sparse_lr is None else {"sparse_lr": args.sparse_lr}), "dense_lr": args.dense_lr,
-                          "seed": args.seed, "max_steps_per_epoch": args.max_steps, "progress": not args.quiet,
-                          "patience": args.patience}}
-        s = run_din(spec, args.run, resume=args.resume, overwrite=args.overwrite)
+        s = run_din(_din_spec(args), args.run, resume=args.resume, overwrite=args.overwrite)
         print(f"best val AUC {s['best_val_auc']:.4f} (epoch {s['best_epoch']}); test AUC {s['test']['auc']:.4f}, "
               f"GAUC {s['test']['gauc']:.4f}, logloss {s['test']['logloss']:.4f} -> {args.run}")
         return 0

@@ -33,6 +33,10 @@ def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str |
     again), unless ``overwrite``.  Returns the report's rows."""
     from rectables.registry import table_class
 
+    from rectables.sequential import SEQUENCE_MODELS, run_din
+
+    sequence = spec.get("model") in SEQUENCE_MODELS  # DIN: its own data and runner, no CTR baselines
+    train = run_din if sequence else run_training
     for m in methods:
         table_class(m)  # an unknown name fails before any training
     seeds = seeds if seeds else [spec.get("train", {}).get("seed", 0)]
@@ -44,7 +48,7 @@ def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str |
                 run_spec = {**spec, "method": method, "budget": budget, "train": {**spec.get("train", {}), "seed": seed}}
                 name = f"{method}_{budget:g}_seed{seed}"
                 try:
-                    s = run_training(run_spec, out / name, resume=not overwrite, overwrite=overwrite)
+                    s = train(run_spec, out / name, resume=not overwrite, overwrite=overwrite)
                 except IncompatibleMethod as e:  # a row that says why, not an aborted comparison
                     runs.append({"method": method, "budget": budget, "seed": seed, "skipped": str(e)})
                     print(f"{name}: skipped: {e}", flush=True)
@@ -53,7 +57,7 @@ def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str |
                 print(f"{name}: test AUC {runs[-1]['auc']:.4f}", flush=True)
     rows = aggregate(runs)
     base = []
-    if baselines:
+    if baselines and not sequence:
         from rectables.baselines import baselines as compute
 
         base = compute(spec["data"])
@@ -69,7 +73,8 @@ def _record(method: str, budget: float, seed: int, s: dict) -> dict:
         "rows": sum(t["rows"] for t in tables),
         **{k: sum(t[k] for t in tables) for k in ("weights", "optimizer", "buffers")},
         "bytes": sum(t["total"] for t in tables),
-        "auc": s["test"]["auc"], "logloss": s["test"]["logloss"], "best_epoch": s["best_epoch"],
+        "auc": s["test"]["auc"], "logloss": s["test"]["logloss"], "gauc": s["test"].get("gauc"),
+        "best_epoch": s["best_epoch"],
         "val_auc": best["val_auc"], "samples_per_s": statistics.median(h["samples_per_s"] for h in s["history"]),
         "wall_s": sum(h.get("seconds", 0.0) for h in s["history"]),
     }
@@ -94,6 +99,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
             row[k] = statistics.mean(r[k] for r in done)
         for k in ("auc", "logloss"):
             row[f"{k}_std"] = statistics.stdev(r[k] for r in done) if len(done) > 1 else 0.0
+        gauc = [r["gauc"] for r in done if r.get("gauc") is not None]
+        row["gauc"] = statistics.mean(gauc) if gauc else None
         rows.append(row)
     order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
     return sorted(rows, key=lambda r: (order[r["method"]], r.get("bytes", float("inf"))))
@@ -101,7 +108,10 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 def _title(spec: dict, seeds: list[int]) -> str:
     from data.preprocess import open_dataset
+    from rectables.sequential import SEQUENCE_MODELS
 
+    if spec.get("model") in SEQUENCE_MODELS:
+        return f"{Path(str(spec['data'])).name}: {spec['model']}, dim {spec.get('dim', 16)}, {len(seeds)} seed(s)"
     meta = open_dataset(spec["data"])
     facts = Path(str(meta.get("source", "")) + ".json")
     bayes = ""
@@ -135,12 +145,12 @@ def write_report(rows: list[dict], out: Path, base: list[dict] | None = None, ru
     full = next((r for r in done if r["method"] == "full"), None)  # without it: "-", not a wrong baseline
     lines = [f"{title}" if title else "", "",
              "| method | budget | settings | rows | weights | optimizer | buffers | table bytes | vs full | test AUC | "
-             "ΔAUC | logloss | best epoch | val AUC | train samples/s | train s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "ΔAUC | logloss | GAUC | best epoch | val AUC | train samples/s | train s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b in base or []:
         delta = f"{b['auc'] - full['auc']:+.4f}" if full else "-"
         lines.append(f"| *{b['method']}* | - | no tables | - | - | - | - | - | - | {b['auc']:.4f} | {delta} | "
-                     f"{b['logloss']:.4f} | - | - | - | - |")
+                     f"{b['logloss']:.4f} | - | - | - | - | - |")
     for r in done:
         n = len(r["seeds"])
         ratio = f"{full['bytes'] / r['bytes']:.1f}x" if full else "-"
@@ -149,14 +159,14 @@ def write_report(rows: list[dict], out: Path, base: list[dict] | None = None, ru
             f"| {r['method']} | {budget_label(r['budget'])} | {_settings(r['settings'])} | {r['rows']:,} | "
             f"{_mb(r['weights'])} | {_mb(r['optimizer'])} | {_mb(r['buffers'])} | {_mb(r['bytes'])} | {ratio} | "
             f"{_pm(r['auc'], r['auc_std'], n)} | {delta} | {_pm(r['logloss'], r['logloss_std'], n)} | "
-            f"{r['best_epoch']:g} | {r['val_auc']:.4f} | {r['samples_per_s']:,.0f} | {r['wall_s']:.0f} |")
-    lines += [f"| {r['method']} | {budget_label(r['budget'])} | skipped: {r['skipped']} |" + " |" * 13
+            f"{'-' if r.get('gauc') is None else format(r['gauc'], '.4f')} | {r['best_epoch']:g} | {r['val_auc']:.4f} | {r['samples_per_s']:,.0f} | {r['wall_s']:.0f} |")
+    lines += [f"| {r['method']} | {budget_label(r['budget'])} | skipped: {r['skipped']} |" + " |" * 14
               for r in rows if "skipped" in r]
     lines += ["", f"Table bytes = weights + optimizer state + buffers. {SPEED_NOTE}."]
     text = "\n".join(lines).strip("\n") + "\n"
     (out / "comparison.md").write_text(text)
     fields = ["method", "budget", "settings", "seeds", "rows", "weights", "optimizer", "buffers", "bytes", "auc",
-              "auc_std", "logloss", "logloss_std", "best_epoch", "val_auc", "samples_per_s", "wall_s", "skipped"]
+              "auc_std", "logloss", "logloss_std", "gauc", "best_epoch", "val_auc", "samples_per_s", "wall_s", "skipped"]
     with open(out / "comparison.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()

@@ -164,3 +164,28 @@ def test_movielens_din_run_reports_auc_and_gauc(tmp_path):
     s = run_din({"data": str(MOVIELENS), "model": "din", "dim": 8,
                  "train": {"epochs": 1, "max_steps_per_epoch": 40, "progress": False}}, tmp_path / "r")
     assert s["test"]["n"] == 2 * 943 and 0.6 < s["test"]["auc"] and 0.6 < s["test"]["gauc"] <= 1
+
+
+def _tiny_movielens(d: Path, users=40, items=25, seed=0):
+    rng = np.random.default_rng(seed)
+    d.mkdir()
+    rows = [f"{u}\t{i}\t{rng.integers(1, 6)}\t{1000 + k}" for u in range(1, users + 1)
+            for k, i in enumerate(rng.choice(np.arange(1, items + 1), 8, replace=False))]
+    (d / "u.data").write_text("\n".join(rows) + "\n")
+    genre = lambda i: "|".join("1" if g == i % 19 else "0" for g in range(19))  # noqa: E731
+    (d / "u.item").write_text("".join(f"{i}|t|d||u|{genre(i)}\n" for i in range(1, items + 1)), encoding="latin-1")
+
+
+def test_compare_runs_din_with_gauc_and_no_ctr_baselines(tmp_path):
+    import json
+
+    from rectables.compare import compare
+
+    _tiny_movielens(tmp_path / "ml")
+    spec = {"data": str(tmp_path / "ml"), "model": "din", "dim": 4,
+            "train": {"epochs": 1, "batch_size": 32, "progress": False}}
+    rows = compare(spec, ["full", "hash"], [0.5], tmp_path / "cmp", seeds=[0, 1])
+    assert [r["method"] for r in rows] == ["full", "hash"] and all(0 <= r["gauc"] <= 1 for r in rows)
+    text = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| GAUC |" in text and "base rate" not in text
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"][0]["seeds"] == [0, 1]
