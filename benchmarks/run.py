@@ -23,6 +23,7 @@ import dynamic_remap  # noqa: E402
 import e2e_deepfm  # noqa: E402
 import e2e_dlrm  # noqa: E402
 import real_data  # noqa: E402
+import recsys  # noqa: E402
 import embedding_step  # noqa: E402
 
 LABELS = {
@@ -314,17 +315,20 @@ def main() -> None:
         "times move up to 2x between runs); compare the ratios, which come from the same run.",
         "",
     ]
-    sections = ["embedding", "dlrm", "deepfm", "ingest", "movielens", "accuracy", "compile", "dynamic", "real"]
+    sections = ["embedding", "dlrm", "deepfm", "ingest", "movielens", "accuracy", "compile", "dynamic", "real", "din",
+                "graph"]
+    default = [x for x in sections if x != "graph"]  # the graph runs take ~1 h: make bench-graph
     p.add_argument("--only", default="", help="comma list of sections: " + ",".join(sections))
     args = p.parse_args()
-    wanted = args.only.split(",") if args.only else sections
+    wanted = args.only.split(",") if args.only else default
     make = {"embedding": lambda: embedding_section(args.rounds), "dlrm": lambda: dlrm_section(args.rounds),
             "deepfm": deepfm_section, "ingest": ingest_section, "movielens": movielens_section,
             "accuracy": accuracy_section, "compile": compile_section,
-            "dynamic": lambda: dynamic_remap.section(CLI), "real": lambda: real_data.section(CLI)}
+            "dynamic": lambda: dynamic_remap.section(CLI), "real": lambda: real_data.section(CLI),
+            "din": recsys.din_section, "graph": lambda: recsys.graph_section(40)}
     fresh = {w: make[w]() for w in wanted}
     out = Path(args.out)
-    if args.only and out.exists():  # replace those sections of the existing file, keep the rest
+    if out.exists():  # replace the sections run, keep the rest (make bench keeps make bench-graph's)
         old = _split_sections(out.read_text())
         keys = [k for k in sections if k in old or k in fresh]
         body = [fresh.get(k) or old[k] for k in keys]
@@ -336,7 +340,8 @@ def main() -> None:
 
 HEADINGS = {"embedding": "## Embedding train step", "dlrm": "## DLRM train step", "deepfm": "## DeepFM train step",
             "ingest": "## Ingest and loader", "movielens": "## Unified Embedding protocol", "accuracy": "## Accuracy at",
-            "compile": "## torch.compile", "dynamic": "## Dynamic tables", "real": "## Real data with default settings"}
+            "compile": "## torch.compile", "dynamic": "## Dynamic tables", "real": "## Real data with default settings",
+            "din": "## DIN", "graph": "## NGCF and LightGCN"}
 
 
 def _split_sections(text: str) -> dict[str, str]:

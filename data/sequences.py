@@ -98,13 +98,15 @@ def make_splits(seq: Sequences, seed: int = 0, max_history: int = 50) -> dict[st
         idx = np.flatnonzero(mask)
         u, hi = user[idx], idx
         lo = np.maximum(seq.offsets[u], hi - max_history)
-        neg = _negatives(u, seq.num_items, seen, rng)
+        neg = unseen_items(u, seq.num_items, seen, rng)
         out[name] = Samples(np.r_[u, u], np.r_[lo, lo], np.r_[hi, hi], np.r_[seq.items[idx], neg],
                             np.r_[np.ones(len(idx)), np.zeros(len(idx))].astype(np.float32))
     return out
 
 
-def _negatives(users: np.ndarray, num_items: int, seen: np.ndarray, rng) -> np.ndarray:
+def unseen_items(users: np.ndarray, num_items: int, seen: np.ndarray, rng) -> np.ndarray:
+    """One item per user [E], uniform among the items the user has no interaction with;
+    ``seen`` holds sorted keys user * num_items + item of every interaction."""
     neg = rng.integers(0, num_items, len(users))
     todo = np.arange(len(users))
     while len(todo):

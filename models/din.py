@@ -154,12 +154,12 @@ class DIN(nn.Module):
 
     def _first_layer(self, q: torch.Tensor, keys: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         """The attention's first layer on [q, k, q - k, q * k] [N, 4 De] without building it:
-        q (W1 + W3) per sample, gathered, + k (W2 - W3) + (q * k) W4 + b: half the FLOPs."""
+        q (W1 + W3) + b per sample, gathered, + [k, q * k] [W2 - W3; W4]: half the FLOPs."""
         lin = self.attention[0]
         W1, W2, W3, W4 = lin.weight.split(q.shape[1], 1)
         qw = torch.addmm(lin.bias, q, (W1 + W3).T)  # [B, H]
         qk = q.index_select(0, seg)  # (its backward is an index_add; q[seg]'s a slow accumulating index_put)
-        return torch.addmm(qw.index_select(0, seg), keys, (W2 - W3).T) + (qk * keys) @ W4.T
+        return torch.addmm(qw.index_select(0, seg), torch.cat([keys, qk * keys], 1), torch.cat([W2 - W3, W4], 1).T)
 
 
 def segment_softmax(w: torch.Tensor, seg: torch.Tensor, B: int) -> torch.Tensor:

@@ -136,12 +136,6 @@ def bpr_triples(train, num_items: int, gen: np.random.Generator) -> tuple[np.nda
     users, pos = train.users, train.items
     order = gen.permutation(len(pos))
     users, pos = users[order], pos[order]
-    known = np.sort(train.users * num_items + train.items)
-    neg = gen.integers(0, num_items, len(pos))
-    todo = np.arange(len(pos))
-    while len(todo):
-        key = users[todo] * num_items + neg[todo]
-        at = np.searchsorted(known, key).clip(max=len(known) - 1)
-        todo = todo[known[at] == key]
-        neg[todo] = gen.integers(0, num_items, len(todo))
-    return users, pos, neg
+    from data.sequences import unseen_items
+
+    return users, pos, unseen_items(users, num_items, np.sort(train.users * num_items + train.items), gen)

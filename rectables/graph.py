@@ -58,7 +58,9 @@ def resolve_spec(spec: dict) -> dict:
         out["message_dropout"] = MESSAGE_DROPOUT[out["model"]]
     if out["epochs"] < 1 or out["batch_size"] < 1 or out["eval_every"] < 1 or out["k"] < 1:
         raise ValueError("epochs, batch_size, eval_every and k must be >= 1")
-    out["data"] = str(Path(spec["data"]).absolute())
+    from data.sources import resolve
+
+    out["data"] = str(resolve(spec["data"]).absolute())
     return out
 
 

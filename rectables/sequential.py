@@ -76,5 +76,7 @@ def run_din(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: bo
                   label=f"{spec['model']} {spec['method']} seed {cfg.seed}")
     load_best(model, Path(run_dir))
     summary["test"] = evaluate(model, loaders["test"])
+    tables = model.embedding.tables
+    summary["settings"] = {"tables": len(tables), **tables[0].settings()}  # the first (item) table's
     write_json(Path(run_dir) / "summary.json", summary)
     return summary
