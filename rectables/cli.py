@@ -131,8 +131,7 @@ def _spec(args) -> dict:
     if family == "sequence":
         return _din_spec(args)
     if family == "graph":
-        raise ValueError(f"`rectables compare` takes dlrm, deepfm, din and din-base; train --model {args.model} "
-                         f"runs one table at a time with `rectables train` (ranking metrics)")
+        return _graph_spec(args)
     last = int(args.dense_arch.split(",")[-1]) if args.dense_arch else args.dim  # None: follows --dim (and the data)
     if args.model == "dlrm" and last != args.dim:
         raise ValueError(f"DLRM's bottom MLP ends at the embedding dim: the last layer of --dense-arch "

@@ -31,21 +31,24 @@ def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str |
     """A run per method, budget and seed in ``out_dir`` (``<method>_<budget>_seed<k>``); a
     run already there with the same settings is resumed (a finished one only scored
     again), unless ``overwrite``.  Returns the report's rows."""
+    from rectables.graph import GRAPH_MODELS, run_graph
     from rectables.registry import table_class
-
     from rectables.sequential import SEQUENCE_MODELS, run_din
 
     sequence = spec.get("model") in SEQUENCE_MODELS  # DIN: its own data and runner, no CTR baselines
-    train = run_din if sequence else run_training
+    graph = spec.get("model") in GRAPH_MODELS  # NGCF, LightGCN: ranking metrics in the AUC / logloss columns
+    train = run_graph if graph else run_din if sequence else run_training
+    metrics = (f"Recall@{spec.get('k') or 20}", f"NDCG@{spec.get('k') or 20}") if graph else ("AUC", "logloss")
     for m in methods:
         table_class(m)  # an unknown name fails before any training
-    seeds = seeds if seeds else [spec.get("train", {}).get("seed", 0)]
+    seeds = seeds if seeds else [spec.get("seed", 0) if graph else spec.get("train", {}).get("seed", 0)]
     out = Path(out_dir)
     runs = []
     for method in methods:
         for budget in [1.0] if method == "full" else budgets:
             for seed in seeds:
-                run_spec = {**spec, "method": method, "budget": budget, "train": {**spec.get("train", {}), "seed": seed}}
+                run_spec = {**spec, "method": method, "budget": budget}
+                run_spec.update({"seed": seed} if graph else {"train": {**spec.get("train", {}), "seed": seed}})
                 name = f"{method}_{budget:g}_seed{seed}"
                 try:
                     s = train(run_spec, out / name, resume=not overwrite, overwrite=overwrite)
@@ -53,15 +56,15 @@ def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str |
                     runs.append({"method": method, "budget": budget, "seed": seed, "skipped": str(e)})
                     print(f"{name}: skipped: {e}", flush=True)
                     continue
-                runs.append(_record(method, budget, seed, s))
-                print(f"{name}: test AUC {runs[-1]['auc']:.4f}", flush=True)
+                runs.append(_record_graph(method, budget, seed, s) if graph else _record(method, budget, seed, s))
+                print(f"{name}: test {metrics[0]} {runs[-1]['auc']:.4f}", flush=True)
     rows = aggregate(runs)
     base = []
-    if baselines and not sequence:
+    if baselines and not sequence and not graph:
         from rectables.baselines import baselines as compute
 
         base = compute(spec["data"])
-    write_report(rows, out, base=base, runs=runs, title=_title(spec, seeds))
+    write_report(rows, out, base=base, runs=runs, title=_title(spec, seeds), metrics=metrics)
     return rows
 
 
@@ -77,6 +80,20 @@ def _record(method: str, budget: float, seed: int, s: dict) -> dict:
         "best_epoch": s["best_epoch"],
         "val_auc": best["val_auc"], "samples_per_s": statistics.median(h["samples_per_s"] for h in s["history"]),
         "wall_s": sum(h.get("seconds", 0.0) for h in s["history"]),
+    }
+
+
+def _record_graph(method: str, budget: float, seed: int, s: dict) -> dict:
+    """A graph run as a row: its last test Recall@k and NDCG@k in the AUC and logloss
+    slots (the table labels them), training interactions per second."""
+    k, tables = s["config"]["k"], s["memory"]["tables"].values()
+    last = s["last"]
+    return {
+        "method": method, "budget": budget, "seed": seed, "settings": s.get("settings", {}),
+        "rows": sum(t["rows"] for t in tables), **{x: sum(t[x] for t in tables) for x in ("weights", "optimizer", "buffers")},
+        "bytes": sum(t["total"] for t in tables), "auc": last[f"recall@{k}"], "logloss": last[f"ndcg@{k}"], "gauc": None,
+        "best_epoch": last["epoch"], "val_auc": float("nan"),
+        "samples_per_s": s["interactions"] / s["seconds_per_epoch"], "wall_s": sum(h["train_s"] for h in s["history"]),
     }
 
 
@@ -110,8 +127,10 @@ def _title(spec: dict, seeds: list[int]) -> str:
     from data.preprocess import open_dataset
     from rectables.sequential import SEQUENCE_MODELS
 
-    if spec.get("model") in SEQUENCE_MODELS:
-        return f"{Path(str(spec['data'])).name}: {spec['model']}, dim {spec.get('dim', 16)}, {len(seeds)} seed(s)"
+    from rectables.graph import GRAPH_MODELS
+
+    if spec.get("model") in SEQUENCE_MODELS or spec.get("model") in GRAPH_MODELS:
+        return f"{Path(str(spec['data'])).name}: {spec['model']}, dim {spec.get('dim') or 'default'}, {len(seeds)} seed(s)"
     meta = open_dataset(spec["data"])
     facts = Path(str(meta.get("source", "")) + ".json")
     bayes = ""
@@ -139,13 +158,14 @@ def _settings(d: dict) -> str:
 
 
 def write_report(rows: list[dict], out: Path, base: list[dict] | None = None, runs: list[dict] | None = None,
-                 title: str = "") -> None:
+                 title: str = "", metrics: tuple[str, str] = ("AUC", "logloss")) -> None:
+    """``metrics``: the names of the two test metrics (graph models: Recall@k, NDCG@k)."""
     out.mkdir(parents=True, exist_ok=True)
     done = [r for r in rows if "skipped" not in r]
     full = next((r for r in done if r["method"] == "full"), None)  # without it: "-", not a wrong baseline
     lines = [f"{title}" if title else "", "",
-             "| method | budget | settings | rows | weights | optimizer | buffers | table bytes | vs full | test AUC | "
-             "ΔAUC | logloss | GAUC | best epoch | val AUC | train samples/s | train s |",
+             "| method | budget | settings | rows | weights | optimizer | buffers | table bytes | vs full | "
+             f"test {metrics[0]} | Δ{metrics[0]} | {metrics[1]} | GAUC | best epoch | val AUC | train samples/s | train s |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b in base or []:
         delta = f"{b['auc'] - full['auc']:+.4f}" if full else "-"
@@ -159,10 +179,14 @@ def write_report(rows: list[dict], out: Path, base: list[dict] | None = None, ru
             f"| {r['method']} | {budget_label(r['budget'])} | {_settings(r['settings'])} | {r['rows']:,} | "
             f"{_mb(r['weights'])} | {_mb(r['optimizer'])} | {_mb(r['buffers'])} | {_mb(r['bytes'])} | {ratio} | "
             f"{_pm(r['auc'], r['auc_std'], n)} | {delta} | {_pm(r['logloss'], r['logloss_std'], n)} | "
-            f"{'-' if r.get('gauc') is None else format(r['gauc'], '.4f')} | {r['best_epoch']:g} | {r['val_auc']:.4f} | {r['samples_per_s']:,.0f} | {r['wall_s']:.0f} |")
+            f"{'-' if r.get('gauc') is None else format(r['gauc'], '.4f')} | {r['best_epoch']:g} | "
+            f"{'-' if r['val_auc'] != r['val_auc'] else format(r['val_auc'], '.4f')} | {r['samples_per_s']:,.0f} | {r['wall_s']:.0f} |")
     lines += [f"| {r['method']} | {budget_label(r['budget'])} | skipped: {r['skipped']} |" + " |" * 14
               for r in rows if "skipped" in r]
     lines += ["", f"Table bytes = weights + optimizer state + buffers. {SPEED_NOTE}."]
+    if metrics[0] != "AUC":
+        lines.append(f"{metrics[0]} and {metrics[1]}: the test split after the last epoch (\"best epoch\"; the data "
+                     "have no validation split, so nothing is selected); samples/s counts training interactions.")
     text = "\n".join(lines).strip("\n") + "\n"
     (out / "comparison.md").write_text(text)
     fields = ["method", "budget", "settings", "seeds", "rows", "weights", "optimizer", "buffers", "bytes", "auc",
@@ -174,12 +198,12 @@ def write_report(rows: list[dict], out: Path, base: list[dict] | None = None, ru
             w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items() if k in fields})
     (out / "comparison.json").write_text(json.dumps({"title": title, "baselines": base or [], "rows": rows,
                                                      "runs": runs or []}, indent=1))
-    _plot(done, base or [], out / "pareto.png", title)
+    _plot(done, base or [], out / "pareto.png", title, metrics[0])
     print(text)
     print(f"plot: {out / 'pareto.png'}; tables: comparison.md, comparison.csv, comparison.json in {out}")
 
 
-def _plot(rows: list[dict], base: list[dict], path: Path, title: str) -> None:
+def _plot(rows: list[dict], base: list[dict], path: Path, title: str, metric: str = "AUC") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,7 +226,7 @@ def _plot(rows: list[dict], base: list[dict], path: Path, title: str) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("table bytes, MB (weights + optimizer state + buffers; log scale)")
-    ax.set_ylabel("test AUC")
+    ax.set_ylabel(f"test {metric}")
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")

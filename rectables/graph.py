@@ -126,7 +126,9 @@ def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: 
         write_jsonl(run / "metrics.jsonl", state["history"])
         save_checkpoint(run / "last.pt", model, dense_opt, state)
     last = [h for h in state["history"] if f"recall@{spec['k']}" in h][-1]
+    tables = model.embedding.tables
     summary = {"config": {k: v for k, v in spec.items() if k != "progress"}, "last": last,
+               "settings": {"tables": len(tables), **tables[0].settings()}, "interactions": len(train.items),
                "history": state["history"], "memory": memory_report(model, dense_opt),
                "seconds_per_epoch": float(np.median([h["train_s"] for h in state["history"]]))}
     write_json(run / "summary.json", summary)

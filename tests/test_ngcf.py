@@ -180,3 +180,16 @@ def test_command_line_trains_a_graph_model_and_refuses_flags_of_the_other_family
     assert main(["train", "--model", "dlrm", "--data", str(tmp_path / "g"), "--run", str(tmp_path / "r3"),
                  "--layers", "2"]) == 1
     assert "--layers does not apply to --model dlrm" in capsys.readouterr().err
+
+
+def test_compare_runs_a_graph_model_with_ranking_columns(tmp_path):
+    from rectables.compare import compare
+
+    _write_dataset(tmp_path / "g")
+    spec = {"data": str(tmp_path / "g"), "model": "lightgcn", "dim": 4, "epochs": 2, "batch_size": 2, "progress": False}
+    rows = compare(spec, ["full", "hash"], [0.5], tmp_path / "cmp", seeds=[0, 1])
+    assert [r["method"] for r in rows] == ["full", "hash"] and all(0 <= r["auc"] <= 1 for r in rows)
+    text = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| test Recall@20 | ΔRecall@20 | NDCG@20 |" in text and "base rate" not in text
+    run = json.loads((tmp_path / "cmp" / "full_1_seed1" / "config.json").read_text())
+    assert run["seed"] == 1 and (tmp_path / "cmp" / "pareto.png").exists()
