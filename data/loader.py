@@ -71,14 +71,25 @@ class CriteoBatches:
         if not self.prefetch:
             yield from self._batches()
             return
-        q: queue.Queue = queue.Queue(maxsize=2)
-        done = object()
+        yield from prefetched(self._batches())
 
-        def work():
-            for b in self._batches():
+
+def prefetched(batches, depth: int = 2):
+    """Iterate ``batches`` built ahead on a thread (``depth`` at a time); an error raised
+    while building one is raised here, in the consumer, instead of leaving it waiting."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work():
+        try:
+            for b in batches:
                 q.put(b)
-            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+        q.put(done)
 
-        threading.Thread(target=work, daemon=True).start()
-        while (b := q.get()) is not done:
-            yield b
+    threading.Thread(target=work, daemon=True).start()
+    while (b := q.get()) is not done:
+        if isinstance(b, BaseException):
+            raise b
+        yield b

@@ -15,8 +15,6 @@ the method (a table's features may hash an id apart).
 """
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data.loader import Batch
+from data.loader import Batch, prefetched
 
 
 @dataclass
@@ -148,14 +146,4 @@ class SequenceBatches:
     def __iter__(self):
         n = len(self.s.label)
         order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
-        q: queue.Queue = queue.Queue(maxsize=2)
-        done = object()
-
-        def work():
-            for a in range(0, n, self.batch_size):
-                q.put(self.batch(order[a : a + self.batch_size]))
-            q.put(done)
-
-        threading.Thread(target=work, daemon=True).start()
-        while (b := q.get()) is not done:
-            yield b
+        yield from prefetched(self.batch(order[a : a + self.batch_size]) for a in range(0, n, self.batch_size))

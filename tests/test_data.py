@@ -135,3 +135,16 @@ def test_reader_works_in_a_forked_child_after_the_parent_used_it(tmp_path):
 
 def _count_rows(path: str) -> int:
     return sum(len(c.labels) for c in read_criteo(path))
+
+
+def test_an_error_while_building_a_batch_reaches_the_consumer():
+    from data.loader import prefetched
+
+    def batches():
+        yield 1
+        raise ValueError("bad row 7")
+
+    it = prefetched(batches())
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="bad row 7"):
+        next(it)

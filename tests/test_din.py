@@ -189,3 +189,4 @@ def test_compare_runs_din_with_gauc_and_no_ctr_baselines(tmp_path):
     text = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| GAUC |" in text and "base rate" not in text
     assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"][0]["seeds"] == [0, 1]
+
