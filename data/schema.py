@@ -146,7 +146,10 @@ def read_rows(path, schema: Schema, skip_bad_lines: bool = False, labelled: bool
         data = bytes(block)
         if line == 1 and schema.header:
             cut = data.index(b"\n") + 1
-            is_labelled(path, schema)  # checks the header
+            if is_labelled(path, schema) != labelled:  # (also checks the header)
+                raise CriteoFormatError(f"{path}: its header {'lacks' if labelled else 'has'} the label column "
+                                        f"{schema.label!r}, but the file was read as {'un' if not labelled else ''}"
+                                        f"labelled")
             data, line = data[cut:], 2
         if data:
             yield _parse(data, path, line, cols, schema, skip_bad_lines, labelled)

@@ -77,6 +77,9 @@ def test_header_and_schema_are_checked(tmp_path):
         Schema(**{**SCHEMA, "ignore": ["rid", "city"]})
     with pytest.raises(ValueError, match="neither a known format"):
         get_schema("avazoo")
+    unlabelled = _toy(tmp_path, ["1,3,a,b,14102100"], header="rid,price,city,ad,t", name="u2.csv")
+    with pytest.raises(CriteoFormatError, match="lacks the label column 'y'"):
+        list(read_rows(unlabelled, get_schema(SCHEMA)))
 
 
 def test_json_schema_file_through_preprocess_train_and_eval(tmp_path):
