@@ -69,6 +69,8 @@ def dense_regression_on(prep: Path, later: Path) -> dict:
 
 
 def later_rows(cli) -> list[str]:
+    from rectables.experiment import score_file
+
     early, late = split_by_time(OUT / "time")
     prep = _prep(cli, early, OUT / "time" / "prep")
     lr = dense_regression_on(prep, late)
@@ -84,10 +86,9 @@ def later_rows(cli) -> list[str]:
                 run = OUT / "time" / f"{model}_{batch}_seed{seed}"
                 _run(cli, "train", "--data", str(prep), "--model", model, "--batch-size", batch, "--seed", seed,
                      "--quiet", "--overwrite", "--run", str(run))
-                r = _run(cli, "eval", "--run", str(run), "--data", str(late))
-                auc, ll = r.split("AUC ")[1].split(", logloss ")
-                aucs.append(float(auc))
-                lls.append(float(ll.split()[0]))
+                r = score_file(run, late)  # what `rectables eval --data later.tsv` prints
+                aucs.append(r["auc"])
+                lls.append(r["logloss"])
             shown = batch if batch != "auto" else f"auto ({json.loads((run / 'config.json').read_text())['train']['batch_size']})"
             lines.append(f"| {model} | {shown} | {statistics.mean(aucs):.4f} ± {statistics.stdev(aucs):.4f} | "
                          f"{statistics.mean(lls):.4f} | {statistics.mean(aucs) - lr['auc']:+.4f} |")

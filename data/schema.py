@@ -166,9 +166,9 @@ def _parse(data: bytes, path: Path, first: int, cols: list[str], s: Schema, skip
     bad = nfields != len(cols)  # [R] lines to report or skip, and why
     why = np.where(bad, "has a wrong number of fields", "").astype(object)
     keep = np.flatnonzero(~bad)
-    if bad.any():  # parse the good lines only
-        starts = np.concatenate([[0], ends[:-1] + 1])
-        data = b"".join(data[starts[i] : ends[i] + 1] for i in keep)
+    if bad.any():  # parse the good lines only: keep the bytes whose line is good
+        line_of = np.concatenate([[0], np.cumsum(buf[:-1] == 10)])
+        data = buf[~bad[line_of]].tobytes()
     try:
         df = pd.read_csv(io.BytesIO(data), sep=s.delimiter, header=None, names=cols, dtype=str, na_filter=False,
                          quoting=3, skip_blank_lines=False, engine="c", encoding="utf-8") if len(keep) else None

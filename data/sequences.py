@@ -70,6 +70,11 @@ def _from_pairs(users: np.ndarray, items: np.ndarray, num_items: int, cats) -> S
 LOADERS = {"movielens": load_movielens, "beauty": load_beauty}
 
 
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ranges [starts[j], starts[j] + lengths[j]) as one index array."""
+    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
+
+
 @dataclass
 class Samples:
     """One split: sample j is (user[j], its history items[lo[j]:hi[j]], target[j], label[j])."""
@@ -135,7 +140,7 @@ class SequenceBatches:
 
         s = self.s
         lens = s.hi[rows] - s.lo[rows]
-        hist = self.seq.items[np.repeat(s.lo[rows] - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())]
+        hist = self.seq.items[ranges(s.lo[rows], lens)]
         items = np.r_[s.target[rows], hist]
         lengths = np.r_[np.ones(len(rows), np.int64), lens]
         values = [items] + ([self.seq.categories[items]] if self.seq.categories is not None else [])

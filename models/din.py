@@ -97,7 +97,7 @@ class Dice(nn.Module):
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         if self.training and s.shape[0] > 1:
             x = s.detach()
-            mean = x.mean(0)  # (var_mean over dim 0 took 4x as long as these two sums here)
+            mean = x.mean(0)  # (var_mean over dim 0: 10.5 ms on [26000, 80], these two means 1.2 ms)
             var = (x * x).mean(0).sub_(mean * mean).clamp_(min=0)
             with torch.no_grad():
                 n = s.shape[0]
@@ -150,7 +150,6 @@ class DIN(nn.Module):
         if self.softmax:
             w = segment_softmax(w, seg, B)
         return self.mlp(torch.cat([q, pooled.index_add(0, seg, keys * w[:, None])], 1)).squeeze(1)
-
 
     def _first_layer(self, q: torch.Tensor, keys: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         """The attention's first layer on [q, k, q - k, q * k] [N, 4 De] without building it:

@@ -236,7 +236,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="stop after this many epochs without a better validation score (default: 1)")
     p.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="rows per optimizer step; auto: the largest power of two giving an epoch of >= 100 steps, "
-                        "within [32, 4096] (4096 for Criteo at scale, 64 for the 9k-row Criteo sample)")
+                        "within [32, 4096] (4096 for Criteo at scale, 64 for the 9k-row Criteo sample); "
+                        "ngcf/lightgcn: 8192")
     p.add_argument("--optimizer", choices=list(OPTIMIZERS), default=None,
                    help="sparse optimizer of the tables, fused into backward (default: rowwise_adagrad; adam for "
                         "ngcf/lightgcn)")

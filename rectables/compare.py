@@ -68,14 +68,19 @@ def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str |
     return rows
 
 
-def _record(method: str, budget: float, seed: int, s: dict) -> dict:
+def _common(method: str, budget: float, seed: int, s: dict) -> dict:
+    """A run's row fields that do not depend on the model family: who it is and its bytes."""
     tables = s["memory"]["tables"].values()
+    return {"method": method, "budget": budget, "seed": seed, "settings": s.get("settings", {}),
+            "rows": sum(t["rows"] for t in tables),
+            **{k: sum(t[k] for t in tables) for k in ("weights", "optimizer", "buffers")},
+            "bytes": sum(t["total"] for t in tables)}
+
+
+def _record(method: str, budget: float, seed: int, s: dict) -> dict:
     best = next(h for h in s["history"] if h["epoch"] == s["best_epoch"])
     return {
-        "method": method, "budget": budget, "seed": seed, "settings": s.get("settings", {}),
-        "rows": sum(t["rows"] for t in tables),
-        **{k: sum(t[k] for t in tables) for k in ("weights", "optimizer", "buffers")},
-        "bytes": sum(t["total"] for t in tables),
+        **_common(method, budget, seed, s),
         "auc": s["test"]["auc"], "logloss": s["test"]["logloss"], "gauc": s["test"].get("gauc"),
         "best_epoch": s["best_epoch"],
         "val_auc": best["val_auc"], "samples_per_s": statistics.median(h["samples_per_s"] for h in s["history"]),
@@ -86,12 +91,10 @@ def _record(method: str, budget: float, seed: int, s: dict) -> dict:
 def _record_graph(method: str, budget: float, seed: int, s: dict) -> dict:
     """A graph run as a row: its last test Recall@k and NDCG@k in the AUC and logloss
     slots (the table labels them), training interactions per second."""
-    k, tables = s["config"]["k"], s["memory"]["tables"].values()
-    last = s["last"]
+    k, last = s["config"]["k"], s["last"]
     return {
-        "method": method, "budget": budget, "seed": seed, "settings": s.get("settings", {}),
-        "rows": sum(t["rows"] for t in tables), **{x: sum(t[x] for t in tables) for x in ("weights", "optimizer", "buffers")},
-        "bytes": sum(t["total"] for t in tables), "auc": last[f"recall@{k}"], "logloss": last[f"ndcg@{k}"], "gauc": None,
+        **_common(method, budget, seed, s),
+        "auc": last[f"recall@{k}"], "logloss": last[f"ndcg@{k}"], "gauc": None,
         "best_epoch": last["epoch"], "val_auc": float("nan"),
         "samples_per_s": s["interactions"] / s["seconds_per_epoch"], "wall_s": sum(h["train_s"] for h in s["history"]),
     }

@@ -7,7 +7,6 @@ is all ``rectables eval`` needs to rebuild the model.
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,8 +16,7 @@ import torch
 from data.schema import schema_of
 from rectables.optim import SparseOptimizer
 from rectables.registry import table_class
-from rectables.runs import RunError, load_model, read_checkpoint, start_run, write_json
-from rectables.memory import _collections
+from rectables.runs import RunError, load_model, read_checkpoint, start_run, table_settings, versions, write_json
 from rectables.train import TrainConfig, evaluate, fit
 
 #: dense_arch None: [64, dim], or [dim] on data without dense features (see models.dlrm)
@@ -38,8 +36,8 @@ def auto_batch_size(train_rows: int) -> int:
     most ``train_rows / AUTO_STEPS``, within [32, 4096].  Criteo at scale gets 4096; the
     7,177 training rows of the real Criteo sample get 64.  Measured there (DLRM, one
     epoch, 3 seeds, scored on the sample's latest 1,076 rows after training on the
-    rest): batch 4096 = 1 step, AUC ~0.5; 256: 0.711; 64: 0.735; 32: 0.740, against
-    0.717 for a logistic regression on the dense features.  More epochs only overfit:
+    rest, benchmarks/real_data.py): batch 4096 (2 steps) 0.602 AUC; 256: 0.711; 64: 0.735;
+    32: 0.740, against 0.717 for a logistic regression on the dense features.  More epochs only overfit:
     validation AUC fell after the first at every batch size tried."""
     return int(min(4096, max(32, 1 << max(0, (train_rows // AUTO_STEPS).bit_length() - 1))))
 
@@ -92,12 +90,17 @@ def check_method(spec: dict, meta: dict) -> None:
     """Raise IncompatibleMethod before anything is built or written: a method that needs
     ids in [0, n) on raw 32-bit ids, or ``full`` (the uncompressed baseline) at a budget."""
     cls = table_class(spec["method"])
-    if spec["method"] == "full" and spec["budget"] != 1:
-        raise IncompatibleMethod(f"method 'full' is the uncompressed baseline and has no budget; got budget "
-                                 f"{spec['budget']:g} (leave it at 1, or choose a compressing method)")
+    check_budget(spec)
     if meta["mode"] == "raw" and not cls.raw_ids and not _can_hash_ids(cls):
         raise IncompatibleMethod(f"method {spec['method']!r} needs ids in [0, n), but this dataset holds raw ids "
                                  f"(preprocess --mode raw); preprocess with --mode vocab, or use a hashing method")
+
+
+def check_budget(spec: dict) -> None:
+    """``full`` (the uncompressed baseline) has no budget: IncompatibleMethod otherwise."""
+    if spec["method"] == "full" and spec["budget"] != 1:
+        raise IncompatibleMethod(f"method 'full' is the uncompressed baseline and has no budget; got budget "
+                                 f"{spec['budget']:g} (leave it at 1, or choose a compressing method)")
 
 
 def run_training(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
@@ -123,7 +126,7 @@ def run_training(spec: dict, run_dir: str | Path, resume: bool = False, overwrit
         spec["train"] = {**spec.get("train", {}), "batch_size": auto_batch_size(meta["splits"]["train"])}
     cfg = TrainConfig(**spec.get("train", {}))
     config = {**spec, "train": asdict(cfg), "id_mode": meta["mode"], "dataset": dataset_facts(meta),
-              "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+              "versions": versions()}
     resume = start_run(run, config, resume, overwrite)
     torch.manual_seed(cfg.seed)
     model = build_model(spec, meta)
@@ -135,8 +138,7 @@ def run_training(spec: dict, run_dir: str | Path, resume: bool = False, overwrit
     summary = fit(model, train, val, cfg, run, resume=resume, label=label)
     load_best(model, run)
     summary["test"] = evaluate(model, CriteoBatches(spec["data"], "test", 8192))
-    tables = [t for c in _collections(model) for t in c.tables]
-    summary["settings"] = {"tables": len(tables), **tables[0].settings()}  # the first table's, as an example
+    summary["settings"] = table_settings(model)
     write_json(run / "summary.json", summary)
     return summary
 

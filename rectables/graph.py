@@ -9,7 +9,6 @@ on the test split; the summary reports the last evaluation and the whole curve.
 """
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
 
@@ -37,9 +36,10 @@ def build_graph_model(spec: dict, train, num_users: int, num_items: int):
     from rectables.sizing import tables_for_budget
 
     opt = SparseOptimizer(spec["sparse_optimizer"], lr=spec["sparse_lr"])
+    from rectables.experiment import check_budget
+
     cls = table_class(spec["method"])
-    if spec["method"] == "full" and spec["budget"] != 1:
-        raise ValueError(f"method 'full' has no budget; got {spec['budget']:g}")
+    check_budget(spec)
     tables = tables_for_budget(cls, spec["dim"], ["user", "item"], [num_users, num_items], spec["budget"], opt)
     return GraphCF(EmbeddingCollection(tables, opt), num_users, num_items,
                    normalized_adjacency(train, num_users, num_items), layers=spec["layers"], kind=spec["model"],
@@ -71,14 +71,17 @@ def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: 
     from models.ngcf import bpr_triples
     from rectables.memory import dense_parameters, memory_report
     from rectables.ranking import recall_ndcg
-    from rectables.runs import load_checkpoint, save_checkpoint, start_run, write_json, write_jsonl
+    from rectables.train import _CHECK_EVERY as CHECK_EVERY
+    from rectables.train import _check_finite as check_finite
+    from rectables.runs import (load_checkpoint, save_checkpoint, start_run, table_settings, versions, write_json,
+                                write_jsonl)
 
     spec = resolve_spec(spec)
     train, test, U, I = load_interactions(spec["data"])
     run = Path(run_dir)
     config = {**spec, "train": {"epochs": spec["epochs"], "progress": spec["progress"]},
               "dataset": {"users": U, "items": I, "train": len(train.items), "test": len(test.items)},
-              "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+              "versions": versions()}
     config = {k: v for k, v in config.items() if k not in ("epochs", "progress")}
     resume = start_run(run, config, resume, overwrite)
     torch.manual_seed(spec["seed"])
@@ -101,8 +104,6 @@ def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: 
                    disable=not spec["progress"], leave=False)
         for s in bar:
             loss = model.loss(*(torch.from_numpy(a[s : s + B]) for a in (users, pos, neg)))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {float(loss)} at step {state['step'] + 1}")
             if dense_opt:
                 dense_opt.zero_grad()
             loss.backward()
@@ -110,6 +111,9 @@ def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: 
                 dense_opt.step()
             losses.append(loss.detach())
             state["step"] += 1
+            if state["step"] % CHECK_EVERY == 0:  # one host sync per CHECK_EVERY steps, as in the CTR loop
+                check_finite(losses[-CHECK_EVERY:], state["step"])
+        check_finite(losses[-(len(losses) % CHECK_EVERY or CHECK_EVERY):], state["step"])  # before anything is saved
         state["epoch"] += 1
         record = {"epoch": state["epoch"], "step": state["step"], "loss": float(torch.stack(losses).mean()),
                   "train_s": time.perf_counter() - t0}
@@ -126,9 +130,8 @@ def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: 
         write_jsonl(run / "metrics.jsonl", state["history"])
         save_checkpoint(run / "last.pt", model, dense_opt, state)
     last = [h for h in state["history"] if f"recall@{spec['k']}" in h][-1]
-    tables = model.embedding.tables
     summary = {"config": {k: v for k, v in spec.items() if k != "progress"}, "last": last,
-               "settings": {"tables": len(tables), **tables[0].settings()}, "interactions": len(train.items),
+               "settings": table_settings(model), "interactions": len(train.items),
                "history": state["history"], "memory": memory_report(model, dense_opt),
                "seconds_per_epoch": float(np.median([h["train_s"] for h in state["history"]]))}
     write_json(run / "summary.json", summary)

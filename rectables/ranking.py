@@ -17,11 +17,11 @@ import torch
 
 def _csr_rows(offsets: np.ndarray, items: np.ndarray, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(row in the chunk [E'], item [E']) of the given users' interactions."""
-    starts, ends = offsets[users], offsets[users + 1]
-    lens = ends - starts
-    row = np.repeat(np.arange(len(users)), lens)
-    idx = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(lens.sum())
-    return torch.from_numpy(row), torch.from_numpy(items[idx])
+    from data.sequences import ranges
+
+    starts = offsets[users]
+    lens = offsets[users + 1] - starts
+    return torch.from_numpy(np.repeat(np.arange(len(users)), lens)), torch.from_numpy(items[ranges(starts, lens)])
 
 
 def recall_ndcg(users_emb: torch.Tensor, items_emb: torch.Tensor, train, test, k: int = 20,

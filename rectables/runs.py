@@ -128,6 +128,20 @@ def load_model(model, blob: dict) -> None:
         c.load_optimizer_state_dict(blob["sparse_opt"][n])
 
 
+def versions() -> dict:
+    """What a run records of the software it ran on (may differ on --resume)."""
+    import platform
+
+    return {"torch": torch.__version__, "python": platform.python_version()}
+
+
+def table_settings(model) -> dict:
+    """How many tables ``model``'s collections hold, and the first one's settings (as an
+    example: e.g. the item table of DIN, or a CTR model's first feature table)."""
+    tables = [t for c in _collections(model).values() for t in c.tables]
+    return {"tables": len(tables), **tables[0].settings()}
+
+
 #: config entries that may change when a run is resumed
 RESUMABLE = {"train.epochs", "train.progress", "versions"}
 

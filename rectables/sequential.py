@@ -4,7 +4,6 @@ the CTR training loop (``rectables/train.py``): validation AUC picks the epoch, 
 split is scored once with AUC and GAUC."""
 from __future__ import annotations
 
-import platform
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,8 +32,9 @@ def build_din(spec: dict, seq, opt):
     from rectables.registry import table_class
     from rectables.sizing import tables_for_budget
 
-    if spec["method"] == "full" and spec["budget"] != 1:
-        raise ValueError(f"method 'full' has no budget; got {spec['budget']:g}")
+    from rectables.experiment import check_budget
+
+    check_budget(spec)
     features, cards = ["item"], [seq.num_items]
     if seq.categories is not None:
         features, cards = ["item", "cat"], [seq.num_items, seq.num_categories]
@@ -47,7 +47,7 @@ def run_din(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: bo
     from data.sequences import SequenceBatches, make_splits
     from rectables.experiment import auto_batch_size, load_best
     from rectables.optim import SparseOptimizer
-    from rectables.runs import start_run, write_json
+    from rectables.runs import start_run, table_settings, versions, write_json
     from rectables.train import TrainConfig, evaluate, fit
 
     unknown = set(spec) - set(SEQUENCE_SPEC) - {"data", "train"}
@@ -66,7 +66,7 @@ def run_din(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: bo
     config = {**spec, "train": asdict(cfg), "dataset": {"kind": kind, "users": len(seq.offsets) - 1,
               "items": seq.num_items, "categories": seq.num_categories,
               **{f"{k}_samples": len(v.label) for k, v in splits.items()}},
-              "versions": {"torch": torch.__version__, "python": platform.python_version()}}
+              "versions": versions()}
     resume = start_run(Path(run_dir), config, resume, overwrite)
     torch.manual_seed(cfg.seed)
     model = build_din(spec, seq, SparseOptimizer(cfg.sparse_optimizer, lr=cfg.sparse_lr))
@@ -76,7 +76,6 @@ def run_din(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: bo
                   label=f"{spec['model']} {spec['method']} seed {cfg.seed}")
     load_best(model, Path(run_dir))
     summary["test"] = evaluate(model, loaders["test"])
-    tables = model.embedding.tables
-    summary["settings"] = {"tables": len(tables), **tables[0].settings()}  # the first (item) table's
+    summary["settings"] = table_settings(model)
     write_json(Path(run_dir) / "summary.json", summary)
     return summary
