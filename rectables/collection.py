@@ -84,6 +84,8 @@ class _Collection(nn.Module):
         #: output keys, torchrec's naming: the feature, or ``feature@table`` when several tables serve it
         self.output_names = [f if feats.count(f) == 1 else f"{f}@{t.name}" for t in tables for f in t.feature_names]
         self.dims = [d for t in tables for d in t.feature_dims()]
+        #: (table, its own feature index) of each feature
+        self._feature_table = [(t, i) for t in tables for i in range(len(t.feature_names))]
         # storage groups: "bags" pooled by the TBE; "rows" one row per id (sequence output,
         # and mult tables, which sum products per bag).  A pooled table whose K summed lanes
         # all read one physical table is looked up as one lane whose bags hold all K rows
@@ -102,6 +104,9 @@ class _Collection(nn.Module):
             feature_lanes[g] += [[base + k for k in ks] for ks in per_f]
             self._lane_dims.append([[shapes[g][base + k][1] for k in ks] for ks in per_f])
         per_feature = [(g, (t.combine, d)) for t, g, dims in zip(tables, self.groups, self._lane_dims) for d in dims]
+        # width of each feature's combined lanes (its dim, unless the table transforms it)
+        self._widths = [sum(d) if c == "concat" else d[0] for _, (c, d) in per_feature]
+        self._transforms = any(t.transforms for t in tables)
         used = [g for g in shapes if shapes[g]]
         self._group_features = {g: [f for f, (gf, _) in enumerate(per_feature) if gf == g] for g in used}
         self._group_combines = {g: [per_feature[f][1] for f in fs] for g, fs in self._group_features.items()}
@@ -314,6 +319,11 @@ class _Collection(nn.Module):
         if not self.pooled or self._is_weighted or B == 0:
             return self.pooled and not self._is_weighted
         return int(lengths.view(-1, B).index_select(0, self._rows_features).max()) <= 1
+
+    def _transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+        """Feature f's vectors [N_f, W_f] after its table's ``transform`` -> [N_f, D_f]."""
+        t, i = self._feature_table[f]
+        return t.transform(i, vectors, bags) if t.transforms else vectors
 
     def _check_ids(self, values: torch.Tensor, bounds: list[int]) -> None:
         """All tables pass ids through: one fused max per table, one min overall."""

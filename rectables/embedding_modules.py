@@ -67,6 +67,10 @@ class EmbeddingBagCollection(_Collection):
             combined = combine_lanes(out, self._group_combines[g], self._lane_major[g])
             if g == "rows" and not rows_as_bags:
                 combined = self._pool_per_id(combined, kjt, counts, B)
+            elif g == "rows" and self._transforms:  # bags of at most one id: each bag is its id
+                feats, bags = self._group_features[g], torch.arange(B)
+                combined = torch.cat([self._transform(f, block, bags) for f, block in
+                                      zip(feats, combined.split([self._widths[f] for f in feats], dim=1))], dim=1)
             parts.append(combined)
         if self._interleaved:  # one split per group (one copy in backward), one cat
             blocks = {g: p.split([self.dims[f] for f in self._group_features[g]], dim=1) for g, p in zip(outs, parts)}
@@ -77,12 +81,13 @@ class EmbeddingBagCollection(_Collection):
         return out
 
     def _pool_per_id(self, rows: torch.Tensor, kjt, counts: list[int], B: int) -> torch.Tensor:
-        """Per-id rows [B', sum D] of the per-id features -> (weighted) sums per bag [B, sum D]."""
+        """Per-id rows [B', sum W] of the per-id features -> (transformed, weighted) sums per
+        bag [B, sum D]."""
         feats, lengths, start = self._group_features["rows"], kjt.lengths(), starts(counts)
         pooled = []
-        for f, block in zip(feats, rows.split([self.dims[f] for f in feats], dim=1)):
+        for f, block in zip(feats, rows.split([self._widths[f] for f in feats], dim=1)):
             bag = torch.repeat_interleave(torch.arange(B), lengths[f * B : (f + 1) * B], output_size=counts[f])
-            block = first_rows(block, counts[f])
+            block = self._transform(f, first_rows(block, counts[f]), bag)
             if self._is_weighted:
                 block = block * kjt.weights()[start[f] : start[f] + counts[f]].unsqueeze(1)
             pooled.append(block.new_zeros(B, block.shape[1]).index_add_(0, bag, block))
@@ -145,10 +150,12 @@ class EmbeddingCollection(_Collection):
         kjt, outs, counts, _ = self._lookup(features)
         B, lengths, out = kjt.stride(), kjt.lengths(), outs["rows"]
         rows = combine_lanes(out, self._group_combines["rows"], self._lane_major["rows"])
-        blocks = rows.split(self.dims, dim=1)
+        blocks = rows.split(self._widths, dim=1)
         ids = kjt.values().split(counts) if self._need_indices else [None] * len(counts)
         result = {}
         for f, (name, block) in enumerate(zip(self.output_names, blocks)):
-            result[name] = JaggedTensor(values=first_rows(block, counts[f]), lengths=lengths[f * B : (f + 1) * B],
-                                        weights=ids[f])
+            seg, block = lengths[f * B : (f + 1) * B], first_rows(block, counts[f])
+            if self._transforms:
+                block = self._transform(f, block, torch.repeat_interleave(torch.arange(B), seg, output_size=counts[f]))
+            result[name] = JaggedTensor(values=block, lengths=seg, weights=ids[f])
         return result

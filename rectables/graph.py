@@ -69,7 +69,7 @@ def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: 
     summary.json, written atomically); ``resume`` continues exactly from last.pt."""
     from data.gowalla import load_interactions
     from models.ngcf import bpr_triples
-    from rectables.memory import dense_parameters, memory_report
+    from rectables.memory import dense_param_groups, memory_report
     from rectables.ranking import recall_ndcg
     from rectables.train import _CHECK_EVERY as CHECK_EVERY
     from rectables.train import _check_finite as check_finite
@@ -86,7 +86,7 @@ def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: 
     resume = start_run(run, config, resume, overwrite)
     torch.manual_seed(spec["seed"])
     model = build_graph_model(spec, train, U, I)
-    params = dense_parameters(model)
+    params = dense_param_groups(model, spec["dense_lr"])
     dense_opt = torch.optim.Adam(params, lr=spec["dense_lr"]) if params else None
     state = {"epoch": 0, "step": 0, "history": []}
     if resume:

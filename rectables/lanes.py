@@ -29,7 +29,7 @@ def one_table_sum(t: Table) -> bool:
 
 
 def group_of(t: Table, pooled: bool) -> str:
-    return "rows" if not pooled or t.combine == "mult" else "bags"
+    return "rows" if not pooled or t.combine == "mult" or t.transforms else "bags"
 
 
 def uniform_reduce(feats: list[tuple[str, list[int]]]) -> bool:

@@ -1,7 +1,8 @@
 """Byte accounting from real tensors (works on ``device="meta"``: bytes come from shapes).
 
 ``memory_report(model, optimizer)`` gives, for every table of every rectables collection
-in ``model``: weight bytes, optimizer-state bytes and buffer bytes (seeds, salts, maps);
+in ``model``: weight bytes, optimizer-state bytes and buffer bytes (seeds, salts, maps,
+and a table's own small parameters such as thresholds);
 the fused storage's own bookkeeping; the dense rest of the model and the torch
 optimizer's state.  ``total`` equals the bytes of every tensor the model and optimizer
 hold, counted once.
@@ -28,6 +29,17 @@ def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in fused]
 
 
+def dense_param_groups(model: nn.Module, lr: float) -> list[dict]:
+    """``dense_parameters(model)`` as torch optimizer groups: one at ``lr``, and one per
+    table parameter with a rate of its own (``Table.param_lrs``, e.g. OptEmbed's thresholds)."""
+    own = {id(p): rate for c in _collections(model) for t in c.tables
+           for name, rate in t.param_lrs.items() for p in [t.get_parameter(name)]}
+    params = dense_parameters(model)
+    groups = [{"params": [p for p in params if id(p) not in own], "lr": lr}]
+    groups += [{"params": [p], "lr": own[id(p)]} for p in params if id(p) in own]
+    return [g for g in groups if g["params"]]
+
+
 def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Bytes held by ``model`` (and ``optimizer``), per table and in total."""
     tables: dict[str, dict] = {}
@@ -43,7 +55,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
                 "rows": sum(st.shapes[k][0] for k in ks),
                 "weights": sum(st.weight_bytes(k) for k in ks),
                 "optimizer": sum(s.nbytes for k in ks for s in st.optimizer_state(k).values()),
-                "buffers": _tensor_bytes(t.buffers()),
+                "buffers": _tensor_bytes(list(t.buffers()) + list(t.parameters())),  # with thresholds
             }
             entry["total"] = entry["weights"] + entry["optimizer"] + entry["buffers"]
             tables[t.name] = entry

@@ -24,7 +24,7 @@ def table_bytes(tables: list[Table], optimizer: SparseOptimizer) -> int:
     for t in tables:
         for m, d in t.physical_shapes():
             total += 4 * m * stored_dim(d) + 4 * optimizer.state_floats(m, stored_dim(d))
-        total += sum(b.nbytes for b in t.buffers())
+        total += sum(b.nbytes for b in list(t.buffers()) + list(t.parameters()))
     return total
 
 

@@ -4,7 +4,9 @@ A :class:`Table` owns no weights.  It says which physical tables it needs
 (``physical_shapes``), which physical table each of the K_f lanes of feature f reads
 (``feature_lanes``), how ids become rows (``remap``), and how the lanes become one
 vector per id (``combine``: ``"concat"``, ``"sum"`` or ``"mult"``).  Linear combines
-let the fused storage pool; ``"mult"`` needs per-id rows, then a sum per bag.
+let the fused storage pool; ``"mult"`` needs per-id rows, then a sum per bag.  A method
+may also change each id's vector after the combine (``transform``: masks, padding); its
+features are then read one row per id too.
 
 Shapes: F features served by the table, B batch, N ids of those features (N_f of
 feature f), K_f lanes of feature f, D output dim, M rows of a physical table.
@@ -50,6 +52,8 @@ class Table(nn.Module, abc.ABC):
     raw_ids: ClassVar[bool] = True
     #: True if ``remap`` only checks ids lie in [0, rows of physical table 0) and returns them (K = 1)
     passthrough: ClassVar[bool] = False
+    #: why the method takes no byte budget ("" if it does): runs refuse one other than 1
+    no_budget: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -81,6 +85,9 @@ class Table(nn.Module, abc.ABC):
         #: the torchrec config the table was built from, if any
         self.config = None
         self._reset = None  # set by the collection that stores the rows: (k, rows) -> None
+        #: learning rates of the table's own dense parameters (e.g. thresholds), by
+        #: parameter name; the others train at the dense optimizer's rate
+        self.param_lrs: dict[str, float] = {}
 
     # ---- what a method declares -----------------------------------------------------
     @abc.abstractmethod
@@ -98,6 +105,19 @@ class Table(nn.Module, abc.ABC):
     @abc.abstractmethod
     def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """Ids [N] of the F features (``counts[f]`` ids each, in order) -> rows [K_f, N_f] per feature."""
+
+    def transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+        """Each id's vector after the lookup: ``vectors`` [N_f, W_f] (the f-th feature's
+        combined lanes) -> [N_f, feature_dims()[f]]; ``bags`` [N_f] the sample each id
+        belongs to, in [0, B).  A method that overrides it (a mask, a padding) is looked up
+        one row per id (bags holding one id each are read as they are), so it may be
+        non-linear; it must map an all-zero row to zeros (an empty bag reads one)."""
+        return vectors
+
+    @property
+    def transforms(self) -> bool:
+        """True if the method overrides :meth:`transform`."""
+        return type(self).transform is not Table.transform
 
     @staticmethod
     def per_feature(rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:

@@ -77,9 +77,10 @@ def lookup(collection, features) -> list:
             lanes = torch.ops.rectables.remap(jt.values(), TABLES.handle(t, f))
             tables = [lane_weights[k] for k in t.feature_lanes(f)]
             if collection.pooled:
-                outs.append((_pooled(t, tables, lanes, jt, collection.is_weighted()), jt))
+                outs.append((_pooled(t, f, tables, lanes, jt, collection.is_weighted()), jt))
             else:
-                outs.append((_per_id(t.combine, tables, lanes), jt))
+                vecs = _per_id(t.combine, tables, lanes)
+                outs.append((t.transform(f, vecs, _bags(jt.lengths())) if t.transforms else vecs, jt))
     return outs
 
 
@@ -94,16 +95,23 @@ def _per_id(combine: str, tables: list, lanes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _pooled(t, tables: list, lanes: torch.Tensor, jt, weighted: bool) -> torch.Tensor:
-    """[B, D]: bags of feature ``jt`` pooled as the fused path does."""
+def _bags(lengths: torch.Tensor) -> torch.Tensor:
+    """The bag [N] of each id of bags of ``lengths`` [B]."""
+    return torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+
+
+def _pooled(t, f: int, tables: list, lanes: torch.Tensor, jt, weighted: bool) -> torch.Tensor:
+    """[B, D]: bags of feature ``jt`` (the table's f-th) pooled as the fused path does."""
     w = jt.weights() if weighted else None
     offsets = jt.offsets()
     lengths = jt.lengths()
-    if t.combine == "mult":  # products per id, then (weighted) sums per bag
-        vecs = _per_id("mult", tables, lanes)
+    if t.combine == "mult" or t.transforms:  # per id (product, transform), then (weighted) sums per bag
+        vecs = _per_id(t.combine, tables, lanes)
+        bag = _bags(lengths)
+        if t.transforms:
+            vecs = t.transform(f, vecs, bag)
         if w is not None:
             vecs = vecs * w.unsqueeze(1)
-        bag = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
         out = vecs.new_zeros([lengths.numel(), vecs.shape[1]]).index_add(0, bag, vecs)
     else:
         bags = [F.embedding_bag(lanes[k], tw, offsets, mode="sum", per_sample_weights=w, include_last_offset=True,

@@ -1,7 +1,7 @@
 """The training loop: ``train_one_epoch``, ``evaluate``, ``fit``, read top to bottom.
 
 Tables are updated inside backward by their fused sparse optimizer; the dense rest of
-the model by a torch optimizer over ``dense_parameters(model)``.  Each table's
+the model by a torch optimizer over ``dense_param_groups(model)``.  Each table's
 ``extra_loss()`` is added to the loss and ``on_step_end(step)`` is called after it.
 
 A non-finite loss stops training with :class:`NonFiniteLoss` naming the step, before
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rectables.memory import _collections, dense_parameters, memory_report
+from rectables.memory import _collections, dense_param_groups, memory_report
 from rectables.metrics import StreamingMetrics
 from rectables.optim import OPTIMIZERS
 from rectables.runs import load_checkpoint, save_checkpoint, write_json, write_jsonl
@@ -121,7 +121,7 @@ def fit(model, train_loader, val_loader, cfg: TrainConfig, run_dir: str | Path, 
     (e.g. method, budget and seed) names the progress bar and the per-epoch lines."""
     run = Path(run_dir)
     ckpt, best_ckpt = run / "last.pt", run / "best.pt"
-    dense_opt = torch.optim.Adam(dense_parameters(model), lr=cfg.dense_lr, fused=True)  # one kernel: 0.4 vs 2.8 ms for DLRM
+    dense_opt = torch.optim.Adam(dense_param_groups(model, cfg.dense_lr), lr=cfg.dense_lr, fused=True)  # one kernel: 0.4 vs 2.8 ms for DLRM
     state = {"epoch": 0, "step": 0, "best": None, "selected_by": "val_auc", "bad_epochs": 0, "history": []}
     if resume:
         state = load_checkpoint(ckpt, model, dense_opt)
