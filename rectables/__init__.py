@@ -29,13 +29,17 @@ from rectables.methods.hashed import HashTable, MultiHashTable  # noqa: E402
 from rectables.methods.unified import UnifiedTable  # noqa: E402
 from rectables.methods.compositional import CompositionalTable  # noqa: E402
 from rectables.methods.dynamic import DynamicTable  # noqa: E402
+from rectables.methods.optembed import OptEmbedTable  # noqa: E402
+from rectables.methods.compact import CompactTable  # noqa: E402
 
 __all__ = [
+    "CompactTable",
     "CompositionalTable",
     "DynamicTable",
     "FullTable",
     "HashTable",
     "MultiHashTable",
+    "OptEmbedTable",
     "UnifiedTable",
     "EmbeddingBagCollection",
     "EmbeddingCollection",

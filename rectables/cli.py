@@ -1,4 +1,4 @@
-"""rectables command line: synth | preprocess | train | eval | compare | memory."""
+"""rectables command line: synth | preprocess | train | eval | compare | optembed | memory."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +30,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     from rectables.compare import budget_label
     from rectables.memory import memory_report
     from rectables.optim import SparseOptimizer
-    from rectables.registry import list_tables
+    from rectables.registry import list_tables, table_class
 
     cards = PRESETS[args.preset]
     opt = SparseOptimizer(args.optimizer)
@@ -41,7 +41,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     full_total = None
     for method in methods:
-        for frac in [1.0] if method == "full" else budgets:
+        for frac in [1.0] if table_class(method).no_budget else budgets:  # optembed: its supernet
             ebc = build_criteo_collection(method, args.dim, frac, cards, opt, device="meta")
             rep = memory_report(ebc)
             rows = sum(t["rows"] for t in rep["tables"].values())
@@ -190,13 +190,52 @@ def cmd_eval(args) -> int:
     return 0
 
 
+#: OptEmbed flags -> (where in the pipeline's spec, its key)
+OPTEMBED_FLAGS = {"alpha": ("table_options", "alpha"), "threshold_lr": ("table_options", "threshold_lr"),
+                  "threshold_init": ("table_options", "threshold_init"),
+                  "candidate_dims": ("table_options", "candidate_dims"), "rounds": ("search", "rounds"),
+                  "population": ("search", "population"), "mutations": ("search", "mutations"),
+                  "crossovers": ("search", "crossovers"), "mutation_prob": ("search", "prob"),
+                  "parents": ("search", "parents"), "search_seed": ("search", "seed")}
+
+
+def _optembed_settings(args) -> dict:
+    """The OptEmbed flags given: {table_options: {...}, search: {...}}."""
+    out: dict = {"table_options": {}, "search": {}}
+    for flag, (part, key) in OPTEMBED_FLAGS.items():
+        v = getattr(args, flag, None)
+        if v is not None:
+            out[part][key] = [int(x) for x in v.split(",")] if flag == "candidate_dims" else v
+    return out
+
+
+def cmd_optembed(args) -> int:
+    from rectables.optembed_run import run_optembed
+
+    if _check_family(args) != "ctr":
+        raise ValueError(f"the OptEmbed pipeline trains CTR models (dlrm, deepfm), not --model {args.model}")
+    s = run_optembed({**_spec(args), "method": "optembed", **_optembed_settings(args)}, args.run,
+                     resume=args.resume, overwrite=args.overwrite, until=args.until)
+    if args.until != "export":
+        print(f"stopped after stage {args.until} -> {args.run}")
+        return 0
+    st = s["settings"]
+    print(f"exported: {s['memory']['total'] / 1e6:,.2f} MB of tables; rows pruned per feature "
+          f"{min(st['pruned']):.0%}-{max(st['pruned']):.0%}, dims {min(st['dims'])}-{max(st['dims'])}; "
+          f"test AUC {s['test']['auc']:.4f}, logloss {s['test']['logloss']:.4f} -> {args.run}/export")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from rectables.compare import compare
     from rectables.registry import list_tables
 
     methods = args.methods.split(",") if args.methods else list_tables()
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
-    compare(_spec(args), methods, [parse_fraction(b) for b in args.budgets.split(",")], args.out,
+    given = _optembed_settings(args)
+    if (given["table_options"] or given["search"]) and "optembed" not in methods:
+        raise ValueError("OptEmbed flags (--alpha, --rounds, ...) apply to method optembed, which --methods leaves out")
+    compare({**_spec(args), "optembed": given}, methods, [parse_fraction(b) for b in args.budgets.split(",")], args.out,
             overwrite=args.overwrite, seeds=seeds)
     return 0
 
@@ -257,6 +296,21 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("sequence models (din, din-base) only")
     d.add_argument("--activation", choices=["dice", "prelu"], default=None, help="DIN's activation (default: dice)")
     d.add_argument("--softmax", action="store_true", help="normalise DIN's attention weights (the paper does not)")
+
+
+def _optembed_args(p: argparse.ArgumentParser) -> None:
+    o = p.add_argument_group("OptEmbed (method optembed): supernet and search; defaults in rectables/optembed_run.py")
+    o.add_argument("--alpha", type=float, default=None, help="weight of sum exp(-threshold) in the loss (default 1e-4)")
+    o.add_argument("--threshold-lr", type=float, default=None, help="learning rate of the thresholds (default 1e-3)")
+    o.add_argument("--threshold-init", type=float, default=None, help="starting threshold (default 0)")
+    o.add_argument("--candidate-dims", default=None, help="comma list of dims to search (default 1..--dim)")
+    o.add_argument("--rounds", type=int, default=None, help="rounds of the evolutionary search (default 30)")
+    o.add_argument("--population", type=int, default=None, help="candidates of the first round (default 20)")
+    o.add_argument("--mutations", type=int, default=None, help="children by mutation per round (default 10)")
+    o.add_argument("--crossovers", type=int, default=None, help="children by crossover per round (default 10)")
+    o.add_argument("--mutation-prob", type=float, default=None, help="chance a dim is redrawn (default 0.1)")
+    o.add_argument("--parents", type=int, default=None, help="best candidates kept as parents (default 15)")
+    o.add_argument("--search-seed", type=int, default=None, help="seed of the search (default 0)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,7 +385,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="directory of the runs and the report")
     c.add_argument("--overwrite", action="store_true",
                    help="start every run over (by default a run already in --out with the same settings is resumed)")
+    _optembed_args(c)
     c.set_defaults(func=cmd_compare)
+    o = sub.add_parser("optembed", help="OptEmbed: supernet, dim search, retrain, export of compact tables", **fmt)
+    _train_args(o)
+    _optembed_args(o)
+    o.add_argument("--run", required=True, help="run directory (supernet/, search.json, retrain/, export/)")
+    o.add_argument("--until", choices=["supernet", "search", "retrain", "export"], default="export",
+                   help="last stage to run (a later call with --resume goes on from there)")
+    o.add_argument("--resume", action="store_true", help="continue the run in --run, reusing the stages done")
+    o.add_argument("--overwrite", action="store_true", help="start over, removing the run already in --run")
+    o.set_defaults(func=cmd_optembed)
     m = sub.add_parser("memory", help="bytes of every method at a preset's cardinalities (meta device)", **fmt)
     m.add_argument("--preset", choices=sorted(PRESETS), default="criteo-kaggle", help="known data-set shape")
     m.add_argument("--dim", type=int, default=16, help="embedding dim")

@@ -32,6 +32,7 @@ def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str |
     run already there with the same settings is resumed (a finished one only scored
     again), unless ``overwrite``.  Returns the report's rows."""
     from rectables.graph import GRAPH_MODELS, run_graph
+    from rectables.optembed_run import run_optembed
     from rectables.registry import table_class
     from rectables.sequential import SEQUENCE_MODELS, run_din
 
@@ -45,13 +46,21 @@ def compare(spec: dict, methods: list[str], budgets: list[float], out_dir: str |
     out = Path(out_dir)
     runs = []
     for method in methods:
-        for budget in [1.0] if method == "full" else budgets:
+        for budget in [1.0] if table_class(method).no_budget else budgets:
             for seed in seeds:
-                run_spec = {**spec, "method": method, "budget": budget}
+                run_spec = {**{k: v for k, v in spec.items() if k != "optembed"}, "method": method, "budget": budget}
                 run_spec.update({"seed": seed} if graph else {"train": {**spec.get("train", {}), "seed": seed}})
                 name = f"{method}_{budget:g}_seed{seed}"
+                runner = train
+                if method == "optembed":  # the whole pipeline; its export's bytes and test metrics
+                    if graph or sequence:
+                        runs.append({"method": method, "budget": budget, "seed": seed,
+                                     "skipped": "the OptEmbed pipeline runs on CTR data (dlrm, deepfm)"})
+                        continue
+                    runner = run_optembed
+                    run_spec.update(spec.get("optembed") or {})
                 try:
-                    s = train(run_spec, out / name, resume=not overwrite, overwrite=overwrite)
+                    s = runner(run_spec, out / name, resume=not overwrite, overwrite=overwrite)
                 except IncompatibleMethod as e:  # a row that says why, not an aborted comparison
                     runs.append({"method": method, "budget": budget, "seed": seed, "skipped": str(e)})
                     print(f"{name}: skipped: {e}", flush=True)
@@ -84,7 +93,7 @@ def _record(method: str, budget: float, seed: int, s: dict) -> dict:
         "auc": s["test"]["auc"], "logloss": s["test"]["logloss"], "gauc": s["test"].get("gauc"),
         "best_epoch": s["best_epoch"],
         "val_auc": best["val_auc"], "samples_per_s": statistics.median(h["samples_per_s"] for h in s["history"]),
-        "wall_s": sum(h.get("seconds", 0.0) for h in s["history"]),
+        "wall_s": sum(s["stages"].values()) if "stages" in s else sum(h.get("seconds", 0.0) for h in s["history"]),
     }
 
 
@@ -179,7 +188,7 @@ def write_report(rows: list[dict], out: Path, base: list[dict] | None = None, ru
         ratio = f"{full['bytes'] / r['bytes']:.1f}x" if full else "-"
         delta = f"{r['auc'] - full['auc']:+.4f}" if full else "-"
         lines.append(
-            f"| {r['method']} | {budget_label(r['budget'])} | {_settings(r['settings'])} | {r['rows']:,} | "
+            f"| {r['method']} | {'learned' if r['method'] == 'optembed' else budget_label(r['budget'])} | {_settings(r['settings'])} | {r['rows']:,} | "
             f"{_mb(r['weights'])} | {_mb(r['optimizer'])} | {_mb(r['buffers'])} | {_mb(r['bytes'])} | {ratio} | "
             f"{_pm(r['auc'], r['auc_std'], n)} | {delta} | {_pm(r['logloss'], r['logloss_std'], n)} | "
             f"{'-' if r.get('gauc') is None else format(r['gauc'], '.4f')} | {r['best_epoch']:g} | "
@@ -187,6 +196,10 @@ def write_report(rows: list[dict], out: Path, base: list[dict] | None = None, ru
     lines += [f"| {r['method']} | {budget_label(r['budget'])} | skipped: {r['skipped']} |" + " |" * 14
               for r in rows if "skipped" in r]
     lines += ["", f"Table bytes = weights + optimizer state + buffers. {SPEED_NOTE}."]
+    if any(r["method"] == "optembed" for r in done):
+        lines.append("optembed picks its own size (learned row pruning and a dim search): its row is the exported "
+                     "compact tables after retraining (bytes, test metrics; train samples/s of the retraining, "
+                     "train s of all four stages).")
     if metrics[0] != "AUC":
         lines.append(f"{metrics[0]} and {metrics[1]}: the test split after the last epoch (\"best epoch\"; the data "
                      "have no validation split, so nothing is selected); samples/s counts training interactions.")

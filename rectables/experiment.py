@@ -1,6 +1,8 @@
 """One training run from a plain, JSON-able spec: build, fit, test, score files.
 
-``spec`` = {data, method, budget, dim, model, dense_arch, over_arch, train: TrainConfig fields}.
+``spec`` = {data, method, budget, dim, model, dense_arch, over_arch, table_options, train:
+TrainConfig fields}.  ``table_options``: the method's own constructor arguments, one dict
+for every feature's table or a list of one per feature (then no budget is sized).
 It is written to ``config.json`` in the run directory with the id mode and versions, and
 is all ``rectables eval`` needs to rebuild the model.
 """
@@ -21,7 +23,7 @@ from rectables.train import TrainConfig, evaluate, fit
 
 #: dense_arch None: [64, dim], or [dim] on data without dense features (see models.dlrm)
 DEFAULT_SPEC = {"method": "full", "budget": 1.0, "dim": 16, "model": "dlrm",
-                "dense_arch": None, "over_arch": [64, 1]}
+                "dense_arch": None, "over_arch": [64, 1], "table_options": None}
 #: tables' learning rate where the spec gives none: DeepFM's pairwise term sums 325 products
 #: of field vectors, and row-wise Adagrad's first step moves every row by lr per coordinate
 #: in much the same direction, so at 0.05 the term jumped to ~6-11 after one step
@@ -51,7 +53,10 @@ def build_model(spec: dict, meta: dict):
 
     cls, tcfg = table_class(spec["method"]), TrainConfig(**spec.get("train", {}))
     opt = SparseOptimizer(tcfg.sparse_optimizer, lr=tcfg.sparse_lr)
-    tables = tables_for_budget(cls, spec["dim"], meta["features"], meta["cardinalities"], spec["budget"], opt)
+    if spec.get("table_options"):
+        tables = tables_from_options(cls, spec, meta["features"], meta["cardinalities"])
+    else:
+        tables = tables_for_budget(cls, spec["dim"], meta["features"], meta["cardinalities"], spec["budget"], opt)
     if meta["mode"] == "raw" and not cls.raw_ids:  # check_method let it through: it can hash raw ids
         for t in tables:
             t.hash_ids = True
@@ -62,6 +67,22 @@ def build_model(spec: dict, meta: dict):
     if spec["model"] == "deepfm":
         return DeepFM(ebc, num_dense, spec["over_arch"][:-1])
     raise ValueError(f"unknown model {spec['model']!r}")
+
+
+def tables_from_options(cls, spec: dict, features: list[str], cards: list[int]) -> list:
+    """One table ``t_<feature>`` per feature built with ``spec["table_options"]`` (a dict
+    for all, or a list of one per feature); the cardinality fills the method's size
+    argument unless the options give it."""
+    opts = spec["table_options"]
+    per = opts if isinstance(opts, list) else [opts] * len(features)
+    if len(per) != len(features) or not all(isinstance(o, dict) for o in per):
+        raise ValueError(f"table_options: need one dict, or a list of {len(features)} (one per feature); got {opts!r}")
+    if spec["budget"] != 1:
+        raise ValueError(f"table_options set the tables' sizes; they take no budget (got {spec['budget']:g})")
+    try:
+        return [cls(f"t_{f}", spec["dim"], [f], **{cls.size_arg: n, **o}) for f, n, o in zip(features, cards, per)]
+    except TypeError as e:
+        raise ValueError(f"table_options for method {cls.method!r}: {e}") from None
 
 
 def default_dense_arch(dim: int, meta: dict) -> list[int]:
@@ -97,16 +118,21 @@ def check_method(spec: dict, meta: dict) -> None:
 
 
 def check_budget(spec: dict) -> None:
-    """``full`` (the uncompressed baseline) has no budget: IncompatibleMethod otherwise."""
-    if spec["method"] == "full" and spec["budget"] != 1:
-        raise IncompatibleMethod(f"method 'full' is the uncompressed baseline and has no budget; got budget "
+    """A method that takes no budget (``full``, the uncompressed baseline; ``optembed``,
+    which learns its size) at another budget than 1: IncompatibleMethod."""
+    why = table_class(spec["method"]).no_budget
+    if why and spec["budget"] != 1:
+        raise IncompatibleMethod(f"method {spec['method']!r} {why} and has no budget; got budget "
                                  f"{spec['budget']:g} (leave it at 1, or choose a compressing method)")
 
 
-def run_training(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
+def run_training(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+                 prepare=None, stage: dict | None = None) -> dict:
     """Train ``spec`` into ``run_dir``.  A directory holding a run needs ``resume`` (same
     settings, more epochs allowed) or ``overwrite``; both are checked before anything
-    is written."""
+    is written.  ``prepare(model)`` runs on the built model before a new run trains (a
+    resumed one has its state in the checkpoint); ``stage`` is recorded in the config
+    (a pipeline's stage and what it was given)."""
     from data.loader import CriteoBatches
     from data.preprocess import open_dataset
 
@@ -126,10 +152,12 @@ def run_training(spec: dict, run_dir: str | Path, resume: bool = False, overwrit
         spec["train"] = {**spec.get("train", {}), "batch_size": auto_batch_size(meta["splits"]["train"])}
     cfg = TrainConfig(**spec.get("train", {}))
     config = {**spec, "train": asdict(cfg), "id_mode": meta["mode"], "dataset": dataset_facts(meta),
-              "versions": versions()}
+              "versions": versions(), **({"stage": stage} if stage else {})}
     resume = start_run(run, config, resume, overwrite)
     torch.manual_seed(cfg.seed)
     model = build_model(spec, meta)
+    if prepare is not None and not resume:
+        prepare(model)
     train = CriteoBatches(spec["data"], "train", cfg.batch_size, shuffle=True, seed=cfg.seed)
     val = CriteoBatches(spec["data"], "val", 8192)
     from rectables.compare import budget_label

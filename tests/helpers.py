@@ -20,6 +20,9 @@ DEGENERATE = {
     # every id admitted on sight, room for all, no eviction: ``full`` over ids renumbered in
     # order of first occurrence (see first_seen_order)
     "dynamic": {"max_rows": NUM_IDS, "min_count": 0, "eviction": None},
+    # every row far above its threshold (the step's derivative is 0 there), all dims kept
+    "optembed": {"num_ids": NUM_IDS, "alpha": 0.0, "threshold_init": -10.0, "candidate_dims": [DIM]},
+    "compact": {"num_ids": NUM_IDS},
 }
 
 
@@ -48,7 +51,8 @@ def random_kjt(features: list[str], batch: int, max_len: int, num_ids: int = NUM
 
 
 def small_table(method: str, features: list[str], name: str = "t", pooling: str = "sum", fraction: float = 0.5, dim=DIM):
-    t = table_class(method).for_budget(name, dim, features, NUM_IDS, fraction, seed=3)
+    cls = table_class(method)
+    t = cls.for_budget(name, dim, features, NUM_IDS, 1.0 if cls.no_budget else fraction, seed=3)
     t.pooling = pooling
     return t
 

@@ -8,6 +8,7 @@ import rectables
 from rectables import hashing
 from rectables.methods.compositional import partition, partition_sizes
 from rectables.methods.unified import unified_for_bytes
+from rectables.registry import table_class
 from tests.helpers import random_kjt
 
 
@@ -138,6 +139,10 @@ def test_sizing_from_configs_is_a_budget_or_the_documented_default(method):
     assert getattr(plain, size_arg) == 4000 and size_arg in rectables.compat.tables_from_configs.__doc__
     if method == "full":
         return
+    if table_class(method).no_budget:  # a method that sizes itself refuses a budget by name
+        with pytest.raises(ValueError, match=f"'{method}'.*takes no budget"):
+            rectables.EmbeddingBagCollection.from_configs(cfg, methods={"t": (method, {"budget": 1 / 4})})
+        return
     sized = rectables.EmbeddingBagCollection.from_configs(cfg, methods={"t": (method, {"budget": 1 / 4})})
     rep = rectables.memory_report(sized)["tables"]["t"]
     assert 0.2 * 4 * 16 * 4000 < rep["weights"] + (rep["buffers"] if method == "dynamic" else 0) <= 0.27 * 4 * 16 * 4000
@@ -145,7 +150,8 @@ def test_sizing_from_configs_is_a_budget_or_the_documented_default(method):
         rectables.EmbeddingBagCollection.from_configs(cfg, methods={"t": (method, {"budget": 0.25, size_arg: 10})})
 
 
-@pytest.mark.parametrize("method", [m for m in rectables.list_tables() if m != "full"])
+@pytest.mark.parametrize("method", [m for m in rectables.list_tables() if not table_class(m).no_budget
+                                    and m != "compact"])  # compact: whole dims, tested below
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
 def test_a_budget_means_the_same_reported_bytes_for_every_method(method, optimizer):
     """Sized on what memory_report reports (weights + optimizer state + buffers), every

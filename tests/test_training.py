@@ -18,7 +18,8 @@ FEATS = ["a", "b", "c", "d"]
 
 
 def _model(kind, method):
-    tables = [table_class(method).for_budget(f"t_{f}", 8, [f], 40, 0.5, seed=i) for i, f in enumerate(FEATS)]
+    frac = 1.0 if table_class(method).no_budget else 0.5
+    tables = [table_class(method).for_budget(f"t_{f}", 8, [f], 40, frac, seed=i) for i, f in enumerate(FEATS)]
     ebc = rectables.EmbeddingBagCollection(tables, rectables.SparseOptimizer("adam", lr=0.05))
     return DLRM(ebc, 13, [16, 8], [16, 1]) if kind == "dlrm" else DeepFM(ebc, 13, [16])
 

@@ -7,3 +7,5 @@ from rectables.methods import hashed  # noqa: F401
 from rectables.methods import unified  # noqa: F401
 from rectables.methods import compositional  # noqa: F401
 from rectables.methods import dynamic  # noqa: F401
+from rectables.methods import optembed  # noqa: F401
+from rectables.methods import compact  # noqa: F401

@@ -18,6 +18,7 @@ class FullTable(Table):
     size_arg = "num_ids"
     raw_ids = False
     passthrough = True
+    no_budget = "is the uncompressed baseline"
 
     def __init__(
         self,

@@ -1,0 +1,204 @@
+"""``optembed``: the supernet table of OptEmbed (Lyu et al., "OptEmbed: Learning Optimal
+Embedding Table for Click-through Rate Prediction", CIKM 2022), which learns which rows
+and how many dims of each feature to keep.
+
+Physical tables: one per feature, [n + 1, D]: row x < n is id x's, row n the **zero
+row** that pruned ids read once the mask is fixed.
+
+- **Row pruning.**  Feature f's row e of id x is kept where its L1 norm exceeds the
+  feature's learnable threshold t_f: it reads e · S(||e||_1 - t_f), S the unit step,
+  whose straight-through derivative is the paper's long tail (``step_grad``).  A pruned
+  row reads as zeros.  ``extra_loss`` = alpha · sum_f exp(-t_f) pushes the thresholds up;
+  they train in the model's dense optimizer at their own rate ``threshold_lr``.
+- **Dim search (supernet).**  In training each sample and feature keeps a prefix of d
+  dims, d drawn uniformly from ``candidate_dims`` (by a generator seeded with the
+  table's seed, its count of training lookups and the feature: a resumed run draws the
+  same); in evaluation all D, or the dims that
+  :meth:`set_dims` fixed (the evolutionary search's candidates).
+- **Retrain.**  :meth:`fix` freezes both: ids whose row was pruned read the zero row, and
+  feature f keeps its first ``dims[f]`` dims.  A row of zeros reads as zeros and takes no
+  gradient, so the zero row stays zero under every optimizer.
+- **Export.**  :meth:`compact` gives the ``compact`` table of the kept rows at their dims.
+
+The mask needs each id's own row, so the table is looked up one row per id (the core's
+``transform``), which costs nothing extra where bags hold one id (Criteo).
+Shapes: F features, N ids, B batch, D dim, M = n + 1 rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rectables import hashing
+from rectables.registry import register
+from rectables.table import Table, check_range
+
+
+def step_grad(x: torch.Tensor) -> torch.Tensor:
+    """OptEmbed's long-tailed straight-through derivative of the unit step at ``x``:
+    2 - 4|x| for |x| <= 0.4, 0.4 for 0.4 < |x| <= 1, 0 beyond."""
+    a = x.abs()
+    return torch.where(a <= 0.4, 2 - 4 * a, torch.where(a <= 1, torch.full_like(a, 0.4), torch.zeros_like(a)))
+
+
+class UnitStep(torch.autograd.Function):
+    """1 where x > 0, else 0; backward ``step_grad(x)`` times the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * step_grad(x)
+
+
+def zero_rows_frozen(vectors: torch.Tensor) -> torch.Tensor:
+    """``vectors`` [N, W] with rows of all zeros cut from the graph (they read zeros and
+    take no gradient): how pruned ids share one zero row that training never moves."""
+    return vectors * (vectors.abs().sum(1, keepdim=True) != 0)
+
+
+@register
+class OptEmbedTable(Table):
+    """OptEmbed's supernet: learned row thresholds and sampled dim prefixes, one physical
+    table of n + 1 rows per feature."""
+
+    method = "optembed"
+    size_arg = "num_ids"
+    raw_ids = False
+    no_budget = "learns its own size (row pruning and a dim search: rectables optembed)"
+
+    def __init__(
+        self,
+        name: str,
+        embedding_dim: int,
+        feature_names: list[str],
+        num_ids: int,
+        alpha: float = 1e-4,
+        threshold_lr: float = 1e-3,
+        threshold_init: float = 0.0,
+        candidate_dims: list[int] | None = None,
+        seed: int = 0,
+        pooling: str = "sum",
+    ) -> None:
+        super().__init__(name, embedding_dim, feature_names, pooling)
+        if num_ids <= 0:
+            raise ValueError(f"table {name!r}: num_ids must be > 0, got {num_ids}")
+        if alpha < 0 or not threshold_lr > 0 or not math.isfinite(threshold_init):
+            raise ValueError(f"table {name!r}: need alpha >= 0, threshold_lr > 0 and a finite threshold_init; "
+                             f"got {alpha}, {threshold_lr}, {threshold_init}")
+        cands = sorted(set(candidate_dims)) if candidate_dims else list(range(1, embedding_dim + 1))
+        if cands[0] < 1 or cands[-1] > embedding_dim:
+            raise ValueError(f"table {name!r}: candidate_dims must lie in [1, {embedding_dim}], got {candidate_dims}")
+        self.num_ids, self.alpha, self.threshold_lr = int(num_ids), float(alpha), float(threshold_lr)
+        self.threshold_init, self.candidate_dims = float(threshold_init), cands
+        F = len(feature_names)
+        self.threshold = torch.nn.Parameter(torch.full((F,), self.threshold_init))
+        self.param_lrs = {"threshold": self.threshold_lr}
+        self.register_buffer("fixed", torch.tensor(False))
+        self.register_buffer("dims", torch.zeros(F, dtype=torch.int64))  # 0: all D
+        self.register_buffer("keep", torch.ones(F, self.num_ids, dtype=torch.bool))
+        self.register_buffer("_cands", torch.tensor(cands), persistent=False)
+        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
+        self.register_buffer("step", torch.tensor(0, dtype=torch.int64))  # training lookups so far
+
+    @classmethod
+    def for_budget(cls, name, embedding_dim, feature_names, num_ids, fraction, seed=0):
+        """The supernet of all n ids; OptEmbed chooses its own size, so only fraction 1."""
+        if fraction != 1:
+            raise ValueError(f"table {name!r}: method 'optembed' {cls.no_budget}; it takes no budget, got {fraction:g}")
+        return cls(name, embedding_dim, feature_names, num_ids, seed=seed)
+
+    def physical_shapes(self) -> list[tuple[int, int]]:
+        return [(self.num_ids + 1, self.embedding_dim)] * len(self.feature_names)
+
+    def feature_lanes(self, f: int) -> list[int]:
+        return [f]
+
+    def init_weight_(self, k: int, weight: torch.Tensor) -> None:
+        super().init_weight_(k, weight)
+        weight[self.num_ids].zero_()
+
+    def init_bound(self, k: int) -> float:
+        return math.sqrt(1.0 / self.num_ids)
+
+    def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+        check_range(self, values, counts, self.num_ids)
+        if self.training:
+            self.step += 1
+        if bool(self.fixed):  # pruned ids read the zero row
+            f = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts), output_size=values.numel())
+            values = torch.where(self.keep.view(-1)[f * self.num_ids + values], values, self.num_ids)
+        return self.per_feature(values.unsqueeze(0), counts)
+
+    # ---- the mask ---------------------------------------------------------------------
+    def transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+        D = self.embedding_dim
+        if bool(self.fixed):
+            out = zero_rows_frozen(vectors)
+        else:
+            x = vectors.abs().sum(1) - self.threshold[f]
+            mask = UnitStep.apply(x) if torch.is_grad_enabled() else (x > 0).to(vectors.dtype)
+            out = vectors * mask.unsqueeze(1)
+        if self.training and not bool(self.fixed):
+            if len(self.candidate_dims) == 1 and self.candidate_dims[0] == D:
+                return out
+            B = int(bags[-1]) + 1 if bags.numel() else 0
+            gen = torch.Generator().manual_seed(hashing.salt_key(int(self.seed), int(self.step), f))
+            d = self._cands[torch.randint(len(self.candidate_dims), (B,), generator=gen)]
+            return out * (torch.arange(D) < d[bags].unsqueeze(1))
+        keep = self.dims[f]
+        return out if int(keep) in (0, D) else out * (torch.arange(D) < keep)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        if bool(self.fixed) or self.alpha == 0:
+            return None
+        return self.alpha * torch.exp(-self.threshold).sum()
+
+    def row_masks(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        """Rows kept now [F, n]: L1 norm of each id's row (``weights[f]`` [n + 1, D], the
+        feature's physical table) above the feature's threshold."""
+        with torch.no_grad():
+            return torch.stack([w[: self.num_ids].abs().sum(1) > t for w, t in zip(weights, self.threshold)])
+
+    @torch.no_grad()
+    def set_dims(self, dims: list[int] | None) -> None:
+        """Evaluate with feature f at its first ``dims[f]`` dims (None: all D)."""
+        dims = dims or [0] * len(self.feature_names)
+        if len(dims) != len(self.feature_names) or any(not 0 <= d <= self.embedding_dim for d in dims):
+            raise ValueError(f"table {self.name!r}: need {len(self.feature_names)} dims in [1, {self.embedding_dim}], "
+                             f"got {dims}")
+        self.dims.copy_(torch.tensor(dims))
+
+    @torch.no_grad()
+    def fix(self, keep: torch.Tensor, dims: list[int]) -> None:
+        """Retrain mode: rows ``keep`` [F, n] only (the others read the zero row) and
+        feature f at ``dims[f]`` dims, the thresholds no longer used."""
+        if keep.shape != self.keep.shape:
+            raise ValueError(f"table {self.name!r}: keep must be {tuple(self.keep.shape)}, got {tuple(keep.shape)}")
+        self.set_dims(dims)
+        self.keep.copy_(keep)
+        self.fixed.fill_(True)
+
+    def compact(self, weights: list[torch.Tensor]):
+        """The ``compact`` table of the kept rows of ``weights[f]`` [n + 1, D] at each
+        feature's dim (zero-padded to D), and its rows [M_f, d_f] to load."""
+        from rectables.methods.compact import CompactTable
+
+        if not bool(self.fixed):
+            raise RuntimeError(f"table {self.name!r}: fix() the mask before export")
+        D = self.embedding_dim
+        dims = [int(d) or D for d in self.dims]
+        kept = [self.keep[f].nonzero().squeeze(1) for f in range(len(self.feature_names))]
+        table = CompactTable(self.name, D, self.feature_names, self.num_ids, [len(k) for k in kept], dims,
+                             pooling=self.pooling)
+        table.set_remap(kept)
+        rows = [torch.cat([w[k, :d], w.new_zeros(1, d)]) for w, k, d in zip(weights, kept, dims)]
+        return table, rows
+
+    def settings(self) -> dict:
+        return {**super().settings(), "fixed": bool(self.fixed), "dims": [int(d) for d in self.dims]}
