@@ -1,4 +1,4 @@
-"""Only the C fast paths (Criteo reader, id map of dynamic tables); everything else is in
+"""Only the C fast paths (Criteo reader, id map of dynamic tables, OptEmbed's masks); everything else is in
 pyproject.toml.  ``optional``: without a compiler both still work, through their
 pure-Python/torch paths, which give the same results."""
 from setuptools import Extension, setup
@@ -6,4 +6,5 @@ from setuptools import Extension, setup
 setup(ext_modules=[
     Extension("data._criteo_parse", ["data/_criteo_parse.c"], optional=True, extra_compile_args=["-O3"]),
     Extension("rectables._idmap", ["rectables/_idmap.c"], optional=True, extra_compile_args=["-O3"]),
+    Extension("rectables._masks", ["rectables/_masks.c"], optional=True, extra_compile_args=["-O3"]),
 ])

@@ -110,6 +110,16 @@ class _Collection(nn.Module):
         used = [g for g in shapes if shapes[g]]
         self._group_features = {g: [f for f, (gf, _) in enumerate(per_feature) if gf == g] for g in used}
         self._group_combines = {g: [per_feature[f][1] for f in fs] for g, fs in self._group_features.items()}
+        # runs of consecutive per-id features whose tables share a class: one transform_many
+        # each where bags hold one id (None: no transform)
+        self._runs: list[tuple] = []
+        for f in self._group_features.get("rows", []):
+            t = self._feature_table[f][0]
+            kind = type(t) if t.transforms else None
+            if not self._runs or self._runs[-1][0] is not kind:
+                self._runs.append((kind, [], []))
+            self._runs[-1][1].append(self._feature_table[f])
+            self._runs[-1][2].append(self._widths[f])
         # a group whose features all reduce their K > 1 lanes alike is laid out lane by lane
         # ([B, K, F_g * d] output: the reduce runs over contiguous blocks); others feature by feature
         self._lane_major = {g: uniform_reduce(c) for g, c in self._group_combines.items()}
@@ -320,10 +330,17 @@ class _Collection(nn.Module):
             return self.pooled and not self._is_weighted
         return int(lengths.view(-1, B).index_select(0, self._rows_features).max()) <= 1
 
-    def _transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    def _transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor, batch: int) -> torch.Tensor:
         """Feature f's vectors [N_f, W_f] after its table's ``transform`` -> [N_f, D_f]."""
         t, i = self._feature_table[f]
-        return t.transform(i, vectors, bags) if t.transforms else vectors
+        return t.transform(i, vectors, bags, batch) if t.transforms else vectors
+
+    def _transform_bags(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
+        """The per-id group's rows [B, sum W] read as bags of at most one id -> [B, sum D]."""
+        bags, parts = torch.arange(batch), []
+        for (kind, items, widths), block in zip(self._runs, rows.split([sum(r[2]) for r in self._runs], dim=1)):
+            parts.append(block if kind is None else kind.transform_many(items, block, widths, bags, batch))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def _check_ids(self, values: torch.Tensor, bounds: list[int]) -> None:
         """All tables pass ids through: one fused max per table, one min overall."""

@@ -68,9 +68,7 @@ class EmbeddingBagCollection(_Collection):
             if g == "rows" and not rows_as_bags:
                 combined = self._pool_per_id(combined, kjt, counts, B)
             elif g == "rows" and self._transforms:  # bags of at most one id: each bag is its id
-                feats, bags = self._group_features[g], torch.arange(B)
-                combined = torch.cat([self._transform(f, block, bags) for f, block in
-                                      zip(feats, combined.split([self._widths[f] for f in feats], dim=1))], dim=1)
+                combined = self._transform_bags(combined, B)
             parts.append(combined)
         if self._interleaved:  # one split per group (one copy in backward), one cat
             blocks = {g: p.split([self.dims[f] for f in self._group_features[g]], dim=1) for g, p in zip(outs, parts)}
@@ -87,7 +85,7 @@ class EmbeddingBagCollection(_Collection):
         pooled = []
         for f, block in zip(feats, rows.split([self._widths[f] for f in feats], dim=1)):
             bag = torch.repeat_interleave(torch.arange(B), lengths[f * B : (f + 1) * B], output_size=counts[f])
-            block = self._transform(f, first_rows(block, counts[f]), bag)
+            block = self._transform(f, first_rows(block, counts[f]), bag, B)
             if self._is_weighted:
                 block = block * kjt.weights()[start[f] : start[f] + counts[f]].unsqueeze(1)
             pooled.append(block.new_zeros(B, block.shape[1]).index_add_(0, bag, block))
@@ -156,6 +154,6 @@ class EmbeddingCollection(_Collection):
         for f, (name, block) in enumerate(zip(self.output_names, blocks)):
             seg, block = lengths[f * B : (f + 1) * B], first_rows(block, counts[f])
             if self._transforms:
-                block = self._transform(f, block, torch.repeat_interleave(torch.arange(B), seg, output_size=counts[f]))
+                block = self._transform(f, block, torch.repeat_interleave(torch.arange(B), seg, output_size=counts[f]), B)
             result[name] = JaggedTensor(values=block, lengths=seg, weights=ids[f])
         return result

@@ -36,7 +36,8 @@ def dense_param_groups(model: nn.Module, lr: float) -> list[dict]:
            for name, rate in t.param_lrs.items() for p in [t.get_parameter(name)]}
     params = dense_parameters(model)
     groups = [{"params": [p for p in params if id(p) not in own], "lr": lr}]
-    groups += [{"params": [p], "lr": own[id(p)]} for p in params if id(p) in own]
+    for rate in dict.fromkeys(own[id(p)] for p in params if id(p) in own):  # one group per rate
+        groups.append({"params": [p for p in params if own.get(id(p)) == rate], "lr": rate})
     return [g for g in groups if g["params"]]
 
 

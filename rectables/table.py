@@ -106,13 +106,23 @@ class Table(nn.Module, abc.ABC):
     def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """Ids [N] of the F features (``counts[f]`` ids each, in order) -> rows [K_f, N_f] per feature."""
 
-    def transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    def transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor, batch: int) -> torch.Tensor:
         """Each id's vector after the lookup: ``vectors`` [N_f, W_f] (the f-th feature's
         combined lanes) -> [N_f, feature_dims()[f]]; ``bags`` [N_f] the sample each id
-        belongs to, in [0, B).  A method that overrides it (a mask, a padding) is looked up
-        one row per id (bags holding one id each are read as they are), so it may be
-        non-linear; it must map an all-zero row to zeros (an empty bag reads one)."""
+        belongs to, in [0, ``batch``).  A method that overrides it (a mask, a padding) is
+        looked up one row per id (bags holding one id each are read as they are), so it may
+        be non-linear; it must map an all-zero row to zeros (an empty bag reads one)."""
         return vectors
+
+    @classmethod
+    def transform_many(cls, items: list[tuple["Table", int]], vectors: torch.Tensor, widths: list[int],
+                       bags: torch.Tensor, batch: int) -> torch.Tensor:
+        """:meth:`transform` of several features at once, (table, feature) ``items`` of
+        tables of this class whose ids share ``bags`` [N] (bags of one id): ``vectors`` [N,
+        sum of ``widths``] -> [N, sum D].  Each feature alone unless a method does better
+        (one op over all its features instead of one per feature)."""
+        blocks = vectors.split(widths, dim=1)
+        return torch.cat([t.transform(f, b, bags, batch) for (t, f), b in zip(items, blocks)], dim=1)
 
     @property
     def transforms(self) -> bool:

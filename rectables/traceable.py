@@ -80,7 +80,8 @@ def lookup(collection, features) -> list:
                 outs.append((_pooled(t, f, tables, lanes, jt, collection.is_weighted()), jt))
             else:
                 vecs = _per_id(t.combine, tables, lanes)
-                outs.append((t.transform(f, vecs, _bags(jt.lengths())) if t.transforms else vecs, jt))
+                B = jt.lengths().numel()
+                outs.append((t.transform(f, vecs, _bags(jt.lengths()), B) if t.transforms else vecs, jt))
     return outs
 
 
@@ -109,7 +110,7 @@ def _pooled(t, f: int, tables: list, lanes: torch.Tensor, jt, weighted: bool) ->
         vecs = _per_id(t.combine, tables, lanes)
         bag = _bags(lengths)
         if t.transforms:
-            vecs = t.transform(f, vecs, bag)
+            vecs = t.transform(f, vecs, bag, lengths.numel())
         if w is not None:
             vecs = vecs * w.unsqueeze(1)
         out = vecs.new_zeros([lengths.numel(), vecs.shape[1]]).index_add(0, bag, vecs)

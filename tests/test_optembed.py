@@ -103,7 +103,7 @@ def test_a_row_below_its_threshold_reads_zeros_and_the_thresholds_train_at_their
     assert (out[:, :D] == 0).all() and (out[:, D:] != 0).any()
     groups = rectables.memory.dense_param_groups(ebc, 0.5)
     rates = sorted(g["lr"] for g in groups)
-    assert rates == [1e-3, 1e-3] and all(len(g["params"]) == 1 for g in groups)  # threshold_lr, not 0.5
+    assert rates == [1e-3] and len(groups[0]["params"]) == 2  # the thresholds' own rate, not 0.5
 
 
 @pytest.mark.parametrize("pooled", [True, False])
@@ -311,3 +311,31 @@ def test_table_options_build_the_tables_and_are_refused_by_name(tiny):
         build_model({**spec, "table_options": [{}, {}]}, meta)
     with pytest.raises(ValueError, match="take no budget"):
         build_model({**spec, "method": "hash", "budget": 0.5, "table_options": {"num_buckets": 10}}, meta)
+
+
+@pytest.mark.parametrize("ste", [True, False])
+def test_compiled_masks_equal_the_torch_path(ste):
+    from rectables.methods import optembed
+
+    if optembed._kernels is None:
+        pytest.skip("the C masks are not built")
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(300, 5, 8, generator=gen) * 0.2
+    v[7, 2] = 0  # a zero row: never kept
+    th = torch.randn(5, generator=gen).abs()
+    dims = torch.randint(1, 9, (300, 5), generator=gen)
+    g = torch.randn(300, 5, 8, generator=gen)
+    outs = []
+    for native in (True, False):
+        vv, tt = v.clone().requires_grad_(), th.clone().requires_grad_()
+        out = optembed.MaskRows.apply(vv, tt, dims, ste, native)
+        out.backward(g)
+        outs.append((out.detach(), vv.grad, tt.grad))
+    (a, ga, ta), (b, gb, tb) = outs
+    assert torch.equal(a, b) and (a[7, 2] == 0).all()
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+    if ste:
+        torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-5)
+        assert (ga != g * (a != 0)).any()  # the straight-through terms are there
+    else:
+        assert ta is None and tb is None and torch.equal(ga, g * (a != 0))

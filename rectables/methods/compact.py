@@ -89,6 +89,15 @@ class CompactTable(Table):
         f = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts), output_size=values.numel())
         return self.per_feature(self.id_rows.view(-1)[f * self.num_ids + values].long().unsqueeze(0), counts)
 
-    def transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
+    def transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor, batch: int) -> torch.Tensor:
         out = zero_rows_frozen(vectors)
         return F_.pad(out, (0, self.embedding_dim - self.dims[f])) if self.pad else out
+
+    @classmethod
+    def transform_many(cls, items, vectors, widths, bags, batch):
+        """Features of one dim d and one padded dim D at once, as [N, F, d]."""
+        D, pad = items[0][0].embedding_dim, items[0][0].pad
+        if len(set(widths)) > 1 or any(t.embedding_dim != D or t.pad != pad for t, _ in items):
+            return super().transform_many(items, vectors, widths, bags, batch)
+        v = zero_rows_frozen(vectors.view(-1, widths[0])).view(vectors.shape[0], len(items), widths[0])
+        return (F_.pad(v, (0, D - widths[0])) if pad else v).reshape(vectors.shape[0], -1)

@@ -29,8 +29,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F_
 
 from rectables import hashing
+
+try:  # the compiled masks (setup.py); without them the torch path gives the same results
+    from rectables import _masks as _kernels
+except ImportError:  # pragma: no cover
+    _kernels = None
 from rectables.registry import register
 from rectables.table import Table, check_range
 
@@ -54,6 +60,74 @@ class UnitStep(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         (x,) = ctx.saved_tensors
         return grad * step_grad(x)
+
+
+def _prefixes(D: int) -> torch.Tensor:
+    """[D + 1, D]: row k holds k ones, then zeros (a float mask: a bool one costs ~8x)."""
+    return torch.tril(torch.ones(D + 1, D), diagonal=-1)
+
+
+def masked(v: torch.Tensor, th: torch.Tensor, dims: torch.Tensor, D: int) -> torch.Tensor:
+    """MaskRows' forward in torch ops: [N, F, D] rows, thresholds [F], dims [N, F]."""
+    x = v.abs().sum(2) - th
+    return v * F_.embedding(torch.where(x > 0, dims, 0), _prefixes(D))
+
+
+class MaskRows(torch.autograd.Function):
+    """OptEmbed's masks of vectors ``v`` [N, F, D]: a row whose L1 norm is not above its
+    feature's threshold ``th`` [F] reads zeros, and a kept one its first ``dims`` [N, F]
+    values.  Backward: the masked gradient, plus with ``ste`` the straight-through step's
+    (``step_grad``) through each row's norm to the row (the sign of each value) and to
+    the threshold.  One pass each way in ``rectables/_masks.c`` (``native``); the torch
+    path gives the same results up to the order of the norm sums."""
+
+    @staticmethod
+    def forward(ctx, v, th, dims, ste, native=True):  # type: ignore[override]
+        v, th, dims = v.contiguous(), th.detach().contiguous(), dims.contiguous()
+        ctx.native = native and _kernels is not None and v.dtype == torch.float32
+        ctx.ste = ste
+        if ctx.native:
+            out, x = torch.empty_like(v), v.new_empty(v.shape[:2])
+            _kernels.forward(v.data_ptr(), dims.numel(), v.shape[2], th.data_ptr(), th.numel(), dims.data_ptr(),
+                             out.data_ptr(), x.data_ptr())
+        else:
+            x = v.abs().sum(2) - th
+            out = masked(v, th, dims, v.shape[2])
+        ctx.save_for_backward(v, x, dims)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        v, x, dims = ctx.saved_tensors
+        g = g.contiguous()
+        if ctx.native:
+            gv, gth = torch.empty_like(v), v.new_empty(v.shape[1])
+            _kernels.backward(g.data_ptr(), v.data_ptr(), x.data_ptr(), dims.data_ptr(), dims.numel(), v.shape[2],
+                              v.shape[1], gv.data_ptr(), gth.data_ptr(), ctx.ste)
+            return gv, gth if ctx.ste else None, None, None, None
+        prefixes = _prefixes(v.shape[2])
+        gv = g * F_.embedding(torch.where(x > 0, dims, 0), prefixes)
+        if not ctx.ste:
+            return gv, None, None, None, None
+        s = step_grad(x) * (g * v * F_.embedding(dims, prefixes)).sum(2)  # [N, F]
+        return torch.addcmul(gv, v.sign(), s.unsqueeze(2)), -s.sum(0), None, None, None
+
+
+def _draw(items: list, batch: int) -> torch.Tensor:
+    """Dims kept [batch, F] by the samples of each (table, feature) in ``items`` in this
+    training step: candidate ``hash(table seed, its step, feature, sample) mod C``, uniform
+    and repeatable (a resumed run draws the same)."""
+    keys = torch.tensor([hashing.salt_key(int(t.seed), int(t.step), f) for t, f in items])
+    h = torch.arange(batch).unsqueeze(1) * _GOLDEN_ODD ^ keys  # [batch, F]
+    h = hashing._mix64_(h)
+    counts = torch.tensor([len(t.candidate_dims) for t, _ in items])
+    idx = (((h >> 33) & 0x7FFFFFFF) * counts) >> 31  # in [0, C_f): the top 31 bits scaled
+    if len({tuple(t.candidate_dims) for t, _ in items}) == 1:
+        return items[0][0]._cands[idx]
+    return torch.stack([t._cands[idx[:, i]] for i, (t, _) in enumerate(items)], dim=1)
+
+
+_GOLDEN_ODD = 0x1E3779B97F4A7C15  # an odd multiplier < 2^63 spreading sample numbers
 
 
 def zero_rows_frozen(vectors: torch.Tensor) -> torch.Tensor:
@@ -136,23 +210,32 @@ class OptEmbedTable(Table):
         return self.per_feature(values.unsqueeze(0), counts)
 
     # ---- the mask ---------------------------------------------------------------------
-    def transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor) -> torch.Tensor:
-        D = self.embedding_dim
-        if bool(self.fixed):
-            out = zero_rows_frozen(vectors)
+    def transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor, batch: int) -> torch.Tensor:
+        return self.transform_many([(self, f)], vectors, [self.embedding_dim], bags, batch)
+
+    @classmethod
+    def transform_many(cls, items, vectors, widths, bags, batch):
+        """The masks of F features at once: ``vectors`` [N, F * D] as [N, F, D]."""
+        tables = [t for t, _ in items]
+        D, fixed, training = tables[0].embedding_dim, bool(tables[0].fixed), tables[0].training
+        if len(items) > 1 and any(t.embedding_dim != D or bool(t.fixed) != fixed or t.training != training
+                                  for t in tables):
+            return super().transform_many(items, vectors, widths, bags, batch)  # one by one
+        v = vectors.view(vectors.shape[0], len(items), D)
+        if training and not fixed:  # a prefix of d dims drawn per sample and feature
+            if all(t.candidate_dims == [D] for t in tables):
+                dims = v.new_full(v.shape[:2], D, dtype=torch.int64)
+            else:
+                dims = _draw(items, batch)[bags]  # [N, F]
         else:
-            x = vectors.abs().sum(1) - self.threshold[f]
-            mask = UnitStep.apply(x) if torch.is_grad_enabled() else (x > 0).to(vectors.dtype)
-            out = vectors * mask.unsqueeze(1)
-        if self.training and not bool(self.fixed):
-            if len(self.candidate_dims) == 1 and self.candidate_dims[0] == D:
-                return out
-            B = int(bags[-1]) + 1 if bags.numel() else 0
-            gen = torch.Generator().manual_seed(hashing.salt_key(int(self.seed), int(self.step), f))
-            d = self._cands[torch.randint(len(self.candidate_dims), (B,), generator=gen)]
-            return out * (torch.arange(D) < d[bags].unsqueeze(1))
-        keep = self.dims[f]
-        return out if int(keep) in (0, D) else out * (torch.arange(D) < keep)
+            dims = torch.cat([t.dims[f : f + 1] for t, f in items])
+            dims = torch.where(dims == 0, D, dims).expand(v.shape[:2])
+        # fixed: the zero row (a pruned id: norm 0, not above 0) reads zeros and takes no gradient
+        th = torch.zeros(len(items)) if fixed else torch.cat([t.threshold[f : f + 1] for t, f in items])
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # torch ops only (fx, TorchScript)
+            return masked(v, th, dims, D).view(vectors.shape)
+        return MaskRows.apply(v, th, dims, not fixed).view(vectors.shape)
+
 
     def extra_loss(self) -> torch.Tensor | None:
         if bool(self.fixed) or self.alpha == 0:
