@@ -25,6 +25,7 @@ import e2e_dlrm  # noqa: E402
 import real_data  # noqa: E402
 import recsys  # noqa: E402
 import embedding_step  # noqa: E402
+import optembed_bench  # noqa: E402
 
 LABELS = {
     "tbe": "raw fbgemm TBE (EXACT_SGD)",
@@ -316,7 +317,7 @@ def main() -> None:
         "",
     ]
     sections = ["embedding", "dlrm", "deepfm", "ingest", "movielens", "accuracy", "compile", "dynamic", "real", "din",
-                "graph"]
+                "optembed", "graph"]
     default = [x for x in sections if x != "graph"]  # the graph runs take ~1 h: make bench-graph
     p.add_argument("--only", default="", help="comma list of sections: " + ",".join(sections))
     args = p.parse_args()
@@ -325,7 +326,8 @@ def main() -> None:
             "deepfm": deepfm_section, "ingest": ingest_section, "movielens": movielens_section,
             "accuracy": accuracy_section, "compile": compile_section,
             "dynamic": lambda: dynamic_remap.section(CLI), "real": lambda: real_data.section(CLI),
-            "din": recsys.din_section, "graph": lambda: recsys.graph_section(40)}
+            "din": recsys.din_section, "optembed": lambda: optembed_bench.section(CLI),
+            "graph": lambda: recsys.graph_section(40)}
     fresh = {w: make[w]() for w in wanted}
     out = Path(args.out)
     if out.exists():  # replace the sections run, keep the rest (make bench keeps make bench-graph's)

@@ -301,7 +301,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _optembed_args(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("OptEmbed (method optembed): supernet and search; defaults in rectables/optembed_run.py")
     o.add_argument("--alpha", type=float, default=None, help="weight of sum exp(-threshold) in the loss (default 1e-4)")
-    o.add_argument("--threshold-lr", type=float, default=None, help="learning rate of the thresholds (default 1e-3)")
+    o.add_argument("--threshold-lr", type=float, default=None, help="learning rate of the thresholds (default 0.01)")
     o.add_argument("--threshold-init", type=float, default=None, help="starting threshold (default 0)")
     o.add_argument("--candidate-dims", default=None, help="comma list of dims to search (default 1..--dim)")
     o.add_argument("--rounds", type=int, default=None, help="rounds of the evolutionary search (default 30)")

@@ -28,7 +28,10 @@ import torch
 
 STAGES = ("supernet", "search", "retrain", "export")
 SEARCH = {"population": 20, "mutations": 10, "crossovers": 10, "rounds": 30, "prob": 0.1, "parents": 15, "seed": 0}
-TABLE = {"alpha": 1e-4, "threshold_lr": 1e-3, "threshold_init": 0.0, "candidate_dims": None}
+#: the tables' defaults: the paper's alpha range tops at 1e-4; its threshold rate (1e-4) is
+#: for epochs of ~20k steps, ours of ~200 (the demo's 800k rows at batch 4096) need 0.01
+#: for the thresholds to reach the rows' norms (~1) within an epoch
+TABLE = {"alpha": 1e-4, "threshold_lr": 0.01, "threshold_init": 0.0, "candidate_dims": None}
 
 
 def _tables(model) -> list:
@@ -145,10 +148,7 @@ def _search(spec: dict, run: Path, cfg: dict, resume: bool) -> dict:
     tables = _tables(model)
     cands = tables[0].candidate_dims
     history: list[dict] = []
-
-    def fitness(dims: list[int]) -> float:
-        _set_dims(model, dims)
-        return evaluate(model, val)["auc"]
+    fitness = cached_fitness(model, val)
 
     def log(record: dict) -> None:
         history.append(record)
@@ -158,11 +158,66 @@ def _search(spec: dict, run: Path, cfg: dict, resume: bool) -> dict:
 
     t0 = time.perf_counter()
     out = evolve(fitness, len(meta["features"]), cands, log=log, **cfg)
-    _set_dims(model, None)
     result = {**out, "settings": cfg, "full_dims_fitness": fitness([cands[-1]] * len(meta["features"])),
               "seconds": time.perf_counter() - t0, "evaluations": history[-1]["scored"]}
     write_json(done, result)
     return result
+
+
+class _Replay(torch.nn.Module):
+    """Stands in for a model's collection during the search: the current batch's cached
+    lookup [B, sum D] (``values``), whatever the features."""
+
+    def __init__(self, collection) -> None:
+        super().__init__()
+        self.keys, self.dims, self.values = collection.output_names, collection.dims, None
+
+    def forward(self, features):
+        from torchrec.sparse.jagged_tensor import KeyedTensor
+
+        return KeyedTensor(keys=self.keys, length_per_key=self.dims, values=self.values)
+
+
+CACHE_BYTES = 2 << 30  # the search caches the validation lookups up to this size
+
+
+def cached_fitness(model, val):
+    """fitness(dims) = validation AUC of the supernet ``model`` with feature f at its first
+    dims[f] dims.  A dim prefix commutes with pooling, so the row-masked lookup of every
+    validation batch is made once and each candidate multiplies it by its prefix mask and
+    runs the rest of the model (the same AUC as a full evaluation with ``set_dims``; ~3x
+    faster).  Validation lookups larger than CACHE_BYTES are looked up per candidate."""
+    from rectables.metrics import StreamingMetrics
+    from rectables.runs import _collections
+    from rectables.train import evaluate
+
+    (name, coll), = _collections(model).items()
+    if len(val) * val.batch_size * sum(coll.dims) * 4 > CACHE_BYTES:
+        def slow(dims: list[int]) -> float:
+            _set_dims(model, dims)
+            return evaluate(model, val)["auc"]
+        return slow
+    parent = model.get_submodule(name.rpartition(".")[0])
+    attr = name.rpartition(".")[2]
+    model.eval()
+    _set_dims(model, None)
+    with torch.no_grad():
+        cache = [(b.dense, coll(b.sparse).values(), b.labels) for b in val]
+    replay = _Replay(coll)
+
+    def fitness(dims: list[int]) -> float:
+        mask = torch.cat([(torch.arange(D) < d).float() for d, D in zip(dims, coll.dims)])
+        m = StreamingMetrics()
+        setattr(parent, attr, replay)
+        try:
+            with torch.no_grad():
+                for dense, values, labels in cache:
+                    replay.values = values * mask
+                    m.update(model(dense, None), labels)
+        finally:
+            setattr(parent, attr, coll)
+        return m.result()["auc"]
+    return fitness
 
 
 def _keep_masks(spec: dict, supernet: Path) -> list[torch.Tensor]:
@@ -230,6 +285,7 @@ def _export(spec: dict, run: Path, retrained: dict, supernet: dict) -> dict:
                "retrained_test": retrained["test"], "supernet_test": supernet["test"],
                "settings": {**table_settings(exported), "dims": [d for t in compact for d in t.dims],
                             "pruned": [round(1 - r / t.num_ids, 4) for t in compact for r in t.rows]},
+               "rows_pruned": 1 - sum(sum(t.rows) for t in compact) / sum(t.num_ids * len(t.rows) for t in compact),
                "max_abs_diff_vs_retrained": diff}
     write_json(out / "memory.json", summary["memory"])
     return summary

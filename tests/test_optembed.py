@@ -103,7 +103,7 @@ def test_a_row_below_its_threshold_reads_zeros_and_the_thresholds_train_at_their
     assert (out[:, :D] == 0).all() and (out[:, D:] != 0).any()
     groups = rectables.memory.dense_param_groups(ebc, 0.5)
     rates = sorted(g["lr"] for g in groups)
-    assert rates == [1e-3] and len(groups[0]["params"]) == 2  # the thresholds' own rate, not 0.5
+    assert rates == [0.01] and len(groups[0]["params"]) == 2  # the thresholds' own rate, not 0.5
 
 
 @pytest.mark.parametrize("pooled", [True, False])
@@ -339,3 +339,24 @@ def test_compiled_masks_equal_the_torch_path(ste):
         assert (ga != g * (a != 0)).any()  # the straight-through terms are there
     else:
         assert ta is None and tb is None and torch.equal(ga, g * (a != 0))
+
+
+def test_cached_search_fitness_equals_a_full_evaluation_with_those_dims(tiny):
+    from data.loader import CriteoBatches
+    from rectables.experiment import run_training
+    from rectables.optembed_run import _open, _set_dims, cached_fitness
+    from rectables.train import evaluate
+
+    spec = {"data": str(tiny / "p"), "method": "optembed", "dense_arch": [16, 16], "over_arch": [16, 1],
+            "table_options": {"alpha": 0.01, "threshold_lr": 0.05},
+            "train": {"batch_size": 128, "progress": False}}
+    run_training(spec, tiny / "sup")
+    model, _ = _open(spec, tiny / "sup")
+    val = CriteoBatches(str(tiny / "p"), "val", 256)
+    fitness = cached_fitness(model, val)
+    assert sum(float(t.row_masks([w]).float().mean() < 1) for t, w in
+               zip(model.embedding.tables, [p.weight for p in model.embedding.embedding_bags.values()])) > 0
+    for dims in ([16] * 26, [1 + (i * 5) % 16 for i in range(26)]):
+        _set_dims(model, dims)
+        assert fitness(dims) == evaluate(model, val)["auc"]
+    assert fitness([1] * 26) != fitness([16] * 26)

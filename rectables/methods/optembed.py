@@ -153,7 +153,7 @@ class OptEmbedTable(Table):
         feature_names: list[str],
         num_ids: int,
         alpha: float = 1e-4,
-        threshold_lr: float = 1e-3,
+        threshold_lr: float = 0.01,
         threshold_init: float = 0.0,
         candidate_dims: list[int] | None = None,
         seed: int = 0,
