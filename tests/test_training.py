@@ -52,11 +52,14 @@ def tiny(tmp_path_factory):
 
 
 def _spec(d, epochs, method="hash"):
-    return {"data": str(d / "p"), "method": method, "budget": 0.5, "dense_arch": [16, 16], "over_arch": [16, 1],
+    return {"data": str(d / "p"), "method": method, "budget": 1.0 if table_class(method).no_budget else 0.5,
+            "dense_arch": [16, 16], "over_arch": [16, 1],
             "train": {"epochs": epochs, "batch_size": 512, "patience": 5, "progress": False, "sparse_optimizer": "adam"}}
 
 
-@pytest.mark.parametrize("method", ["hash", "dynamic"])  # dynamic: the map, counters and sketch resume too
+# dynamic: the map, counters and sketch resume too; optembed: thresholds (their own Adam
+# group), the step count behind its dim draws
+@pytest.mark.parametrize("method", ["hash", "dynamic", "optembed"])
 def test_resume_continues_exactly(tiny, method):
     full = run_training(_spec(tiny, 3, method), tiny / f"r_full_{method}")
     run_training(_spec(tiny, 1, method), tiny / f"r_split_{method}")
