@@ -42,12 +42,13 @@ def _details(out: Path, seeds: str, features: list[str]) -> list[str]:
         search = json.loads((run / "search.json").read_text())
         first = first or (s, search)
         st = s["stages"]
-        lines.append(f"| {seed} | {s['rows_pruned']:.1%} | {s['memory']['total'] / 1e6:,.2f} MB | {s['test']['auc']:.4f} | "
+        table_bytes = sum(t["total"] for t in s["memory"]["tables"].values())  # as compare counts them
+        lines.append(f"| {seed} | {s['rows_pruned']:.1%} | {table_bytes / 1e6:,.2f} MB | {s['test']['auc']:.4f} | "
                      f"{s['supernet_test']['auc']:.4f} | {st['supernet_s']:.0f} | {st['search_s']:.0f} "
                      f"({search['evaluations']}) | {st['retrain_s']:.0f} | {st['export_s']:.1f} | "
                      f"{s['max_abs_diff_vs_retrained']:.1e} |")
     s, search = first
-    pruned, dims = s["settings"]["pruned"], s["settings"]["dims"]
+    pruned, dims = s["pruned"], s["dims"]
     lines += ["", "Seed " + seeds.split(",")[0] + ", per feature (share of rows pruned / dim chosen): "
               + ", ".join(f"{f} {p:.0%}/{d}" for f, p, d in zip(features, pruned, dims)) + ".", "",
               "Search curve (seed " + seeds.split(",")[0] + "; validation AUC of the supernet; best so far / mean of "

@@ -219,9 +219,8 @@ def cmd_optembed(args) -> int:
     if args.until != "export":
         print(f"stopped after stage {args.until} -> {args.run}")
         return 0
-    st = s["settings"]
-    print(f"exported: {s['memory']['total'] / 1e6:,.2f} MB of tables; rows pruned per feature "
-          f"{min(st['pruned']):.0%}-{max(st['pruned']):.0%}, dims {min(st['dims'])}-{max(st['dims'])}; "
+    print(f"exported: {s['memory']['total'] / 1e6:,.2f} MB of tables; {s['rows_pruned']:.0%} of the rows pruned "
+          f"({min(s['pruned']):.0%}-{max(s['pruned']):.0%} per feature), dims {min(s['dims'])}-{max(s['dims'])}; "
           f"test AUC {s['test']['auc']:.4f}, logloss {s['test']['logloss']:.4f} -> {args.run}/export")
     return 0
 

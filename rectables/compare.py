@@ -122,8 +122,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
             rows.append({"method": method, "budget": budget, "skipped": rs[0]["skipped"]})
             continue
         row = {"method": method, "budget": budget, "settings": done[0]["settings"], "seeds": [r["seed"] for r in done]}
-        for k in ("rows", "weights", "optimizer", "buffers", "bytes"):
-            row[k] = done[0][k]
+        for k in ("rows", "weights", "optimizer", "buffers", "bytes"):  # optembed's size varies with the seed
+            row[k] = round(statistics.mean(r[k] for r in done))
         for k in ("auc", "logloss", "val_auc", "best_epoch", "samples_per_s", "wall_s"):
             row[k] = statistics.mean(r[k] for r in done)
         for k in ("auc", "logloss"):

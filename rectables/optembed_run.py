@@ -247,7 +247,7 @@ def _export(spec: dict, run: Path, retrained: dict, supernet: dict) -> dict:
     from data.loader import CriteoBatches
     from rectables.experiment import build_model
     from rectables.memory import memory_report
-    from rectables.runs import _collections, save_checkpoint, table_settings, write_json
+    from rectables.runs import _collections, save_checkpoint, write_json
     from rectables.train import evaluate
 
     model, meta = _open(spec, run / "retrain")
@@ -283,9 +283,12 @@ def _export(spec: dict, run: Path, retrained: dict, supernet: dict) -> dict:
     summary = {**{k: retrained[k] for k in ("config", "best_val_auc", "best_epoch", "selected_by", "epochs", "history")},
                "test": evaluate(exported, test), "memory": memory_report(exported),
                "retrained_test": retrained["test"], "supernet_test": supernet["test"],
-               "settings": {**table_settings(exported), "dims": [d for t in compact for d in t.dims],
-                            "pruned": [round(1 - r / t.num_ids, 4) for t in compact for r in t.rows]},
+               "dims": [d for t in compact for d in t.dims],
+               "pruned": [round(1 - r / t.num_ids, 4) for t in compact for r in t.rows],
                "rows_pruned": 1 - sum(sum(t.rows) for t in compact) / sum(t.num_ids * len(t.rows) for t in compact),
                "max_abs_diff_vs_retrained": diff}
+    # what a comparison shows next to the row (the per-feature lists are in the summary)
+    summary["settings"] = {"tables": len(compact), "rows_pruned": round(summary["rows_pruned"], 3),
+                           "mean_dim": round(sum(summary["dims"]) / len(summary["dims"]), 1)}
     write_json(out / "memory.json", summary["memory"])
     return summary

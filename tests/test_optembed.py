@@ -268,7 +268,9 @@ def test_pipeline_from_the_cli_leaves_every_stage_and_the_export_scores_like_the
     s = json.loads((run / "export" / "summary.json").read_text())
     assert s["max_abs_diff_vs_retrained"] < 1e-5
     assert s["test"]["auc"] == pytest.approx(s["retrained_test"]["auc"], abs=1e-6)
-    assert max(s["settings"]["pruned"]) > 0 and len(s["settings"]["dims"]) == 26
+    assert max(s["pruned"]) > 0 and len(s["dims"]) == 26 and 0 < s["rows_pruned"] < 1
+    assert s["settings"] == {"tables": 26, "rows_pruned": round(s["rows_pruned"], 3),
+                             "mean_dim": round(sum(s["dims"]) / 26, 1)}
     assert set(s["stages"]) == {"supernet_s", "search_s", "retrain_s", "export_s"}
     retrain_cfg = json.loads((run / "retrain" / "config.json").read_text())
     assert retrain_cfg["stage"]["dims"] == json.loads((run / "search.json").read_text())["dims"]
