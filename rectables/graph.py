@@ -73,6 +73,7 @@ def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: 
     from rectables.ranking import recall_ndcg
     from rectables.train import _CHECK_EVERY as CHECK_EVERY
     from rectables.train import _check_finite as check_finite
+    from rectables.train import tables_extra_loss, tables_step_end
     from rectables.runs import (load_checkpoint, save_checkpoint, start_run, table_settings, versions, write_json,
                                 write_jsonl)
 
@@ -103,7 +104,7 @@ def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: 
         bar = tqdm(range(0, len(users), B), desc=f"{label} epoch {state['epoch'] + 1}/{spec['epochs']}",
                    disable=not spec["progress"], leave=False)
         for s in bar:
-            loss = model.loss(*(torch.from_numpy(a[s : s + B]) for a in (users, pos, neg)))
+            loss = model.loss(*(torch.from_numpy(a[s : s + B]) for a in (users, pos, neg))) + tables_extra_loss(model)
             if dense_opt:
                 dense_opt.zero_grad()
             loss.backward()
@@ -111,6 +112,7 @@ def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: 
                 dense_opt.step()
             losses.append(loss.detach())
             state["step"] += 1
+            tables_step_end(model, state["step"])
             if state["step"] % CHECK_EVERY == 0:  # one host sync per CHECK_EVERY steps, as in the CTR loop
                 check_finite(losses[-CHECK_EVERY:], state["step"])
         check_finite(losses[-(len(losses) % CHECK_EVERY or CHECK_EVERY):], state["step"])  # before anything is saved

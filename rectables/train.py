@@ -52,9 +52,17 @@ class TrainConfig:
             raise ValueError("learning rates must be > 0")
 
 
-def _extra_loss(model) -> torch.Tensor | float:
+def tables_extra_loss(model) -> torch.Tensor | float:
+    """The sum of every table's ``extra_loss()`` in ``model`` (0.0 if none): every training
+    loop adds it to its loss (OptEmbed's threshold term)."""
     extra = [x for c in _collections(model) if (x := c.extra_loss()) is not None]
     return sum(extra) if extra else 0.0
+
+
+def tables_step_end(model, step: int) -> None:
+    """Every table's ``on_step_end(step)``: every training loop calls it after its update."""
+    for c in _collections(model):
+        c.on_step_end(step)
 
 
 def train_one_epoch(model, loader, dense_opt, cfg: TrainConfig, step: int = 0, label: str = "") -> tuple[int, dict]:
@@ -69,13 +77,12 @@ def train_one_epoch(model, loader, dense_opt, cfg: TrainConfig, step: int = 0, l
         if cfg.max_steps_per_epoch and i >= cfg.max_steps_per_epoch:
             break
         logits = model(batch.dense, batch.sparse)
-        loss = loss_fn(logits, batch.labels) + _extra_loss(model)
+        loss = loss_fn(logits, batch.labels) + tables_extra_loss(model)
         dense_opt.zero_grad(set_to_none=True)
         loss.backward()  # fused sparse updates happen here
         dense_opt.step()
         step += 1
-        for c in _collections(model):
-            c.on_step_end(step)
+        tables_step_end(model, step)
         recent.append(loss.detach())
         if len(recent) == _CHECK_EVERY:
             _check_finite(recent, step)

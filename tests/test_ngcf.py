@@ -193,3 +193,24 @@ def test_compare_runs_a_graph_model_with_ranking_columns(tmp_path):
     assert "| test Recall@20 | ΔRecall@20 | NDCG@20 |" in text and "base rate" not in text
     run = json.loads((tmp_path / "cmp" / "full_1_seed1" / "config.json").read_text())
     assert run["seed"] == 1 and (tmp_path / "cmp" / "pareto.png").exists()
+
+
+def test_the_graph_loop_adds_the_tables_extra_loss_and_calls_their_step_hook(tmp_path, monkeypatch):
+    """Every training loop honours the table contract's hooks: an OptEmbed table's threshold
+    term pushes its thresholds up, and on_step_end sees every step."""
+    from rectables.graph import run_graph
+    from rectables.methods.optembed import OptEmbedTable
+
+    seen = []
+    monkeypatch.setattr(OptEmbedTable, "on_step_end", lambda self, step: seen.append(step))
+    monkeypatch.setattr(OptEmbedTable, "extra_loss", lambda self: 1e3 * torch.exp(-self.threshold).sum())
+    _write_dataset(tmp_path / "g")
+    spec = {"data": str(tmp_path / "g"), "model": "lightgcn", "dim": 4, "batch_size": 2, "progress": False,
+            "epochs": 2, "method": "optembed", "sparse_optimizer": "rowwise_adagrad", "sparse_lr": 0.1}
+    run_graph(spec, tmp_path / "a")
+    from rectables.runs import read_checkpoint
+
+    state = read_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    thresholds = [v for k, v in state.items() if k.endswith("threshold")]
+    assert thresholds and all((t > 0).all() for t in thresholds)  # from 0, pushed up by the extra loss
+    assert seen == sorted(seen) and seen[-1] == len(seen) // 2 and len(seen) == 2 * seen[-1]  # two tables, every step
