@@ -8,7 +8,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import rectables
 from rectables.evolution import evolve
-from rectables.methods.optembed import UnitStep, step_grad
+from rectables.methods.optembed import MaskRows, step_grad
 from tests.helpers import random_kjt
 
 FEATS = ["a", "b"]
@@ -41,12 +41,18 @@ def test_straight_through_derivative_is_the_papers_long_tail_gradcheck():
     x = torch.tensor([-1.7, -0.9, -0.55, -0.3, -0.05, 0.02, 0.25, 0.39, 0.41, 0.7, 0.97, 1.3, 3.0],
                      dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_WithStepGrad.apply, (x,), eps=1e-6, atol=1e-6)
-    y = UnitStep.apply(x)  # forward: the unit step; backward: the same derivative
-    assert torch.equal(y.detach(), (x > 0).double())
-    g = torch.randn_like(x)
-    (grad,) = torch.autograd.grad(y, x, g)
-    assert torch.allclose(grad, g * step_grad(x.detach()))
     assert step_grad(torch.tensor([0.0, 0.4, 1.0, 1.01])).tolist() == pytest.approx([2.0, 0.4, 0.4, 0.0])
+    # the mask's threshold gradient is that derivative: rows of one value v, threshold th,
+    # out = v * step(|v| - th), d out / d th = -step_grad(|v| - th) * v
+    for native in (True, False):
+        v = torch.tensor([0.1, -0.5, 0.9, 2.0, -1.6]).view(5, 1, 1)
+        th = torch.tensor([0.6], requires_grad=True)
+        out = MaskRows.apply(v, th, torch.ones(5, 1, dtype=torch.int64), True, native)
+        assert torch.equal(out.view(-1), torch.tensor([0.0, 0.0, 0.9, 2.0, -1.6]))  # the unit step
+        g = torch.randn(5, 1, 1)
+        out.backward(g)
+        x = v.abs().view(-1) - 0.6
+        torch.testing.assert_close(th.grad, -(step_grad(x) * g.view(-1) * v.view(-1)).sum().view(1))
 
 
 def _ebc(alpha=1e-4, dims=None, pooled=True, lr=0.05, **kw):

@@ -11,17 +11,17 @@ row** that pruned ids read once the mask is fixed.
   row reads as zeros.  ``extra_loss`` = alpha · sum_f exp(-t_f) pushes the thresholds up;
   they train in the model's dense optimizer at their own rate ``threshold_lr``.
 - **Dim search (supernet).**  In training each sample and feature keeps a prefix of d
-  dims, d drawn uniformly from ``candidate_dims`` (by a generator seeded with the
-  table's seed, its count of training lookups and the feature: a resumed run draws the
-  same); in evaluation all D, or the dims that
-  :meth:`set_dims` fixed (the evolutionary search's candidates).
+  dims, d drawn uniformly from ``candidate_dims`` (a hash of the table's seed, its count
+  of training lookups, the feature and the sample: a resumed run draws the same); in
+  evaluation all D, or the dims that :meth:`set_dims` fixed (the search's candidates).
 - **Retrain.**  :meth:`fix` freezes both: ids whose row was pruned read the zero row, and
   feature f keeps its first ``dims[f]`` dims.  A row of zeros reads as zeros and takes no
   gradient, so the zero row stays zero under every optimizer.
 - **Export.**  :meth:`compact` gives the ``compact`` table of the kept rows at their dims.
 
 The mask needs each id's own row, so the table is looked up one row per id (the core's
-``transform``), which costs nothing extra where bags hold one id (Criteo).
+``transform``); bags of one id (Criteo) are still read pooled.  The masks cost one pass
+over the lookup each way (``rectables/_masks.c``).
 Shapes: F features, N ids, B batch, D dim, M = n + 1 rows.
 """
 from __future__ import annotations
@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F_
 
 from rectables import hashing
+from rectables.registry import register
+from rectables.table import Table, check_range
 
 try:  # the compiled masks (setup.py); without them the torch path gives the same results
     from rectables import _masks as _kernels
 except ImportError:  # pragma: no cover
     _kernels = None
-from rectables.registry import register
-from rectables.table import Table, check_range
 
 
 def step_grad(x: torch.Tensor) -> torch.Tensor:
@@ -46,20 +46,6 @@ def step_grad(x: torch.Tensor) -> torch.Tensor:
     2 - 4|x| for |x| <= 0.4, 0.4 for 0.4 < |x| <= 1, 0 beyond."""
     a = x.abs()
     return torch.where(a <= 0.4, 2 - 4 * a, torch.where(a <= 1, torch.full_like(a, 0.4), torch.zeros_like(a)))
-
-
-class UnitStep(torch.autograd.Function):
-    """1 where x > 0, else 0; backward ``step_grad(x)`` times the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        ctx.save_for_backward(x)
-        return (x > 0).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return grad * step_grad(x)
 
 
 def _prefixes(D: int) -> torch.Tensor:
@@ -133,7 +119,7 @@ _GOLDEN_ODD = 0x1E3779B97F4A7C15  # an odd multiplier < 2^63 spreading sample nu
 def zero_rows_frozen(vectors: torch.Tensor) -> torch.Tensor:
     """``vectors`` [N, W] with rows of all zeros cut from the graph (they read zeros and
     take no gradient): how pruned ids share one zero row that training never moves."""
-    return vectors * (vectors.abs().sum(1, keepdim=True) != 0)
+    return vectors * (vectors.abs().sum(1, keepdim=True) != 0).to(vectors.dtype)
 
 
 @register
