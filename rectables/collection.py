@@ -338,7 +338,9 @@ class _Collection(nn.Module):
     def _transform_bags(self, rows: torch.Tensor, batch: int) -> torch.Tensor:
         """The per-id group's rows [B, sum W] read as bags of at most one id -> [B, sum D]."""
         bags, parts = torch.arange(batch), []
-        for (kind, items, widths), block in zip(self._runs, rows.split([sum(r[2]) for r in self._runs], dim=1)):
+        # one run: the rows as they are (a split's backward would copy the whole gradient)
+        blocks = [rows] if len(self._runs) == 1 else rows.split([sum(r[2]) for r in self._runs], dim=1)
+        for (kind, items, widths), block in zip(self._runs, blocks):
             parts.append(block if kind is None else kind.transform_many(items, block, widths, bags, batch))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
