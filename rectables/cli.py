@@ -169,6 +169,9 @@ def cmd_train(args) -> int:
               f"{s['seconds_per_epoch']:.0f} s per epoch -> {args.run}")
         return 0
     s = run_training(_spec(args), args.run, resume=args.resume, overwrite=args.overwrite)
+    if args.method == "optembed":
+        print("trained OptEmbed's supernet only (all rows, thresholds learned); `rectables optembed` runs the "
+              "supernet, the dim search, the retraining and the export of compact tables")
     print(f"best val AUC {s['best_val_auc']:.4f} (epoch {s['best_epoch']}, chosen by {s['selected_by']}); test AUC {s['test']['auc']:.4f}, logloss {s['test']['logloss']:.4f} -> {args.run}")
     return 0
 

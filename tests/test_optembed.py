@@ -281,6 +281,9 @@ def test_pipeline_from_the_cli_leaves_every_stage_and_the_export_scores_like_the
     retrain_cfg = json.loads((run / "retrain" / "config.json").read_text())
     assert retrain_cfg["stage"]["dims"] == json.loads((run / "search.json").read_text())["dims"]
     capsys.readouterr()
+    assert main(["train", "--data", str(tiny / "p"), "--method", "optembed", "--run", str(tiny / "sup_only"),
+                 "--batch-size", "256", "--quiet"]) == 0
+    assert "supernet only" in capsys.readouterr().out  # not mistaken for the whole method
     assert main(["eval", "--run", str(run / "export"), "--data", str(tiny / "p")]) == 0
     assert f"AUC {s['test']['auc']:.4f}" in capsys.readouterr().out
     assert main(["compare", "--data", str(tiny / "p"), "--methods", "full,hash", "--alpha", "0.1",
