@@ -36,6 +36,30 @@ def zipf_batches(n_batches: int, seed: int = 0) -> list[torch.Tensor]:
     return out
 
 
+def collection_step(ebc):
+    """step(ids [F*B]) of a rectables collection over the 26 features, one id each: the
+    lookup and the backward of a fixed upstream gradient (fused update), plus the tables'
+    extra loss, whose own parameters (OptEmbed's thresholds) a dense Adam steps."""
+    from rectables.memory import dense_param_groups
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    F = len(CRITEO_KAGGLE)
+    lengths = torch.ones(F * BATCH, dtype=torch.int64)
+    offsets = torch.arange(F * BATCH + 1, dtype=torch.int64)
+    grad = torch.randn(BATCH, F * DIM, generator=torch.Generator().manual_seed(0))
+    groups = dense_param_groups(ebc, 1e-3)
+    dense = torch.optim.Adam(groups, lr=1e-3) if groups else None
+
+    def step(ids):
+        kjt = KeyedJaggedTensor(keys=CRITEO_FEATURES, values=ids, lengths=lengths, offsets=offsets, stride=BATCH)
+        out, loss = ebc(kjt).values(), ebc.extra_loss()
+        torch.autograd.backward([out] if loss is None else [out, loss], [grad] if loss is None else [grad, None])
+        if dense:
+            dense.step()
+            dense.zero_grad()
+    return step
+
+
 def build(config: str):
     """Returns step(ids) for a configuration."""
     import rectables
@@ -73,12 +97,7 @@ def build(config: str):
                       for f, n in zip(CRITEO_FEATURES, CRITEO_KAGGLE)]
         else:
             tables = [rectables.create_table("hash", name="shared", embedding_dim=DIM, feature_names=CRITEO_FEATURES, num_buckets=1 << 20)]
-        ebc = rectables.EmbeddingBagCollection(tables, opt)
-
-        def step(ids):
-            kjt = KeyedJaggedTensor(keys=CRITEO_FEATURES, values=ids, lengths=lengths, offsets=offsets, stride=BATCH)
-            ebc(kjt).values().backward(grad)
-        return step
+        return collection_step(rectables.EmbeddingBagCollection(tables, opt))
 
     if config == "tbe_qr_sqrt":  # raw TBE in QR's layout (m = ceil(sqrt(n))), ids remapped ahead: the kernel's floor
         import math

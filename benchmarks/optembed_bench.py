@@ -7,7 +7,6 @@ against `full` with the same model and seeds on generated data and on the Criteo
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from embedding_step import BATCH, DIM, WARMUP, zipf_batches  # run as a script: benchmarks/ is on the path
+from embedding_step import BATCH, DIM, WARMUP, collection_step, zipf_batches  # run as a script: benchmarks/ is on the path
 from rectables.presets import CRITEO_FEATURES, CRITEO_KAGGLE
 
 CONFIGS = ["full", "optembed_supernet", "optembed_retrain", "compact"]
@@ -27,38 +27,16 @@ DLRM_CONFIGS = ["dlrm_full", "dlrm_supernet"]
 
 def build(config: str):
     import rectables
-    from rectables.memory import dense_param_groups
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    F = len(CRITEO_KAGGLE)
-    lengths = torch.ones(F * BATCH, dtype=torch.int64)
-    offsets = torch.arange(F * BATCH + 1, dtype=torch.int64)
-    grad = torch.randn(BATCH, F * DIM, generator=torch.Generator().manual_seed(0))
-    opt = rectables.SparseOptimizer("sgd", lr=0.01)
-    method = "full" if config == "full" else "compact" if config == "compact" else "optembed"
-    extra = {"rows": None, "dims": None}
-    tables = []
-    for f, n in zip(CRITEO_FEATURES, CRITEO_KAGGLE):
-        if method == "compact":
-            extra = {"rows": [(n + 1) // 2], "dims": [DIM // 2]}
-        kw = extra if method == "compact" else {}
-        tables.append(rectables.create_table(method, name=f"t_{f}", embedding_dim=DIM, feature_names=[f], num_ids=n,
-                                             **kw))
-    ebc = rectables.EmbeddingBagCollection(tables, opt)
+    method = config if config in ("full", "compact") else "optembed"
+    half = lambda n: {"rows": [(n + 1) // 2], "dims": [DIM // 2]} if method == "compact" else {}  # noqa: E731
+    tables = [rectables.create_table(method, name=f"t_{f}", embedding_dim=DIM, feature_names=[f], num_ids=n, **half(n))
+              for f, n in zip(CRITEO_FEATURES, CRITEO_KAGGLE)]
+    ebc = rectables.EmbeddingBagCollection(tables, rectables.SparseOptimizer("sgd", lr=0.01))
     if config == "optembed_retrain":
         for t, n in zip(tables, CRITEO_KAGGLE):
             t.fix((torch.arange(n) % 2 == 0).unsqueeze(0), [DIM // 2])
-    groups = dense_param_groups(ebc, 1e-3)
-    dense = torch.optim.Adam(groups, lr=1e-3) if groups else None
-
-    def step(ids):
-        kjt = KeyedJaggedTensor(keys=CRITEO_FEATURES, values=ids, lengths=lengths, offsets=offsets, stride=BATCH)
-        out, loss = ebc(kjt).values(), ebc.extra_loss()  # the upstream gradient as embedding_step.py gives it
-        torch.autograd.backward([out] if loss is None else [out, loss], [grad] if loss is None else [grad, None])
-        if dense:
-            dense.step()
-            dense.zero_grad()
-    return step
+    return collection_step(ebc)
 
 
 def build_dlrm(config: str):

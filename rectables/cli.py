@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 from rectables.presets import PRESETS, parse_fraction
+from rectables.specs import check_family, din_spec, graph_spec, optembed_args, optembed_settings, spec_of
 
 
 def build_criteo_collection(method: str, dim: int, fraction: float, cardinalities: list[int], optimizer, device="cpu"):
@@ -76,99 +77,27 @@ def cmd_preprocess(args) -> int:
     return 0
 
 
-CTR_DEFAULTS = {"dim": 16, "epochs": 1, "optimizer": "rowwise_adagrad", "over_arch": "64,1", "patience": 1,
-                "max_steps": 0}
-#: flags that only some model families take (ctr: dlrm, deepfm; graph: ngcf, lightgcn; sequence: din, din-base)
-ONLY = {"dense_arch": ("ctr",), "over_arch": ("ctr",), "patience": ("ctr", "sequence"), "max_steps": ("ctr", "sequence"),
-        **{f: ("graph",) for f in ("layers", "l2", "message_dropout", "node_dropout", "eval_every", "k")},
-        "activation": ("sequence",), "softmax": ("sequence",)}
-
-
-def _family(model: str) -> str:
-    from rectables.graph import GRAPH_MODELS
-    from rectables.sequential import SEQUENCE_MODELS
-
-    return "graph" if model in GRAPH_MODELS else "sequence" if model in SEQUENCE_MODELS else "ctr"
-
-
-def _check_family(args) -> str:
-    """The model's family; a flag the family does not take is an error naming it."""
-    family = _family(args.model)
-    wrong = [f for f, fams in ONLY.items() if family not in fams and getattr(args, f, None) not in (None, False)]
-    if wrong:
-        flags = ", ".join("--" + f.replace("_", "-") for f in wrong)
-        raise ValueError(f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to --model {args.model}")
-    if family != "graph":
-        for k, v in CTR_DEFAULTS.items():
-            if getattr(args, k, None) is None and family in ONLY.get(k, (family,)):
-                setattr(args, k, v)
-    return family
-
-
-def _graph_spec(args) -> dict:
-    from data.sources import resolve
-
-    return {"data": str(resolve(args.data)), "model": args.model, "method": getattr(args, "method", "full"),
-            "budget": parse_fraction(getattr(args, "budget", "1")), "dim": args.dim, "layers": args.layers,
-            "epochs": args.epochs, "batch_size": None if args.batch_size == "auto" else args.batch_size,
-            "sparse_optimizer": args.optimizer, "sparse_lr": args.sparse_lr, "dense_lr": args.dense_lr, "l2": args.l2,
-            "message_dropout": args.message_dropout, "node_dropout": args.node_dropout, "seed": args.seed,
-            "eval_every": args.eval_every, "k": args.k, "progress": not args.quiet}
-
-
-def _din_spec(args) -> dict:
-    return {"data": args.data, "model": args.model, "method": getattr(args, "method", "full"),
-            "budget": parse_fraction(getattr(args, "budget", "1")), "dim": args.dim, "activation": args.activation,
-            "softmax": args.softmax or None,
-            "train": {"epochs": args.epochs, "batch_size": args.batch_size, "sparse_optimizer": args.optimizer,
-                      **({} if args.sparse_lr is None else {"sparse_lr": args.sparse_lr}), "dense_lr": args.dense_lr,
-                      "seed": args.seed, "max_steps_per_epoch": args.max_steps, "progress": not args.quiet,
-                      "patience": args.patience}}
-
-
-def _spec(args) -> dict:
-    family = _check_family(args)
-    if family == "sequence":
-        return _din_spec(args)
-    if family == "graph":
-        return _graph_spec(args)
-    last = int(args.dense_arch.split(",")[-1]) if args.dense_arch else args.dim  # None: follows --dim (and the data)
-    if args.model == "dlrm" and last != args.dim:
-        raise ValueError(f"DLRM's bottom MLP ends at the embedding dim: the last layer of --dense-arch "
-                         f"{args.dense_arch} is {last} but --dim is {args.dim}; set --dense-arch "
-                         f"{','.join(args.dense_arch.split(',')[:-1] + [str(args.dim)])} (or leave it out)")
-    return {
-        "data": str(args.data), "method": getattr(args, "method", "full"), "budget": parse_fraction(getattr(args, "budget", "1")),
-        "dim": args.dim, "model": args.model,
-        "dense_arch": [int(x) for x in args.dense_arch.split(",")] if args.dense_arch else None, "over_arch": [int(x) for x in args.over_arch.split(",")],
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "sparse_optimizer": args.optimizer,
-                  **({} if args.sparse_lr is None else {"sparse_lr": args.sparse_lr}),
-                  "dense_lr": args.dense_lr, "seed": args.seed,
-                  "max_steps_per_epoch": args.max_steps, "progress": not args.quiet, "patience": args.patience},
-    }
-
-
 def cmd_train(args) -> int:
     from rectables.experiment import run_training
 
-    family = _check_family(args)
+    family = check_family(args)
     if family == "sequence":
         from rectables.sequential import run_din
 
-        s = run_din(_din_spec(args), args.run, resume=args.resume, overwrite=args.overwrite)
+        s = run_din(din_spec(args), args.run, resume=args.resume, overwrite=args.overwrite)
         print(f"best val AUC {s['best_val_auc']:.4f} (epoch {s['best_epoch']}); test AUC {s['test']['auc']:.4f}, "
               f"GAUC {s['test']['gauc']:.4f}, logloss {s['test']['logloss']:.4f} -> {args.run}")
         return 0
     if family == "graph":
         from rectables.graph import run_graph
 
-        s = run_graph(_graph_spec(args), args.run, resume=args.resume, overwrite=args.overwrite)
+        s = run_graph(graph_spec(args), args.run, resume=args.resume, overwrite=args.overwrite)
         last = s["last"]
         k = s["config"]["k"]
         print(f"epoch {last['epoch']}: recall@{k} {last[f'recall@{k}']:.4f}, ndcg@{k} {last[f'ndcg@{k}']:.4f}, "
               f"{s['seconds_per_epoch']:.0f} s per epoch -> {args.run}")
         return 0
-    s = run_training(_spec(args), args.run, resume=args.resume, overwrite=args.overwrite)
+    s = run_training(spec_of(args), args.run, resume=args.resume, overwrite=args.overwrite)
     if args.method == "optembed":
         print("trained OptEmbed's supernet only (all rows, thresholds learned); `rectables optembed` runs the "
               "supernet, the dim search, the retraining and the export of compact tables")
@@ -193,31 +122,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
-#: OptEmbed flags -> (where in the pipeline's spec, its key)
-OPTEMBED_FLAGS = {"alpha": ("table_options", "alpha"), "threshold_lr": ("table_options", "threshold_lr"),
-                  "threshold_init": ("table_options", "threshold_init"),
-                  "candidate_dims": ("table_options", "candidate_dims"), "rounds": ("search", "rounds"),
-                  "population": ("search", "population"), "mutations": ("search", "mutations"),
-                  "crossovers": ("search", "crossovers"), "mutation_prob": ("search", "prob"),
-                  "parents": ("search", "parents"), "search_seed": ("search", "seed")}
-
-
-def _optembed_settings(args) -> dict:
-    """The OptEmbed flags given: {table_options: {...}, search: {...}}."""
-    out: dict = {"table_options": {}, "search": {}}
-    for flag, (part, key) in OPTEMBED_FLAGS.items():
-        v = getattr(args, flag, None)
-        if v is not None:
-            out[part][key] = [int(x) for x in v.split(",")] if flag == "candidate_dims" else v
-    return out
-
-
 def cmd_optembed(args) -> int:
     from rectables.optembed_run import run_optembed
 
-    if _check_family(args) != "ctr":
+    if check_family(args) != "ctr":
         raise ValueError(f"the OptEmbed pipeline trains CTR models (dlrm, deepfm), not --model {args.model}")
-    s = run_optembed({**_spec(args), "method": "optembed", **_optembed_settings(args)}, args.run,
+    s = run_optembed({**spec_of(args), "method": "optembed", **optembed_settings(args)}, args.run,
                      resume=args.resume, overwrite=args.overwrite, until=args.until)
     if args.until != "export":
         print(f"stopped after stage {args.until} -> {args.run}")
@@ -234,10 +144,10 @@ def cmd_compare(args) -> int:
 
     methods = args.methods.split(",") if args.methods else list_tables()
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
-    given = _optembed_settings(args)
+    given = optembed_settings(args)
     if (given["table_options"] or given["search"]) and "optembed" not in methods:
         raise ValueError("OptEmbed flags (--alpha, --rounds, ...) apply to method optembed, which --methods leaves out")
-    compare({**_spec(args), "optembed": given}, methods, [parse_fraction(b) for b in args.budgets.split(",")], args.out,
+    compare({**spec_of(args), "optembed": given}, methods, [parse_fraction(b) for b in args.budgets.split(",")], args.out,
             overwrite=args.overwrite, seeds=seeds)
     return 0
 
@@ -298,21 +208,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("sequence models (din, din-base) only")
     d.add_argument("--activation", choices=["dice", "prelu"], default=None, help="DIN's activation (default: dice)")
     d.add_argument("--softmax", action="store_true", help="normalise DIN's attention weights (the paper does not)")
-
-
-def _optembed_args(p: argparse.ArgumentParser) -> None:
-    o = p.add_argument_group("OptEmbed (method optembed): supernet and search; defaults in rectables/optembed_run.py")
-    o.add_argument("--alpha", type=float, default=None, help="weight of sum exp(-threshold) in the loss (default 1e-4)")
-    o.add_argument("--threshold-lr", type=float, default=None, help="learning rate of the thresholds (default 0.01)")
-    o.add_argument("--threshold-init", type=float, default=None, help="starting threshold (default 0)")
-    o.add_argument("--candidate-dims", default=None, help="comma list of dims to search (default 1..--dim)")
-    o.add_argument("--rounds", type=int, default=None, help="rounds of the evolutionary search (default 30)")
-    o.add_argument("--population", type=int, default=None, help="candidates of the first round (default 20)")
-    o.add_argument("--mutations", type=int, default=None, help="children by mutation per round (default 10)")
-    o.add_argument("--crossovers", type=int, default=None, help="children by crossover per round (default 10)")
-    o.add_argument("--mutation-prob", type=float, default=None, help="chance a dim is redrawn (default 0.1)")
-    o.add_argument("--parents", type=int, default=None, help="best candidates kept as parents (default 15)")
-    o.add_argument("--search-seed", type=int, default=None, help="seed of the search (default 0)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,11 +282,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="directory of the runs and the report")
     c.add_argument("--overwrite", action="store_true",
                    help="start every run over (by default a run already in --out with the same settings is resumed)")
-    _optembed_args(c)
+    optembed_args(c)
     c.set_defaults(func=cmd_compare)
     o = sub.add_parser("optembed", help="OptEmbed: supernet, dim search, retrain, export of compact tables", **fmt)
     _train_args(o)
-    _optembed_args(o)
+    optembed_args(o)
     o.add_argument("--run", required=True, help="run directory (supernet/, search.json, retrain/, export/)")
     o.add_argument("--until", choices=["supernet", "search", "retrain", "export"], default="export",
                    help="last stage to run (a later call with --resume goes on from there)")

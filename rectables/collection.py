@@ -203,6 +203,11 @@ class _Collection(nn.Module):
         """The rows of every table (updated by the fused optimizer, not a torch one)."""
         return list(getattr(self, self._rows_name).parameters())
 
+    def table_weights(self, name: str) -> list[torch.Tensor]:
+        """The physical tables [M_k, D_k] of the table called ``name``: views into the fused
+        storage (``weight``, or ``weight_<k>``, as torchrec shows them)."""
+        return list(getattr(self, self._rows_name)[name].parameters())
+
     def optimizer_state_dict(self) -> dict[str, torch.Tensor]:
         """The fused optimizer's state, apart from ``state_dict()`` (which holds the rows
         under torchrec's keys): save both to resume training exactly."""

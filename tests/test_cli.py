@@ -54,18 +54,18 @@ def test_torch_fx_notice_does_not_reach_the_console():
 def test_dim_moves_the_dense_arch_with_it_or_names_the_flag(tmp_path, capsys):
     import argparse
 
-    from rectables.cli import _spec
+    from rectables.specs import spec_of
 
     base = dict(data=str(tmp_path), model="dlrm", over_arch="64,1", epochs=1, batch_size=8, optimizer="sgd",
                 sparse_lr=0.1, dense_lr=0.1, seed=0, max_steps=0, quiet=True, patience=1)
     from rectables.experiment import default_dense_arch
 
-    assert _spec(argparse.Namespace(**base, dim=32, dense_arch=None))["dense_arch"] is None  # resolved with the data
+    assert spec_of(argparse.Namespace(**base, dim=32, dense_arch=None))["dense_arch"] is None  # resolved with the data
     assert default_dense_arch(32, {"features": ["C1"]}) == [64, 32]  # Criteo
     assert default_dense_arch(32, {"features": ["C1"], "schema": {"name": "a", "columns": ["y", "C1"], "label": "y",
                                                                    "sparse": ["C1"]}}) == [32]
     try:
-        _spec(argparse.Namespace(**base, dim=32, dense_arch="128,16"))
+        spec_of(argparse.Namespace(**base, dim=32, dense_arch="128,16"))
     except ValueError as e:
         assert "--dense-arch 128,32" in str(e)
     else:

@@ -84,8 +84,7 @@ def _train_supernet(alpha: float, steps: int = 150) -> tuple[list[float], list[f
 
 
 def _weights(ebc, i):
-    st, base = ebc.table_storage(i)
-    return [st.weight(base + k) for k in range(len(ebc.tables[i].physical_shapes()))]
+    return ebc.table_weights(ebc.tables[i].name)
 
 
 def test_thresholds_rise_and_more_rows_are_pruned_as_alpha_grows():
@@ -168,15 +167,19 @@ def test_search_is_deterministic_never_loses_its_best_and_leaves_parents_alone()
 
 
 def test_crossover_cuts_between_features():
-    """With mutation off, every child is a prefix of one parent joined to the rest of
-    another, cut at a feature boundary (never inside a dim)."""
+    """With mutation off, every child of a round is a prefix of one of that round's parents
+    (the best candidates scored before it) joined to the rest of another, cut between
+    features, never inside one."""
     seen = []
-    evolve(lambda d: seen.append(tuple(d)) or float(sum(d)), 6, [1, 2, 3, 4], population=4, mutations=0,
-           crossovers=8, rounds=3, prob=0.0, parents=4, seed=1)
-    first = seen[:4]
-    for child in seen[4:]:
-        assert any(child[:c] == a[:c] and child[c:] == b[c:] for a in first + seen for b in first + seen
-                   for c in range(1, 6))
+    fitness = lambda d: seen.append(tuple(d)) or float(sum(d))  # noqa: E731
+    out = evolve(fitness, 6, [1, 2, 3, 4], population=4, mutations=0, crossovers=8, rounds=3, prob=0.0,
+                 parents=4, seed=1)
+    scored = [0] + [h["scored"] for h in out["history"]]
+    assert scored[-1] > scored[1]  # later rounds scored new children
+    for r in range(1, len(scored) - 1):
+        parents = sorted(seen[: scored[r]], key=lambda c: (-sum(c), c))[:4]
+        for child in seen[scored[r] : scored[r + 1]]:
+            assert any(child == a[:c] + b[c:] for a in parents for b in parents if a != b for c in range(1, 6)), child
 
 
 def _fixed(pooled=True):
