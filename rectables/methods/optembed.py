@@ -102,10 +102,12 @@ class MaskRows(torch.autograd.Function):
 def _draw(items: list, batch: int) -> torch.Tensor:
     """Dims kept [batch, F] by the samples of each (table, feature) in ``items`` in this
     training step: candidate ``hash(table seed, its step, feature, sample) mod C``, uniform
-    and repeatable (a resumed run draws the same)."""
-    keys = torch.tensor([hashing.salt_key(int(t.seed), int(t.step), f) for t, f in items])
-    h = torch.arange(batch).unsqueeze(1) * _GOLDEN_ODD ^ keys  # [batch, F]
-    h = hashing._mix64_(h)
+    and repeatable (a resumed run draws the same), computed without reading the counters
+    back to Python."""
+    seeds, steps = torch.stack([t.seed for t, _ in items]), torch.stack([t.step for t, _ in items])
+    features = torch.tensor([f for _, f in items])
+    keys = hashing._mix64_(seeds * _ODD[0] ^ hashing._mix64_(steps * _ODD[1] ^ features * _ODD[2]))  # [F], on device
+    h = hashing._mix64_(torch.arange(batch).unsqueeze(1) * _ODD[3] ^ keys)  # [batch, F]
     counts = torch.tensor([len(t.candidate_dims) for t, _ in items])
     idx = (((h >> 33) & 0x7FFFFFFF) * counts) >> 31  # in [0, C_f): the top 31 bits scaled
     if len({tuple(t.candidate_dims) for t, _ in items}) == 1:
@@ -113,7 +115,8 @@ def _draw(items: list, batch: int) -> torch.Tensor:
     return torch.stack([t._cands[idx[:, i]] for i, (t, _) in enumerate(items)], dim=1)
 
 
-_GOLDEN_ODD = 0x1E3779B97F4A7C15  # an odd multiplier < 2^63 spreading sample numbers
+#: odd multipliers < 2^63 that spread seeds, steps, features and sample numbers apart
+_ODD = (0x1E3779B97F4A7C15, 0x3F58476D1CE4E5B9, 0x14D049BB133111EB, 0x2545F4914F6CDD1D)
 
 
 def zero_rows_frozen(vectors: torch.Tensor) -> torch.Tensor:
@@ -203,9 +206,10 @@ class OptEmbedTable(Table):
     def transform_many(cls, items, vectors, widths, bags, batch):
         """The masks of F features at once: ``vectors`` [N, F * D] as [N, F, D]."""
         tables = [t for t, _ in items]
-        D, fixed, training = tables[0].embedding_dim, bool(tables[0].fixed), tables[0].training
-        if len(items) > 1 and any(t.embedding_dim != D or bool(t.fixed) != fixed or t.training != training
-                                  for t in tables):
+        flags = torch.stack([t.fixed for t in tables])  # one host read for all tables, not one each
+        D, fixed, training = tables[0].embedding_dim, bool(flags.all()), tables[0].training
+        if len(items) > 1 and (fixed != bool(flags.any()) or any(t.embedding_dim != D or t.training != training
+                                                                  for t in tables)):
             return super().transform_many(items, vectors, widths, bags, batch)  # one by one
         v = vectors.view(vectors.shape[0], len(items), D)
         if training and not fixed:  # a prefix of d dims drawn per sample and feature
