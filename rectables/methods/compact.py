@@ -15,9 +15,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F_
 
-from rectables.methods.optembed import zero_rows_frozen
 from rectables.registry import register
 from rectables.table import Table, check_range
+
+
+def zero_rows_frozen(vectors: torch.Tensor) -> torch.Tensor:
+    """``vectors`` [N, W] with rows of all zeros cut from the graph (they read zeros and
+    take no gradient): how pruned ids share one zero row that training never moves."""
+    return vectors * (vectors.abs().sum(1, keepdim=True) != 0).to(vectors.dtype)
 
 
 @register

@@ -119,12 +119,6 @@ def _draw(items: list, batch: int) -> torch.Tensor:
 _ODD = (0x1E3779B97F4A7C15, 0x3F58476D1CE4E5B9, 0x14D049BB133111EB, 0x2545F4914F6CDD1D)
 
 
-def zero_rows_frozen(vectors: torch.Tensor) -> torch.Tensor:
-    """``vectors`` [N, W] with rows of all zeros cut from the graph (they read zeros and
-    take no gradient): how pruned ids share one zero row that training never moves."""
-    return vectors * (vectors.abs().sum(1, keepdim=True) != 0).to(vectors.dtype)
-
-
 @register
 class OptEmbedTable(Table):
     """OptEmbed's supernet: learned row thresholds and sampled dim prefixes, one physical
