@@ -1,10 +1,12 @@
-"""Only the C fast paths (Criteo reader, id map of dynamic tables, OptEmbed's masks); everything else is in
-pyproject.toml.  ``optional``: without a compiler both still work, through their
-pure-Python/torch paths, which give the same results."""
+"""Only the C fast paths (Criteo reader, id map of dynamic tables, OptEmbed's masks, the
+fused sparse update); everything else is in pyproject.toml.  ``optional``: without a
+compiler all still work, through their pure-Python/torch/fbgemm paths, which give the
+same results."""
 from setuptools import Extension, setup
 
 setup(ext_modules=[
     Extension("data._criteo_parse", ["data/_criteo_parse.c"], optional=True, extra_compile_args=["-O3"]),
     Extension("rectables._idmap", ["rectables/_idmap.c"], optional=True, extra_compile_args=["-O3"]),
     Extension("rectables._masks", ["rectables/_masks.c"], optional=True, extra_compile_args=["-O3"]),
+    Extension("rectables._rowupdate", ["rectables/_rowupdate.c"], optional=True, extra_compile_args=["-O3"]),
 ])

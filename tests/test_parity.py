@@ -131,3 +131,57 @@ def test_reset_rows_reinitialises_rows_and_zeroes_their_state(name):
     for k, v in st.optimizer_state(0).items():
         assert (v[rows] == 0).all() and torch.equal(v[keep], states[k][keep])
         assert states[k][rows].abs().sum() > 0  # they were touched before the reset
+
+
+@settings(max_examples=30, deadline=None)
+@given(name=st.sampled_from(["sgd", "adagrad", "rowwise_adagrad"]), seed=st.integers(0, 2**16),
+       B=st.integers(0, 9), L=st.integers(0, 5), weighted=st.booleans(), threads=st.sampled_from([1, 2]))
+def test_compiled_update_matches_fbgemms_backward(name, seed, B, L, weighted, threads):
+    """The compiled kernel's update (rectables/_rowupdate.c) against fbgemm's own backward
+    on a copy: tables of dims 6 (stored 8) and 4, lanes out of table order, two lanes of one
+    table (their ids' gradients summed per row), repeated ids, per-id weights, two steps."""
+    from rectables.storage import FusedStorage
+
+    if not FusedStorage([(3, 4)], [0], rectables.SparseOptimizer(name))._native:
+        pytest.skip("the compiled update is not built")
+    gen = torch.Generator().manual_seed(seed)
+    shapes, lanes = [(7, 6), (40, 4), (5, 4)], [1, 0, 1, 2]
+    pair = [FusedStorage(shapes, lanes, rectables.SparseOptimizer(name, lr=0.3)) for _ in range(2)]
+    pair[1]._native = False  # fbgemm's backward
+    pair[1].tbe.weights_host.detach().copy_(pair[0].tbe.weights_host.detach())
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(2):
+            lengths = torch.randint(0, L + 1, (len(lanes) * B,), generator=gen)
+            n = int(lengths.sum())
+            ids = torch.cat([torch.randint(0, shapes[k][0], (int(c),), generator=gen)
+                             for k, c in zip(lanes, lengths.view(len(lanes), -1).sum(1))])
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+            w = torch.rand(n, generator=gen) + 0.5 if weighted else None
+            g = torch.randn(B, 4 + 6 + 4 + 4, generator=gen)
+            for s in pair:
+                s(ids, offsets, w).backward(g)
+    finally:
+        torch.set_num_threads(2)
+    ours, theirs = pair
+    for k in range(len(shapes)):
+        torch.testing.assert_close(ours.weight(k), theirs.weight(k), rtol=1e-5, atol=1e-6)
+        for key, t in ours.optimizer_state(k).items():
+            torch.testing.assert_close(t, theirs.optimizer_state(k)[key], rtol=1e-5, atol=1e-7)
+    assert not ours._stored(0)[:, 6:].any()  # the padding of dim 6 stays zero
+
+
+def test_training_lookups_use_the_compiled_update_unless_weights_take_a_gradient():
+    from rectables.storage import FusedStorage
+
+    st_ = FusedStorage([(10, 4)], [0], rectables.SparseOptimizer("rowwise_adagrad"))
+    if not st_._native:
+        pytest.skip("the compiled update is not built")
+    st_.weight(0).copy_(torch.randn(10, 4))
+    ids, offsets = torch.tensor([1, 2, 2]), torch.tensor([0, 2, 3])
+    assert type(st_(ids, offsets).grad_fn).__name__ == "_OwnUpdateBackward"
+    w = torch.ones(3, requires_grad=True)
+    out = st_(ids, offsets, w)
+    assert type(out.grad_fn).__name__ != "_OwnUpdateBackward"
+    out.sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
