@@ -61,7 +61,8 @@ def collection_step(ebc):
 
 
 def build(config: str):
-    """Returns step(ids) for a configuration."""
+    """Returns step(ids) for a configuration (``*_rowwise``: row-wise Adagrad, lr 0.05,
+    instead of SGD)."""
     import rectables
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -69,7 +70,9 @@ def build(config: str):
     lengths = torch.ones(F * BATCH, dtype=torch.int64)
     offsets = torch.arange(F * BATCH + 1, dtype=torch.int64)
     grad = torch.randn(BATCH, F * DIM, generator=torch.Generator().manual_seed(0))
-    opt = rectables.SparseOptimizer("sgd", lr=0.01)
+    rowwise = config.endswith("_rowwise")
+    config = config.removesuffix("_rowwise")
+    opt = rectables.SparseOptimizer("rowwise_adagrad", lr=0.05) if rowwise else rectables.SparseOptimizer("sgd", lr=0.01)
 
     if config in ("full", "hash_1m") or config.startswith(("qr_", "unified_")):
         if config.startswith("qr_"):
@@ -132,7 +135,8 @@ def build(config: str):
 
         tbe = SplitTableBatchedEmbeddingBagsCodegen(
             [(n, DIM, EmbeddingLocation.HOST, ComputeDevice.CPU) for n in CRITEO_KAGGLE],
-            optimizer=EmbOptimType.EXACT_SGD, learning_rate=0.01, bounds_check_mode=BoundsCheckMode.NONE)
+            optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD if rowwise else EmbOptimType.EXACT_SGD,
+            learning_rate=opt.lr, eps=opt.eps, bounds_check_mode=BoundsCheckMode.NONE)
         for w in tbe.split_embedding_weights():
             w.detach().uniform_(-0.01, 0.01)
 
@@ -185,7 +189,8 @@ def run(config: str) -> dict:
             "lookups_per_s": BATCH * len(CRITEO_KAGGLE) / dt, "peak_rss_bytes": rss}
 
 
-AB_CONFIGS = ["tbe", "tbe_qr_sqrt", "full", "hash_1m", "qr_m4", "qr_sqrt", "qr_sqrt_add", "unified_1/4", "unified_1/64", "unified_k1_1/4"]
+AB_CONFIGS = ["tbe", "tbe_qr_sqrt", "full", "hash_1m", "qr_m4", "qr_sqrt", "qr_sqrt_add", "unified_1/4", "unified_1/64",
+              "unified_k1_1/4", "tbe_rowwise", "full_rowwise"]
 
 
 def run_ab(rounds: int = 8, steps: int = 10) -> dict:

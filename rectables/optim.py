@@ -1,7 +1,8 @@
 """Sparse optimizers for embedding storage.
 
-SGD, Adagrad and row-wise Adagrad run fused into fbgemm's backward (the gradient of a
-table is never materialised).  fbgemm's Adam does not run on CPU, so ``adam`` is our
+SGD, Adagrad and row-wise Adagrad run fused into the lookup's backward, in
+``rectables/_rowupdate.c`` (or fbgemm's own backward without it), on fbgemm's rows and
+state (the gradient of a table is never materialised).  fbgemm's Adam does not run on CPU, so ``adam`` is our
 own sparse row-wise Adam: first moment per element [M, D], second moment per row [M]
 (as in fbgemm's PARTIAL_ROWWISE_ADAM), updated only on rows a batch touches ("lazy"
 Adam), with bias correction from a global step count (Kingma & Ba, ICLR 2015).
