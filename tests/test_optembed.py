@@ -328,17 +328,19 @@ def test_table_options_build_the_tables_and_are_refused_by_name(tiny):
 
 
 @pytest.mark.parametrize("ste", [True, False])
-def test_compiled_masks_equal_the_torch_path(ste):
+@pytest.mark.parametrize("N,D", [(300, 8), (300, 6), (2000, 16)])  # D = 16: the vector path; 2000 x 5 rows: 2 threads
+def test_compiled_masks_equal_the_torch_path(ste, N, D):
     from rectables.methods import optembed
 
     if optembed._kernels is None:
         pytest.skip("the C masks are not built")
     gen = torch.Generator().manual_seed(0)
-    v = torch.randn(300, 5, 8, generator=gen) * 0.2
+    v = torch.randn(N, 5, D, generator=gen) * 0.2
     v[7, 2] = 0  # a zero row: never kept
+    v[8, :, 1] = 0  # zero values in kept rows: sign 0, no straight-through term there
     th = torch.randn(5, generator=gen).abs()
-    dims = torch.randint(1, 9, (300, 5), generator=gen)
-    g = torch.randn(300, 5, 8, generator=gen)
+    dims = torch.randint(1, D + 1, (N, 5), generator=gen)
+    g = torch.randn(N, 5, D, generator=gen)
     outs = []
     for native in (True, False):
         vv, tt = v.clone().requires_grad_(), th.clone().requires_grad_()
@@ -347,12 +349,14 @@ def test_compiled_masks_equal_the_torch_path(ste):
         outs.append((out.detach(), vv.grad, tt.grad))
     (a, ga, ta), (b, gb, tb) = outs
     assert torch.equal(a, b) and (a[7, 2] == 0).all()
+    kept = (torch.arange(D) < dims.unsqueeze(2)) & (v.abs().sum(2) > th).unsqueeze(2)
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
     if ste:
         torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-5)
-        assert (ga != g * (a != 0)).any()  # the straight-through terms are there
+        assert (ga != g * kept).any()  # the straight-through terms are there
+        assert torch.equal(ga[8, :, 1], (g * kept)[8, :, 1])  # but none where a value is 0 (its sign)
     else:
-        assert ta is None and tb is None and torch.equal(ga, g * (a != 0))
+        assert ta is None and tb is None and torch.equal(ga, g * kept)
 
 
 def test_cached_search_fitness_equals_a_full_evaluation_with_those_dims(tiny):
