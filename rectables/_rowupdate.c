@@ -83,6 +83,11 @@ static int reserve(Scratch *s, int64_t cap, int64_t n, int64_t width) {
     return 1;
 }
 
+/* Lanes l0 and l1 read one table (an empty table may share its offsets with the next) */
+static inline int same_table(const Job *a, int64_t l0, int64_t l1) {
+    return a->lane_w[l1] == a->lane_w[l0] && a->lane_p[l1] == a->lane_p[l0] && a->lane_m[l1] == a->lane_m[l0];
+}
+
 /* Apply the update to the used slots (rows scattered over the tables: fetch ahead). */
 static void apply(const Job *a, const Scratch *sc, int64_t used) {
     for (int64_t s = 0; s < used; s++) {
@@ -120,7 +125,7 @@ static void *run(void *arg) {
     pthread_mutex_lock(&sc->lock);
     int64_t most = 0;
     for (int64_t l0 = 0, l1; l0 < a->T; l0 = l1) {
-        for (l1 = l0 + 1; l1 < a->T && a->lane_w[l1] == a->lane_w[l0]; l1++) {}
+        for (l1 = l0 + 1; l1 < a->T && same_table(a, l0, l1); l1++) {}
         const int64_t n = a->off[l1 * a->B] - a->off[l0 * a->B];
         most = n > most ? n : most;
     }
@@ -134,7 +139,7 @@ static void *run(void *arg) {
     int64_t *keys = sc->keys;
     int32_t *slot_of = sc->slot_of;
     for (int64_t l0 = 0, l1; l0 < a->T; l0 = l1) {
-        for (l1 = l0 + 1; l1 < a->T && a->lane_w[l1] == a->lane_w[l0]; l1++) {}
+        for (l1 = l0 + 1; l1 < a->T && same_table(a, l0, l1); l1++) {}
         const int64_t n = a->off[l1 * a->B] - a->off[l0 * a->B];
         if (n == 0) continue;
         int64_t cap = 16, used = 0;

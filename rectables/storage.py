@@ -268,6 +268,7 @@ class FusedStorage(nn.Module):
         """SGD, Adagrad or row-wise Adagrad on the rows the lookup (TBE lane order) read."""
         names = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2}
         indices, offsets = indices.contiguous().long(), offsets.contiguous().long()
+        grad = grad.float().contiguous()
         weights = None if weights is None else weights.detach().float().contiguous()
         m = self.tbe.momentum1_host if self.optimizer.name != "sgd" else None
         T = len(self._tbe_lanes)

@@ -185,3 +185,20 @@ def test_training_lookups_use_the_compiled_update_unless_weights_take_a_gradient
     assert type(out.grad_fn).__name__ != "_OwnUpdateBackward"
     out.sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_compiled_update_with_an_empty_table_sharing_the_next_ones_offsets():
+    """A table of 0 rows has the same offsets as the next table and another width: the
+    update still lands on the rows read (fbgemm's own backward moves other rows here)."""
+    from rectables.storage import FusedStorage
+
+    st_ = FusedStorage([(0, 8), (5, 4)], [0, 1], rectables.SparseOptimizer("rowwise_adagrad", lr=0.3))
+    if not st_._native:
+        pytest.skip("the compiled update is not built")
+    w0 = torch.arange(20.0).view(5, 4) / 10
+    st_.weight(1).copy_(w0)
+    ids, offsets = torch.tensor([1, 3, 3]), torch.tensor([0, 0, 0, 1, 3])  # lane 0 (empty table): no ids
+    g = torch.randn(2, 12, generator=torch.Generator().manual_seed(0))
+    st_(ids, offsets).backward(g)
+    want = _one_step_reference(w0, ids, g[[0, 1, 1], 8:], st_.optimizer)
+    torch.testing.assert_close(st_.weight(1), want)
