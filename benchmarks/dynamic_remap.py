@@ -2,11 +2,8 @@
 
 ``remap``: ids/s of the id -> row remap in train mode, rectables ``dynamic`` (LFU, admission
 at 2 occurrences) against torchrec's ``MCHManagedCollisionModule`` (LFU, eviction every
-10 batches), one table / module per feature with capacity min(cardinality, 1M) at the
-Criteo Kaggle cardinalities; 26 x 4096 Zipf(1.05) ids per batch as raw 62-bit values.
-Ours remaps the 26 tables as a collection's lookup does (``DynamicTable.remap_many``: one
-C call, tables split over two threads); torchrec's modules one after another, as its
-``ManagedCollisionCollection`` runs them.  Both read
+10 batches), one module per feature with capacity min(cardinality, 1M) at the Criteo
+Kaggle cardinalities; 26 x 4096 Zipf(1.05) ids per batch as raw 62-bit values.  Both read
 the same stream: ``WARM`` batches first, then ``MEASURE`` batches interleaved batch by batch.
 
 ``step``: the whole embedding train step (remap + forward + backward + fused row-wise
@@ -71,8 +68,9 @@ def bench_remap(warm: int, measure: int) -> dict:
     mch = [MCHManagedCollisionModule(cap, torch.device("cpu"), LFU_EvictionPolicy(), EVICT_EVERY) for cap in CAPS]
     ones = torch.ones(BATCH, dtype=torch.int64)
 
-    def ours(ids):  # as the collection's lookup remaps its tables: one call for all of them
-        DynamicTable.remap_many([(t, x, [BATCH]) for t, x in zip(tables, ids.split(BATCH))])
+    def ours(ids):
+        for t, x in zip(tables, ids.split(BATCH)):
+            t.remap(x, [BATCH])
 
     def theirs(ids):
         for m, f, x in zip(mch, CRITEO_FEATURES, ids.split(BATCH)):
@@ -150,10 +148,8 @@ def section(cli: list[str], warm: int = 3000, measure: int = 300) -> str:
         f"cardinalities, {r['ids_per_batch']:,} Zipf(1.05) raw 62-bit ids per batch (26 x 4096), the same stream "
         f"for both; {r['warm']} batches first, then {r['measure']} batches interleaved batch by batch (medians). "
         f"rectables `dynamic`: count-min admission at 2 occurrences, LFU eviction when full (1% of the rows at a "
-        f"time), every evicted row re-initialised and its optimizer state zeroed; the 26 tables remapped as a "
-        f"collection's lookup does, in one C call with the tables split over two threads "
-        f"(`DynamicTable.remap_many`). torchrec `MCHManagedCollisionModule`: LFU, eviction every {10} batches, "
-        f"no row reset, the 26 modules one after another.",
+        f"time), every evicted row re-initialised and its optimizer state zeroed. torchrec "
+        f"`MCHManagedCollisionModule`: LFU, eviction every {10} batches, no row reset.",
         "",
         "| remap | ids/s | vs torchrec MCH |",
         "|---|---:|---:|",

@@ -9,7 +9,6 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -214,29 +213,27 @@ static PyObject *settle(PyObject *self, PyObject *args) {
  *       -> (U, admitted, settled)
  * One training lookup: *step += 1; find with touch; admission of the U missing keys; and,
  * if there are rows enough for the admitted ones, settle (else settled = 0: the caller
- * evicts first, then calls settle).  train_many does it for several tables at once. */
-enum { P_SLOTS, P_C, P_KEY, P_IDS, P_F, P_N, P_ROWS, P_STEP, P_NEW, P_SCRATCH, P_MASK, P_SKETCH, P_DEPTH, P_WIDTH,
-       P_SKEYS, P_MIN, P_THR, P_PKEY, P_ADM, P_FREE, P_NFREE, P_COUNTERS, P_DFLT, NPARAMS };
-
-/* one table's training lookup from its NPARAMS values (addresses as integers); out: U,
- * admitted, settled; returns 0 if out of memory */
-static int train_one(const int64_t *p, int64_t *out) {
-    int64_t n = p[P_N], depth = p[P_DEPTH], min_count = p[P_MIN];
-    int64_t *slots = (int64_t *)p[P_SLOTS], *nw = (int64_t *)p[P_NEW], *nf = (int64_t *)p[P_NFREE];
-    int64_t *counters = (int64_t *)p[P_COUNTERS], *step = (int64_t *)p[P_STEP];
-    uint64_t key = (uint64_t)p[P_KEY];
-    int64_t *idx = min_count > 1 ? malloc(sizeof(int64_t) * (size_t)(n * depth + 1)) : NULL;
-    if (min_count > 1 && !idx) return 0;
+ * evicts first, then calls settle). */
+static PyObject *train(PyObject *self, PyObject *args) {
+    unsigned long long ps, pk, pi, pf, pr, pst, pn, psc, psk, pkeys, pkey, pa, pfree, pnf, pcnt;
+    long long C, n, mask, depth, width, min_count, thr, dflt;
+    if (!PyArg_ParseTuple(args, "KLKKKLKKKKLKLLKLLKKKKKL", &ps, &C, &pk, &pi, &pf, &n, &pr, &pst, &pn, &psc, &mask,
+                          &psk, &depth, &width, &pkeys, &min_count, &thr, &pkey, &pa, &pfree, &pnf, &pcnt, &dflt))
+        return NULL;
+    int64_t *nw = (int64_t *)pn, *nf = (int64_t *)pnf, *counters = (int64_t *)pcnt, *step = (int64_t *)pst;
     int64_t U, adm = 0, settled = 1;
+    int64_t *idx = min_count > 1 ? malloc(sizeof(int64_t) * (size_t)(n * depth + 1)) : NULL;
+    if (min_count > 1 && !idx) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
     *step += 1;
-    U = find_c(slots, p[P_C], key, (int64_t *)p[P_IDS], (int64_t *)p[P_F], n, (int64_t *)p[P_ROWS], *step, 1, nw,
-               nw + n, nw + 2 * n, (int64_t *)p[P_SCRATCH], p[P_MASK]);
+    U = find_c((int64_t *)ps, C, pk, (int64_t *)pi, (int64_t *)pf, n, (int64_t *)pr, *step, 1, nw, nw + n, nw + 2 * n,
+               (int64_t *)psc, mask);
     if (U) {
-        adm = admit_c(nw, nw + n, nw + 2 * n, U, (int32_t *)p[P_SKETCH], depth, p[P_WIDTH], (int64_t *)p[P_SKEYS],
-                      min_count, p[P_THR], (uint64_t)p[P_PKEY], (uint8_t *)p[P_ADM], idx);
+        adm = admit_c(nw, nw + n, nw + 2 * n, U, (int32_t *)psk, depth, width, (int64_t *)pkeys, min_count, thr, pkey,
+                      (uint8_t *)pa, idx);
         if (adm <= *nf) {
-            int64_t taken = settle_c(slots, p[P_C], key, nw, nw + n, nw + 2 * n, nw + 3 * n, U, (uint8_t *)p[P_ADM],
-                                     (int64_t *)p[P_FREE], *nf, (int64_t *)p[P_ROWS], n, p[P_DFLT], *step);
+            int64_t taken = settle_c((int64_t *)ps, C, pk, nw, nw + n, nw + 2 * n, nw + 3 * n, U, (uint8_t *)pa,
+                                     (int64_t *)pfree, *nf, (int64_t *)pr, n, dflt, *step);
             *nf -= taken;
             counters[0] += taken;
             counters[1] += U - taken;
@@ -244,68 +241,9 @@ static int train_one(const int64_t *p, int64_t *out) {
             settled = 0;
         }
     }
+    Py_END_ALLOW_THREADS
     free(idx);
-    out[0] = U;
-    out[1] = adm;
-    out[2] = settled;
-    return 1;
-}
-
-static PyObject *train(PyObject *self, PyObject *args) {
-    unsigned long long a[NPARAMS];
-    long long v[NPARAMS];
-    if (!PyArg_ParseTuple(args, "KLKKKLKKKKLKLLKLLKKKKKL", &a[P_SLOTS], &v[P_C], &a[P_KEY], &a[P_IDS], &a[P_F],
-                          &v[P_N], &a[P_ROWS], &a[P_STEP], &a[P_NEW], &a[P_SCRATCH], &v[P_MASK], &a[P_SKETCH],
-                          &v[P_DEPTH], &v[P_WIDTH], &a[P_SKEYS], &v[P_MIN], &v[P_THR], &a[P_PKEY], &a[P_ADM],
-                          &a[P_FREE], &a[P_NFREE], &a[P_COUNTERS], &v[P_DFLT]))
-        return NULL;
-    int64_t p[NPARAMS], out[3];
-    for (int i = 0; i < NPARAMS; i++)
-        p[i] = (i == P_C || i == P_N || i == P_MASK || i == P_DEPTH || i == P_WIDTH || i == P_MIN || i == P_THR ||
-                i == P_DFLT) ? (int64_t)v[i] : (int64_t)a[i];
-    int ok;
-    Py_BEGIN_ALLOW_THREADS
-    ok = train_one(p, out);
-    Py_END_ALLOW_THREADS
-    if (!ok) return PyErr_NoMemory();
-    return Py_BuildValue("LLL", (long long)out[0], (long long)out[1], (long long)out[2]);
-}
-
-typedef struct {
-    const int64_t *params, *order;
-    int64_t *out;
-    int64_t lo, hi;
-    int failed;
-} Many;
-
-static void *train_range(void *arg) {
-    Many *m = arg;
-    for (int64_t i = m->lo; i < m->hi; i++) {
-        int64_t t = m->order[i];
-        if (!train_one(m->params + t * NPARAMS, m->out + 3 * t)) m->failed = 1;
-    }
-    return NULL;
-}
-
-/* train_many(params, T, order, split, out): the training lookups of T tables (params int64
- * [T, NPARAMS] in train's argument order), tables order[0..split) on a second thread and
- * order[split..T) on this one (tables are independent: each has its own map, sketch and
- * free rows); out int64 [T, 3]: U, admitted, settled per table. */
-static PyObject *train_many(PyObject *self, PyObject *args) {
-    unsigned long long pp, po, pout;
-    long long T, split;
-    if (!PyArg_ParseTuple(args, "KLKLK", &pp, &T, &po, &split, &pout)) return NULL;
-    Many jobs[2] = {{(const int64_t *)pp, (const int64_t *)po, (int64_t *)pout, 0, split, 0},
-                    {(const int64_t *)pp, (const int64_t *)po, (int64_t *)pout, split, T, 0}};
-    Py_BEGIN_ALLOW_THREADS
-    pthread_t th;
-    int threaded = split > 0 && split < T && pthread_create(&th, NULL, train_range, &jobs[0]) == 0;
-    if (!threaded) jobs[1].lo = 0;  /* all here */
-    train_range(&jobs[1]);
-    if (threaded) pthread_join(th, NULL);
-    Py_END_ALLOW_THREADS
-    if (jobs[0].failed || jobs[1].failed) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return Py_BuildValue("LLL", (long long)U, (long long)adm, (long long)settled);
 }
 
 /* select(slots, C, step, lfu, k, out) -> m: the slots [m] (m = min(k, candidates)) of the k
@@ -401,7 +339,6 @@ static PyMethodDef methods[] = {
     {"admit", admit, METH_VARARGS, "count-min sketch and probabilistic admission"},
     {"settle", settle, METH_VARARGS, "rows for admitted keys; every missing id's row"},
     {"train", train, METH_VARARGS, "one training lookup: find, admit, settle"},
-    {"train_many", train_many, METH_VARARGS, "training lookups of several tables, on two threads"},
     {"select", select_rows, METH_VARARGS, "the k least recently / frequently read keys"},
     {NULL, NULL, 0, NULL}};
 

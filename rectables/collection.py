@@ -42,17 +42,6 @@ from rectables.storage import FusedStorage
 from rectables.table import Table
 
 
-def _class_runs(tables) -> list[tuple[int, int]]:
-    """[i, j) of each run of consecutive tables of one class."""
-    runs: list[tuple[int, int]] = []
-    for k, t in enumerate(tables):
-        if runs and type(tables[runs[-1][0]]) is type(t):
-            runs[-1] = (runs[-1][0], k + 1)
-        else:
-            runs.append((k, k + 1))
-    return runs
-
-
 class _Rows(nn.Module):
     """A table's rows as torchrec shows them: ``weight`` [M, D], or ``weight_<k>`` per
     physical table when the method has several; views into the fused storage.  The fused
@@ -121,8 +110,6 @@ class _Collection(nn.Module):
         used = [g for g in shapes if shapes[g]]
         self._group_features = {g: [f for f, (gf, _) in enumerate(per_feature) if gf == g] for g in used}
         self._group_combines = {g: [per_feature[f][1] for f in fs] for g, fs in self._group_features.items()}
-        # runs [i, j) of consecutive tables of one class: one remap_many each
-        self._remap_runs = _class_runs(tables)
         # runs of consecutive per-id features whose tables share a class: one transform_many
         # each where bags hold one id (None: no transform)
         self._runs: list[tuple] = []
@@ -301,12 +288,9 @@ class _Collection(nn.Module):
         lens: dict[str, list] = {g: [[] for _ in range(self._slots(g))] for g in self.storages}
         lane_ids: dict[str, list] = {g: [[] for _ in range(self._slots(g))] for g in self.storages}
         wparts: dict[str, list] = {g: [[] for _ in range(self._slots(g))] for g in self.storages}
-        remapped = []
-        for i, j in self._remap_runs:
-            items = [(t, values[bounds[f0] : bounds[f0 + len(t.feature_names)]], counts[f0 : f0 + len(t.feature_names)])
-                     for t, f0 in zip(self.tables[i:j], self._first[i:j])]
-            remapped += type(self.tables[i]).remap_many(items)
-        for t, g, f0, merged, rows in zip(self.tables, self.groups, self._first, self._merged, remapped):
+        for t, g, f0, merged in zip(self.tables, self.groups, self._first, self._merged):
+            nf = len(t.feature_names)
+            rows = t.remap(values[bounds[f0] : bounds[f0 + nf]], counts[f0 : f0 + nf])
             for i, r in enumerate(rows):
                 seg = lengths[(f0 + i) * B : (f0 + i + 1) * B]
                 w = weights[bounds[f0 + i] : bounds[f0 + i + 1]] if weights is not None and g == "bags" else None

@@ -106,12 +106,6 @@ class Table(nn.Module, abc.ABC):
     def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """Ids [N] of the F features (``counts[f]`` ids each, in order) -> rows [K_f, N_f] per feature."""
 
-    @classmethod
-    def remap_many(cls, items: list[tuple["Table", torch.Tensor, list[int]]]) -> list[list[torch.Tensor]]:
-        """:meth:`remap` of several tables of this class, (table, ids, ids per feature) each:
-        one at a time unless a method does better (one call for all its tables)."""
-        return [t.remap(values, counts) for t, values, counts in items]
-
     def transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor, batch: int) -> torch.Tensor:
         """Each id's vector after the lookup: ``vectors`` [N_f, W_f] (the f-th feature's
         combined lanes) -> [N_f, feature_dims()[f]]; ``bags`` [N_f] the sample each id

@@ -188,39 +188,6 @@ def test_native_and_torch_paths_give_the_same_rows_and_stats(eviction):
     assert torch.equal(tables[0][0].sketch, tables[1][0].sketch)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_remap_many_equals_one_table_at_a_time(threads):
-    """The collection's one C call for all dynamic tables (split over threads) against each
-    table's own remap: the same rows, counters, maps and sketches, under eviction, TTL
-    expiry and probabilistic admission, with a table of two features among them."""
-    def tables():
-        return [DynamicTable(f"t{i}", 4, [f"f{i}"] if i != 1 else ["f1", "g1"], max_rows=6 + 3 * i, min_count=2,
-                             admit_prob=0.8, eviction="lfu" if i % 2 else "lru", ttl=4 if i == 2 else None,
-                             evict_every=3, seed=i) for i in range(4)]
-    many, single = tables(), tables()
-    collections = [rectables.EmbeddingBagCollection(ts, rectables.SparseOptimizer("sgd")) for ts in (many, single)]
-    collections[1].storage.tbe.weights_host.detach().copy_(collections[0].storage.tbe.weights_host.detach())
-    gen = torch.Generator().manual_seed(1)
-    torch.set_num_threads(threads)
-    try:
-        for _ in range(25):
-            items = []
-            for t in many:
-                counts = [int(torch.randint(0, 40, (), generator=gen)) for _ in t.feature_names]
-                items.append((t, (torch.randint(0, 25, (sum(counts),), generator=gen) ** 3) - 50, counts))
-            got = DynamicTable.remap_many(items)
-            want = [s.remap(v, c) for s, (_, v, c) in zip(single, items)]
-            for g, w in zip(got, want):
-                assert all(torch.equal(a, b) for a, b in zip(g, w))
-    finally:
-        torch.set_num_threads(2)
-    for a, b in zip(many, single):
-        assert a.stats() == b.stats()
-        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert sum(t.stats()["evicted"] for t in many) > 0
-    assert torch.equal(*(c.storage.tbe.weights_host for c in collections))  # rows reset alike
-
-
 def test_budget_counts_map_and_sketch():
     for n, frac in ((10_000, 0.25), (10_000, 1 / 16), (500, 1.0)):
         t = DynamicTable.for_budget("t", 16, ["a"], n, frac)

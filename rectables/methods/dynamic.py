@@ -56,13 +56,6 @@ EVICTIONS = ("lru", "lfu", "ttl", None)
 _STATS = ("admitted", "rejected", "evicted", "expired")
 
 
-def rows_new_after(result, rows: torch.Tensor, new: torch.Tensor, t) -> tuple:
-    """(rows, new keys [4, U], admitted [U], how many, settled) from a C training lookup's
-    (U, admitted, settled)."""
-    u, admitted, settled = result
-    return rows, new[:, :u], t._admitted[:u], admitted, bool(settled)
-
-
 @register
 class DynamicTable(Table):
     """Collisionless rows for up to ``max_rows`` admitted ids (+ one default row)."""
@@ -156,93 +149,48 @@ class DynamicTable(Table):
 
     # ---- the remap ---------------------------------------------------------------------
     def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-        f = self._features(values, counts)
+        f = None
+        if len(counts) > 1:
+            f = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts), output_size=values.numel())
         if not self.training:
             rows = self.map.find(values, f)
             return self.per_feature(torch.where(rows >= 0, rows, self.default_row)[None], counts)
-        step = self._next_step()
-        m = self.map
-        if m.native:  # one C call; it also gives rows when there are enough
-            args, rows, new = self._train_args(values, f, step)
-            return self._settle(*rows_new_after(_kernels.train(*args), rows, new, self), step, counts)
-        self.step.fill_(step)
-        rows, new = m.find(values, f, step=step)
-        admit = _admit_torch(self, new[0], new[1], new[2], self._prob_key_at(step))
-        return self._settle(rows, new, admit, int(admit.sum()), False, step, counts)
-
-    @classmethod
-    def remap_many(cls, items: list) -> list[list[torch.Tensor]]:
-        """:meth:`remap` of several tables: in training with compiled maps, all their
-        lookups in one C call, the tables split over two threads (each table's map,
-        sketch and free rows are its own)."""
-        if len(items) < 2 or not all(t.training and t.map.native for t, _, _ in items):
-            return super().remap_many(items)
-        prepared, params = [], []
-        for t, values, counts in items:
-            step = t._next_step()
-            args, rows, new = t._train_args(values, t._features(values, counts), step)
-            prepared.append((t, rows, new, step, counts))
-            params.append(args)
-        params_t = torch.tensor(params, dtype=torch.int64)
-        sizes = [int(p[5]) for p in params]
-        order = sorted(range(len(items)), key=lambda i: -sizes[i])
-        split, load = 0, [0, 0]  # the largest tables first, each to the thread with less work
-        mine: list[list[int]] = [[], []]
-        for i in order:
-            k = 0 if load[0] <= load[1] else 1
-            mine[k].append(i)
-            load[k] += sizes[i]
-        order_t = torch.tensor(mine[0] + mine[1], dtype=torch.int64)
-        split = len(mine[0]) if torch.get_num_threads() > 1 else 0
-        out = torch.empty(len(items), 3, dtype=torch.int64)
-        _kernels.train_many(params_t.data_ptr(), len(items), order_t.data_ptr(), split, out.data_ptr())
-        return [t._settle(*rows_new_after(o, rows, new, t), step, counts)
-                for (t, rows, new, step, counts), o in zip(prepared, out.tolist())]
-
-    def _features(self, values: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
-        """Feature of each id [N], or None for one feature."""
-        if len(counts) < 2:
-            return None
-        return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts), output_size=values.numel())
-
-    def _next_step(self) -> int:
-        """The training step about to run; stale rows expire first when it is due."""
         step = int(self.step) + 1
         if self.ttl is not None and step % self.evict_every == 0:
             self._expire(step)
-        return step
-
-    def _settle(self, rows, new, admit, n: int, settled: bool, step: int, counts: list[int]) -> list[torch.Tensor]:
-        """Rows for the admitted missing keys (room made first if they outnumber the free
-        rows), the default row for the others; per feature."""
         m = self.map
+        if m.native:  # one C call; it also gives rows when there are enough
+            rows, new, admit, n, settled = self._train_native(values, f, step)
+        else:
+            self.step.fill_(step)
+            rows, new = m.find(values, f, step=step)
+            admit = _admit_torch(self, new[0], new[1], new[2], self._prob_key_at(step))
+            n, settled = int(admit.sum()), False
         if new.shape[1] and not settled:
             if n > m.num_free:  # more keys admitted than rows free: make room first
                 self._make_room(n, step)
             rows = m.settle(rows, new, admit, self.default_row, step, self.counters)
         return self.per_feature(rows[None], counts)
 
-    def _train_args(self, values: torch.Tensor, f: torch.Tensor | None, step: int) -> tuple[list, torch.Tensor,
-                                                                                          torch.Tensor]:
-        """The arguments of the C training lookup (step count, find, admission and, if rows
-        are enough, settle), with the rows [N] and new keys [4, N] it writes.  Buffers are
-        read from ``_buffers`` directly: module attribute lookups were a third of a small
-        table's time."""
+    def _train_native(self, values: torch.Tensor, f: torch.Tensor | None, step: int):
+        """One C call: step count, find, admission and, if rows are enough, settle.  Returns
+        (rows, new keys [4, U], admitted [U], how many, settled).  Buffers are read from
+        ``_buffers`` directly: module attribute lookups were a third of a small table's time."""
         m = self._modules["map"]
         b, mb, n = self._buffers, m._buffers, values.numel()
-        values, f = _i64(values), None if f is None else _i64(f)
+        values = _i64(values)
         rows = torch.empty(n, dtype=torch.int64)
         new = torch.empty(4, n, dtype=torch.int64)
         if self._admitted.numel() < n:
             self._admitted = torch.empty(n, dtype=torch.bool)
-        self.__dict__["_keep"] = (values, f)  # the C call reads them: alive until the next one
         sketch, slots = b["sketch"], mb["slots"]
-        args = [slots.data_ptr(), slots.shape[0], hashing._signed(m.key), values.data_ptr(), 0 if f is None else f.data_ptr(), n,
-                rows.data_ptr(), b["step"].data_ptr(), new.data_ptr(), *m._scratch_for(n), sketch.data_ptr(),
-                sketch.shape[0], sketch.shape[1], b["sketch_keys"].data_ptr(), self.min_count, self._threshold,
-                self._prob_key_at(step), self._admitted.data_ptr(), mb["free"].data_ptr(), mb["num_free_"].data_ptr(),
-                b["counters"].data_ptr(), self.max_rows]
-        return args, rows, new
+        u, admitted, settled = _kernels.train(
+            slots.data_ptr(), slots.shape[0], m.key, values.data_ptr(), 0 if f is None else _i64(f).data_ptr(), n,
+            rows.data_ptr(), b["step"].data_ptr(), new.data_ptr(), *m._scratch_for(n), sketch.data_ptr(),
+            sketch.shape[0], sketch.shape[1], b["sketch_keys"].data_ptr(), self.min_count, self._threshold,
+            self._prob_key_at(step), self._admitted.data_ptr(), mb["free"].data_ptr(), mb["num_free_"].data_ptr(),
+            b["counters"].data_ptr(), self.max_rows)
+        return rows, new[:, :u], self._admitted[:u], admitted, bool(settled)
 
     def _prob_key_at(self, step: int) -> int:
         return hashing._signed(self._prob_key ^ (step * hashing.GOLDEN))
