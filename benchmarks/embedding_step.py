@@ -48,7 +48,7 @@ def collection_step(ebc):
     offsets = torch.arange(F * BATCH + 1, dtype=torch.int64)
     grad = torch.randn(BATCH, F * DIM, generator=torch.Generator().manual_seed(0))
     groups = dense_param_groups(ebc, 1e-3)
-    dense = torch.optim.Adam(groups, lr=1e-3) if groups else None
+    dense = torch.optim.Adam(groups, lr=1e-3, fused=True) if groups else None  # as the training loop
 
     def step(ids):
         kjt = KeyedJaggedTensor(keys=CRITEO_FEATURES, values=ids, lengths=lengths, offsets=offsets, stride=BATCH)

@@ -213,8 +213,11 @@ class FusedStorage(nn.Module):
         """Bag sums [B, sum_t D_t]; ``weights`` [N] (optional) scale each id's row."""
         if self._lane_perm is not None:
             indices, offsets, weights = self._sort_lanes(indices, offsets, weights)
-        if torch.is_grad_enabled() and (self.optimizer.name == "adam" or (
-                self._native and (weights is None or not weights.requires_grad))):
+        weights_grad = weights is not None and weights.requires_grad and torch.is_grad_enabled()
+        if weights_grad and self.optimizer.name == "adam":
+            raise ValueError("per-id weights that require grad (e.g. learned position weights) need a fused "
+                             "optimizer that returns their gradient: sgd, adagrad or rowwise_adagrad, not adam")
+        if torch.is_grad_enabled() and (self.optimizer.name == "adam" or (self._native and not weights_grad)):
             out = _OwnUpdate.apply(self, indices, offsets, weights, self._anchor)
         else:
             out = self.tbe(indices, offsets, per_sample_weights=weights)

@@ -202,3 +202,16 @@ def test_compiled_update_with_an_empty_table_sharing_the_next_ones_offsets():
     st_(ids, offsets).backward(g)
     want = _one_step_reference(w0, ids, g[[0, 1, 1], 8:], st_.optimizer)
     torch.testing.assert_close(st_.weight(1), want)
+
+
+def test_adam_refuses_per_id_weights_that_take_a_gradient():
+    """Our Adam update returns no gradient for the weights: refused, not silently dropped."""
+    from rectables.storage import FusedStorage
+
+    st_ = FusedStorage([(10, 4)], [0], rectables.SparseOptimizer("adam"))
+    ids, offsets = torch.tensor([1, 2, 2]), torch.tensor([0, 2, 3])
+    st_(ids, offsets, torch.ones(3)).sum().backward()  # plain weights: fine
+    with pytest.raises(ValueError, match="require grad.*not adam"):
+        st_(ids, offsets, torch.ones(3, requires_grad=True))
+    with torch.no_grad():
+        st_(ids, offsets, torch.ones(3, requires_grad=True))  # no backward: fine
