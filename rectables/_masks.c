@@ -81,6 +81,7 @@ typedef float v16f __attribute__((vector_size(64), aligned(4)));
 typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
 typedef float v8f __attribute__((vector_size(32), aligned(4)));
 static const v16i IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+static const v16f ONES = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
 
 INLINE float hsum16(v16f x) {
     v8f h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -100,8 +101,7 @@ INLINE float backward_row16(const Job *a, int64_t i) {
     const int32_t d = (int32_t)a->dims[i], k = a->x[i] > 0.0f ? d : 0;
     const float sg = a->ste ? step_grad(a->x[i]) : 0.0f;
     const float s = sg != 0.0f ? sg * hsum16((v16f)((v16i)(g * v) & (IOTA < d))) : 0.0f;
-    const v16f one = (v16f)(IOTA * 0 + 0x3f800000);                          /* 1.0f */
-    const v16f st = ((v16f)((v16i)one & (v > 0.0f)) - (v16f)((v16i)one & (v < 0.0f))) * s; /* sgn(v) s */
+    const v16f st = ((v16f)((v16i)ONES & (v > 0.0f)) - (v16f)((v16i)ONES & (v < 0.0f))) * s; /* sgn(v) s */
     *(v16f *)(a->gv + i * 16) = (v16f)((v16i)g & (IOTA < k)) + st;
     return s;
 }

@@ -33,6 +33,8 @@ try:
 except ImportError:  # no compiler at install: fbgemm's backward applies the update
     _rowupdate = None
 
+_KERNEL_OPT = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2}  # the optimizers of _rowupdate.update
+
 _FBGEMM_OPT = {
     "sgd": "EXACT_SGD",
     "adagrad": "EXACT_ADAGRAD",
@@ -265,18 +267,16 @@ class FusedStorage(nn.Module):
             st = self.optimizer_state(k)
             sparse_adam_step(self._stored(k), st["exp_avg"], st["exp_avg_sq"], rows, g, step, self.optimizer)
 
-
     @torch.no_grad()
     def row_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor, weights=None) -> None:
         """SGD, Adagrad or row-wise Adagrad on the rows the lookup (TBE lane order) read."""
-        names = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2}
         indices, offsets = indices.contiguous().long(), offsets.contiguous().long()
         grad = grad.float().contiguous()
         weights = None if weights is None else weights.detach().float().contiguous()
         m = self.tbe.momentum1_host if self.optimizer.name != "sgd" else None
         T = len(self._tbe_lanes)
         la = self._lane_args
-        _rowupdate.update(names[self.optimizer.name], self.optimizer.lr, self.optimizer.eps,
+        _rowupdate.update(_KERNEL_OPT[self.optimizer.name], self.optimizer.lr, self.optimizer.eps,
                           self.tbe.weights_host.data_ptr(), 0 if m is None else m.data_ptr(), indices.data_ptr(),
                           offsets.data_ptr(), 0 if weights is None else weights.data_ptr(), grad.data_ptr(),
                           la[0].data_ptr(), la[1].data_ptr(), la[2].data_ptr(), la[3].data_ptr(),

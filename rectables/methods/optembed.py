@@ -220,7 +220,6 @@ class OptEmbedTable(Table):
             return masked(v, th, dims, D).view(vectors.shape)
         return MaskRows.apply(v, th, dims, not fixed).view(vectors.shape)
 
-
     def extra_loss(self) -> torch.Tensor | None:
         if bool(self.fixed) or self.alpha == 0:
             return None
