@@ -248,7 +248,10 @@ static PyObject *train(PyObject *self, PyObject *args) {
 
 /* select(slots, C, step, lfu, k, out) -> m: the slots [m] (m = min(k, candidates)) of the k
  * smallest candidates (keys whose last step < step) in the order (last, row), or with lfu
- * (count, last, row); rows are unique, so the set is exact.  Quickselect on a copy. */
+ * (count, last, row); rows are unique, so the set is exact.  Eviction on a full table
+ * calls it every few batches, so its passes over the slots (~48 MB at 2^20 rows) are most
+ * of the remap's mean time: select_sampled makes one; select_c, its fallback, three and a
+ * quickselect of the candidates up to the k-th one's primary key. */
 typedef struct { int64_t a, b, c, slot; } cand_t;
 
 static inline int cand_less(const cand_t *x, const cand_t *y) {
@@ -278,30 +281,66 @@ static void quickselect(cand_t *v, int64_t n, int64_t k) {  /* v[0..k) become th
     }
 }
 
+/* Keys of slot e in the policy's order: (a, b, c) = (count, last, row) or (last, row, 0). */
+static inline cand_t cand_of(const int64_t *e, int64_t s, int lfu) {
+    cand_t v;
+    int64_t row = e[1] & 0xffffffffLL;
+    v.a = lfu ? e[3] : e[2]; v.b = lfu ? e[2] : row; v.c = lfu ? row : 0; v.slot = s;
+    return v;
+}
+
+#define CAND(e) ((e)[1] >= 0 && (e)[2] < step)
+#define SAMPLE 65536
+/* The same k smallest in one pass when a sample predicts them: the slots are in hash order,
+ * so the first SAMPLE of them hold a uniform sample of the keys.  The sample's candidate of
+ * rank ~1.25 k S / C plus a margin is a bound that the k smallest very likely lie under;
+ * one pass collects every candidate up to it, and if there are at least k the quickselect
+ * of those is exact (every candidate not collected is above the bound, so above all k).
+ * Returns -2 where the sample is too small or the bound too low: the caller falls back. */
+static int64_t select_sampled(const int64_t *slots, int64_t C, int64_t step, int lfu, int64_t k, int64_t *out) {
+    int64_t S = C < SAMPLE ? C : SAMPLE, ns = 0, m = 0, cap = S + 4 * k + 64;
+    if (S == C) return -2;
+    cand_t *v = malloc(sizeof(cand_t) * (size_t)cap);
+    if (!v) return -1;
+    for (int64_t s = 0; s < S; s++)
+        if (CAND(slots + 4 * s)) v[ns++] = cand_of(slots + 4 * s, s, lfu);
+    int64_t want = (int64_t)((double)k * (double)S / (double)C * 1.25) + 32;
+    if (want < ns) {
+        quickselect(v, ns, want);
+        cand_t bound = v[0];
+        for (int64_t i = 1; i < want; i++) if (cand_less(&bound, &v[i])) bound = v[i];
+        for (int64_t s = 0; s < C && m <= cap; s++) {
+            const int64_t *e = slots + 4 * s;
+            if (!CAND(e)) continue;
+            cand_t c = cand_of(e, s, lfu);
+            if (!cand_less(&bound, &c) && m++ < cap) v[m - 1] = c;
+        }
+    }
+    if (want < ns && k <= m && m <= cap) {
+        if (k < m) quickselect(v, m, k);
+        for (int64_t i = 0; i < k; i++) out[i] = v[i].slot;
+    }
+    int64_t got = want < ns && k <= m && m <= cap ? k : -2;
+    free(v);
+    return got;
+}
+
 #define HIST 65536
-static PyObject *select_rows(PyObject *self, PyObject *args) {
-    unsigned long long ps, po;
-    long long C, step, k;
-    int lfu;
-    if (!PyArg_ParseTuple(args, "KLLpLK", &ps, &C, &step, &lfu, &k, &po)) return NULL;
-    const int64_t *slots = (const int64_t *)ps;
-    int64_t *out = (int64_t *)po, n = 0, pmin = INT64_MAX;
+static int64_t select_c(const int64_t *slots, int64_t C, int64_t step, int lfu, int64_t k, int64_t *out) {
+    int64_t n = 0, pmin = INT64_MAX;
     int64_t *hist = calloc(HIST, sizeof(int64_t));
-    if (!hist) return PyErr_NoMemory();
-    cand_t *v = NULL;
-    int failed = 0;
-    Py_BEGIN_ALLOW_THREADS
+    if (!hist) return -1;
     /* the primary key's least value, then a histogram of (primary - least), capped: only
      * candidates up to the bucket that holds the k-th smallest go to the quickselect */
     if (lfu) pmin = 0;  /* counts are small: no pass for the least one */
     else
         for (int64_t s = 0; s < C; s++) {
             const int64_t *e = slots + 4 * s;
-            if (e[1] >= 0 && e[2] < step && e[2] < pmin) pmin = e[2];
+            if (CAND(e) && e[2] < pmin) pmin = e[2];
         }
     for (int64_t s = 0; s < C; s++) {
         const int64_t *e = slots + 4 * s;
-        if (e[1] < 0 || e[2] >= step) continue;
+        if (!CAND(e)) continue;
         uint64_t d = (uint64_t)((lfu ? e[3] : e[2]) - pmin);
         hist[d < HIST - 1 ? d : HIST - 1]++;
         n++;
@@ -309,28 +348,38 @@ static PyObject *select_rows(PyObject *self, PyObject *args) {
     int64_t top = HIST - 1, seen = 0;
     for (int64_t t = 0; t < HIST; t++) { seen += hist[t]; if (seen >= k) { top = t; break; } }
     int64_t m = top < HIST - 1 ? seen : n;
-    v = malloc(sizeof(cand_t) * (size_t)(m + 1));
-    if (!v) failed = 1;
-    else {
+    cand_t *v = malloc(sizeof(cand_t) * (size_t)(m + 1));
+    if (v) {
         m = 0;
         for (int64_t s = 0; s < C; s++) {
             const int64_t *e = slots + 4 * s;
-            if (e[1] < 0 || e[2] >= step) continue;
+            if (!CAND(e)) continue;
             uint64_t d = (uint64_t)((lfu ? e[3] : e[2]) - pmin);
             if ((int64_t)(d < HIST - 1 ? d : HIST - 1) > top) continue;
-            int64_t row = e[1] & 0xffffffffLL;
-            v[m].a = lfu ? e[3] : e[2]; v[m].b = lfu ? e[2] : row; v[m].c = lfu ? row : 0; v[m].slot = s;
-            m++;
+            v[m++] = cand_of(e, s, lfu);
         }
         if (k < m) quickselect(v, m, k);
         else k = m;
         for (int64_t i = 0; i < k; i++) out[i] = v[i].slot;
     }
-    Py_END_ALLOW_THREADS
     free(hist);
+    if (!v) return -1;
     free(v);
-    if (failed) return PyErr_NoMemory();
-    return PyLong_FromLongLong(k);
+    return k;
+}
+
+static PyObject *select_rows(PyObject *self, PyObject *args) {
+    unsigned long long ps, po;
+    long long C, step, k;
+    int lfu;
+    if (!PyArg_ParseTuple(args, "KLLpLK", &ps, &C, &step, &lfu, &k, &po)) return NULL;
+    int64_t got;
+    Py_BEGIN_ALLOW_THREADS
+    got = select_sampled((const int64_t *)ps, C, step, lfu, k, (int64_t *)po);
+    if (got == -2) got = select_c((const int64_t *)ps, C, step, lfu, k, (int64_t *)po);
+    Py_END_ALLOW_THREADS
+    if (got < 0) return PyErr_NoMemory();
+    return PyLong_FromLongLong(got);
 }
 
 static PyMethodDef methods[] = {

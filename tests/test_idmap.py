@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rectables.idmap import IdMap
+from rectables.idmap import IdMap, _kernels
 
 
 NATIVE = pytest.mark.parametrize("native", [True, False], ids=["c", "torch"])
@@ -79,3 +79,40 @@ def test_state_dict_round_trip_across_paths(writer, reader):
     zeros = torch.zeros(60, dtype=torch.int64)
     assert torch.equal(a.lookup(zeros, probe), b.lookup(zeros, probe))
     assert torch.equal(a.insert(zeros, probe + 1), b.insert(zeros, probe + 1))
+
+
+def _slots(C, gen, counts_hi=4, lasts=6):
+    """A map's slots [C, 4] as select reads them: ~60% keys (unique rows), ~10% deleted,
+    the rest empty; counts and last steps from small ranges, so most keys tie."""
+    state = torch.rand(C, generator=gen)
+    meta = torch.where(state < 0.6, torch.randperm(C, generator=gen), torch.where(state < 0.7, -2, -1))
+    return torch.stack([torch.randint(0, 1 << 40, (C,), generator=gen), meta,
+                        torch.randint(0, lasts, (C,), generator=gen), torch.randint(1, counts_hi, (C,), generator=gen)],
+                       dim=1)
+
+
+@pytest.mark.skipif(_kernels is None, reason="no compiler")
+@pytest.mark.parametrize("lfu", [True, False])
+@pytest.mark.parametrize("layout", ["uniform", "low_first", "high_first"])
+def test_select_gives_exactly_the_k_least_used_keys_of_a_large_map(lfu, layout):
+    """select's one-pass path (a bound read off the leading slots) and both of its
+    fallbacks (the bound too low or too high for the rest) give the reference's set."""
+    from rectables.idmap import SAMPLE
+    from rectables.methods.dynamic import smallest
+
+    gen = torch.Generator().manual_seed(1)
+    C = 4 * SAMPLE
+    slots = _slots(C, gen)
+    if layout != "uniform":  # the sample's keys all below (or above) the rest's
+        lead = slots[:SAMPLE, 2 + lfu]
+        lead.copy_(torch.zeros_like(lead) if layout == "low_first" else torch.full_like(lead, 100))
+    step = 5  # keys last read at step 5 are not candidates
+    cand = ((slots[:, 1] >= 0) & (slots[:, 2] < step)).nonzero().squeeze(1)
+    row = slots[cand, 1]
+    keys = [slots[cand, 3], slots[cand, 2], row] if lfu else [slots[cand, 2], row]
+    for k in (1, 300, 5000, 60000, cand.numel(), cand.numel() + 7):
+        out = torch.empty(k, dtype=torch.int64)
+        n = _kernels.select(slots.data_ptr(), C, step, lfu, k, out.data_ptr())
+        want = cand[smallest(keys, min(k, cand.numel()))]
+        assert n == want.numel()
+        assert torch.equal(out[:n].sort().values, want.sort().values), (layout, k)
