@@ -194,6 +194,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                         "ngcf/lightgcn)")
     p.add_argument("--sparse-lr", type=float, default=None,
                    help="learning rate of the tables (default: 0.05 for dlrm, 0.01 for deepfm, ngcf and lightgcn)")
+    p.add_argument("--sparse-eps", type=float, default=None,
+                   help="epsilon of the sparse optimizer's denominator (default: 1e-8; OptEmbed's supernet: 1e-5)")
     p.add_argument("--dense-lr", type=float, default=1e-3, help="learning rate of the dense layers (Adam)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per epoch (default 0: the whole split)")

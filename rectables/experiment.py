@@ -52,7 +52,7 @@ def build_model(spec: dict, meta: dict):
     from rectables.sizing import tables_for_budget
 
     cls, tcfg = table_class(spec["method"]), TrainConfig(**spec.get("train", {}))
-    opt = SparseOptimizer(tcfg.sparse_optimizer, lr=tcfg.sparse_lr)
+    opt = SparseOptimizer(tcfg.sparse_optimizer, lr=tcfg.sparse_lr, eps=tcfg.sparse_eps)
     if spec.get("table_options"):
         tables = tables_from_options(cls, spec, meta["features"], meta["cardinalities"])
     else:

@@ -144,6 +144,9 @@ def table_settings(model) -> dict:
 
 #: config entries that may change when a run is resumed
 RESUMABLE = {"train.epochs", "train.progress", "versions"}
+#: settings added after runs were made, at the value every earlier run had: a run that
+#: lacks one resumes when it is asked at that value
+ADDED = {"train.sparse_eps": 1e-8, "sparse_eps": 1e-8}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -160,7 +163,8 @@ def config_differences(saved: dict, requested: dict) -> list[str]:
     """'key: saved -> requested' for every entry that differs and may not change on resume."""
     a, b = _flat(saved), _flat(finite(json.loads(_dumps(requested))))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k) and k not in RESUMABLE and not k.startswith("versions.")]
+            if a.get(k) != b.get(k) and k not in RESUMABLE and not k.startswith("versions.")
+            and not (k not in a and k in ADDED and b[k] == ADDED[k])]
 
 
 def start_run(run: Path, config: dict, resume: bool, overwrite: bool) -> bool:

@@ -69,7 +69,7 @@ def run_din(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: bo
               "versions": versions()}
     resume = start_run(Path(run_dir), config, resume, overwrite)
     torch.manual_seed(cfg.seed)
-    model = build_din(spec, seq, SparseOptimizer(cfg.sparse_optimizer, lr=cfg.sparse_lr))
+    model = build_din(spec, seq, SparseOptimizer(cfg.sparse_optimizer, lr=cfg.sparse_lr, eps=cfg.sparse_eps))
     loaders = {k: SequenceBatches(seq, v, cfg.batch_size if k == "train" else 4096, shuffle=k == "train",
                                   seed=cfg.seed) for k, v in splits.items()}
     summary = fit(model, loaders["train"], loaders["val"], cfg, run_dir, resume=resume,

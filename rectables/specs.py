@@ -43,7 +43,8 @@ def graph_spec(args) -> dict:
     return {"data": str(resolve(args.data)), "model": args.model, "method": getattr(args, "method", "full"),
             "budget": parse_fraction(getattr(args, "budget", "1")), "dim": args.dim, "layers": args.layers,
             "epochs": args.epochs, "batch_size": None if args.batch_size == "auto" else args.batch_size,
-            "sparse_optimizer": args.optimizer, "sparse_lr": args.sparse_lr, "dense_lr": args.dense_lr, "l2": args.l2,
+            "sparse_optimizer": args.optimizer, "sparse_lr": args.sparse_lr, "sparse_eps": args.sparse_eps,
+            "dense_lr": args.dense_lr, "l2": args.l2,
             "message_dropout": args.message_dropout, "node_dropout": args.node_dropout, "seed": args.seed,
             "eval_every": args.eval_every, "k": args.k, "progress": not args.quiet}
 
@@ -53,7 +54,8 @@ def din_spec(args) -> dict:
             "budget": parse_fraction(getattr(args, "budget", "1")), "dim": args.dim, "activation": args.activation,
             "softmax": args.softmax or None,
             "train": {"epochs": args.epochs, "batch_size": args.batch_size, "sparse_optimizer": args.optimizer,
-                      **({} if args.sparse_lr is None else {"sparse_lr": args.sparse_lr}), "dense_lr": args.dense_lr,
+                      **({} if args.sparse_lr is None else {"sparse_lr": args.sparse_lr}),
+                  **({} if args.sparse_eps is None else {"sparse_eps": args.sparse_eps}), "dense_lr": args.dense_lr,
                       "seed": args.seed, "max_steps_per_epoch": args.max_steps, "progress": not args.quiet,
                       "patience": args.patience}}
 
@@ -76,6 +78,7 @@ def spec_of(args) -> dict:
         "dense_arch": [int(x) for x in args.dense_arch.split(",")] if args.dense_arch else None, "over_arch": [int(x) for x in args.over_arch.split(",")],
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "sparse_optimizer": args.optimizer,
                   **({} if args.sparse_lr is None else {"sparse_lr": args.sparse_lr}),
+                  **({} if args.sparse_eps is None else {"sparse_eps": args.sparse_eps}),
                   "dense_lr": args.dense_lr, "seed": args.seed,
                   "max_steps_per_epoch": args.max_steps, "progress": not args.quiet, "patience": args.patience},
     }

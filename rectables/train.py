@@ -37,6 +37,7 @@ class TrainConfig:
     batch_size: int = 4096
     sparse_optimizer: str = "rowwise_adagrad"
     sparse_lr: float = 0.05
+    sparse_eps: float = 1e-8  # the sparse optimizer's epsilon (Adagrad's and Adam's denominators)
     dense_lr: float = 1e-3
     seed: int = 0
     patience: int = 1  # epochs without val AUC gain before stopping
@@ -50,6 +51,8 @@ class TrainConfig:
             raise ValueError(f"sparse_optimizer must be one of {OPTIMIZERS}")
         if not (self.sparse_lr > 0 and self.dense_lr > 0):
             raise ValueError("learning rates must be > 0")
+        if not self.sparse_eps > 0:
+            raise ValueError(f"sparse_eps must be > 0, got {self.sparse_eps}")
 
 
 def tables_extra_loss(model) -> torch.Tensor | float:

@@ -57,10 +57,11 @@ def test_dim_moves_the_dense_arch_with_it_or_names_the_flag(tmp_path, capsys):
     from rectables.specs import spec_of
 
     base = dict(data=str(tmp_path), model="dlrm", over_arch="64,1", epochs=1, batch_size=8, optimizer="sgd",
-                sparse_lr=0.1, dense_lr=0.1, seed=0, max_steps=0, quiet=True, patience=1)
+                sparse_lr=0.1, sparse_eps=1e-6, dense_lr=0.1, seed=0, max_steps=0, quiet=True, patience=1)
     from rectables.experiment import default_dense_arch
 
-    assert spec_of(argparse.Namespace(**base, dim=32, dense_arch=None))["dense_arch"] is None  # resolved with the data
+    got = spec_of(argparse.Namespace(**base, dim=32, dense_arch=None))
+    assert got["dense_arch"] is None and got["train"]["sparse_eps"] == 1e-6  # resolved with the data; the flag taken
     assert default_dense_arch(32, {"features": ["C1"]}) == [64, 32]  # Criteo
     assert default_dense_arch(32, {"features": ["C1"], "schema": {"name": "a", "columns": ["y", "C1"], "label": "y",
                                                                    "sparse": ["C1"]}}) == [32]

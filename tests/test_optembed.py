@@ -9,6 +9,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 import rectables
 from rectables.evolution import evolve
 from rectables.methods.optembed import MaskRows, step_grad
+from rectables.optembed_run import SUPERNET_EPS
 from tests.helpers import random_kjt
 
 FEATS = ["a", "b"]
@@ -283,6 +284,9 @@ def test_pipeline_from_the_cli_leaves_every_stage_and_the_export_scores_like_the
     assert set(s["stages"]) == {"supernet_s", "search_s", "retrain_s", "export_s"}
     retrain_cfg = json.loads((run / "retrain" / "config.json").read_text())
     assert retrain_cfg["stage"]["dims"] == json.loads((run / "search.json").read_text())["dims"]
+    # the supernet's rows train with a larger epsilon (norms that rank rows by use); the retrain does not
+    assert json.loads((run / "supernet" / "config.json").read_text())["train"]["sparse_eps"] == SUPERNET_EPS
+    assert retrain_cfg["train"]["sparse_eps"] == 1e-8
     capsys.readouterr()
     assert main(["train", "--data", str(tiny / "p"), "--method", "optembed", "--run", str(tiny / "sup_only"),
                  "--batch-size", "256", "--quiet"]) == 0

@@ -221,3 +221,24 @@ def test_by_default_rare_training_values_train_the_oov_row(data, tmp_path):
     assert (sparse[train][:, rare] == meta["oov_id"]).any(axis=0).sum() >= len(rare) // 2  # OOV rows train
     preprocess(data / "d.tsv", tmp_path / "p1", min_count=1)
     assert not (np.load(tmp_path / "p1" / "sparse.npy")[train] == meta["oov_id"]).any()  # they would not
+
+
+def test_sparse_eps_reaches_the_fused_optimizer_and_older_runs_resume_without_it(data, tmp_path):
+    from data.preprocess import open_dataset
+    from rectables.experiment import build_model
+    from rectables.runs import _collections
+    from rectables.train import TrainConfig
+
+    model = build_model({**spec(data, sparse_eps=0.5), "dim": 16, "model": "dlrm"}, open_dataset(data / "p"))
+    storages = [s for c in _collections(model).values() for s in c.storages.values()]
+    assert storages and all(s.optimizer.eps == 0.5 and s.tbe.optimizer_args.eps == 0.5 for s in storages)
+    with pytest.raises(ValueError, match="sparse_eps"):
+        TrainConfig(sparse_eps=0.0)
+    run_training(spec(data), tmp_path / "r")
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["train"]["sparse_eps"] == 1e-8
+    del cfg["train"]["sparse_eps"]  # as a run made before the setting existed resumes
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg))
+    assert run_training(spec(data, epochs=2), tmp_path / "r", resume=True)["epochs"] == 2
+    with pytest.raises(RunError, match=r"train.sparse_eps: 1e-08 -> 0.001"):
+        run_training(spec(data, epochs=3, sparse_eps=1e-3), tmp_path / "r", resume=True)
