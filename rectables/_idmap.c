@@ -296,7 +296,8 @@ static inline cand_t cand_of(const int64_t *e, int64_t s, int lfu) {
  * rank ~1.25 k S / C plus a margin is a bound that the k smallest very likely lie under;
  * one pass collects every candidate up to it, and if there are at least k the quickselect
  * of those is exact (every candidate not collected is above the bound, so above all k).
- * Returns -2 where the sample is too small or the bound too low: the caller falls back. */
+ * Returns -2 where the map is too small to sample or the bound is too low (fewer than k
+ * under it) or too high (more than the buffer): the caller falls back. */
 static int64_t select_sampled(const int64_t *slots, int64_t C, int64_t step, int lfu, int64_t k, int64_t *out) {
     int64_t S = C < SAMPLE ? C : SAMPLE, ns = 0, m = 0, cap = S + 4 * k + 64;
     if (S == C) return -2;
@@ -304,7 +305,7 @@ static int64_t select_sampled(const int64_t *slots, int64_t C, int64_t step, int
     if (!v) return -1;
     for (int64_t s = 0; s < S; s++)
         if (CAND(slots + 4 * s)) v[ns++] = cand_of(slots + 4 * s, s, lfu);
-    int64_t want = (int64_t)((double)k * (double)S / (double)C * 1.25) + 32;
+    int64_t want = (int64_t)((double)k * (double)S / (double)C * 1.25) + 32, ok = 0;
     if (want < ns) {
         quickselect(v, ns, want);
         cand_t bound = v[0];
@@ -315,14 +316,14 @@ static int64_t select_sampled(const int64_t *slots, int64_t C, int64_t step, int
             cand_t c = cand_of(e, s, lfu);
             if (!cand_less(&bound, &c) && m++ < cap) v[m - 1] = c;
         }
+        ok = k <= m && m <= cap;
     }
-    if (want < ns && k <= m && m <= cap) {
+    if (ok) {
         if (k < m) quickselect(v, m, k);
         for (int64_t i = 0; i < k; i++) out[i] = v[i].slot;
     }
-    int64_t got = want < ns && k <= m && m <= cap ? k : -2;
     free(v);
-    return got;
+    return ok ? k : -2;
 }
 
 #define HIST 65536
