@@ -36,8 +36,8 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.lock
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run.py --out BENCHMARKS.md
 
-# NGCF / LightGCN on Gowalla: about an hour on 2 cores (LightGCN full 40 epochs, NGCF and
-# three compressed LightGCN tables 10 each); replaces that section of BENCHMARKS.md
+# NGCF / LightGCN on Gowalla: about 1.5 hours on 2 cores (LightGCN full 40 epochs, NGCF full 30,
+# three compressed LightGCN tables 5 each); replaces that section of BENCHMARKS.md
 bench-graph: $(BENCH_STAMP)
 	$(PY) benchmarks/run.py --only graph --out BENCHMARKS.md
 

@@ -56,9 +56,9 @@ def din_section() -> str:
     return "\n".join(lines)
 
 
-def graph_section(epochs: int = 40, others: int = 10) -> str:
-    """LightGCN `full` for ``epochs``; NGCF `full` and the compressed LightGCN tables for
-    ``others`` epochs each."""
+def graph_section(epochs: int = 40, others: int = 5, ngcf: int = 30) -> str:
+    """LightGCN `full` for ``epochs``, NGCF `full` for ``ngcf`` and the compressed LightGCN
+    tables for ``others`` epochs each."""
     from rectables.graph import run_graph
 
     lines = ["## NGCF and LightGCN", "",
@@ -67,7 +67,7 @@ def graph_section(epochs: int = 40, others: int = 10) -> str:
              "Recall@20 and NDCG@20 (ideal DCG over min(20, test items)) on the test split after each epoch "
              "(the data have no validation split, so nothing is selected on it). Published figures are after "
              "hundreds of epochs (Recall@20 / NDCG@20).", ""]
-    runs = [("lightgcn", "full", "1", epochs), ("ngcf", "full", "1", others)]
+    runs = [("lightgcn", "full", "1", epochs), ("ngcf", "full", "1", ngcf)]
     runs += [("lightgcn", m, "1/4", others) for m in ("hash", "unified", "compositional")]
     from rectables.presets import parse_fraction
 

@@ -338,7 +338,7 @@ def main() -> None:
             "accuracy": accuracy_section, "compile": compile_section,
             "dynamic": lambda: dynamic_remap.section(CLI), "real": lambda: real_data.section(CLI),
             "din": recsys.din_section, "optembed": lambda: optembed_bench.section(CLI),
-            "graph": lambda: recsys.graph_section(40)}
+            "graph": lambda: recsys.graph_section()}
     fresh = {w: make[w]() for w in wanted}
     out = Path(args.out)
     if out.exists():  # replace the sections run, keep the rest (make bench keeps make bench-graph's)
