@@ -116,3 +116,27 @@ def test_select_gives_exactly_the_k_least_used_keys_of_a_large_map(lfu, layout):
         want = cand[smallest(keys, min(k, cand.numel()))]
         assert n == want.numel()
         assert torch.equal(out[:n].sort().values, want.sort().values), (layout, k)
+
+
+@NATIVE
+def test_a_large_map_rebuilds_once_deleted_keys_pass_a_quarter_of_its_slots(native):
+    """The tombstone check reads a leading sample before counting them all: it must still
+    rebuild a map too large to count cheaply, and only past the limit."""
+    from rectables.idmap import DELETED, SAMPLE
+
+    m = IdMap(1 << 17, native=native)
+    C = m.slots.shape[0]
+    assert C > SAMPLE
+    ids = torch.arange(1 << 17) * 7919 + 3
+    f = torch.zeros_like(ids)
+    m.insert(f, ids)
+    gen = torch.Generator().manual_seed(0)
+    live = m.live()
+    live = live[torch.randperm(live.numel(), generator=gen)]  # spread over the slots, as evictions are
+    below = C // 4 - 1000  # deleted keys just under the limit stay as tombstones
+    m.remove(live[:below])
+    assert int((m.slots[:, 1] == DELETED).sum()) == below
+    m.remove(live[below : below + 2000])  # past it: rebuilt, no tombstone left, every other key still found
+    assert int((m.slots[:, 1] == DELETED).sum()) == 0
+    rows = m.lookup(f, ids)
+    assert int((rows >= 0).sum()) == (1 << 17) - below - 2000
