@@ -289,8 +289,8 @@ static inline cand_t cand_of(const int64_t *e, int64_t s, int lfu) {
     return v;
 }
 
-#define CAND(e) ((e)[1] >= 0 && (e)[2] < step)
-#define SAMPLE 65536
+#define CAND(e, step) ((e)[1] >= 0 && (e)[2] < (step))  /* a key not read at step */
+#define SAMPLE 65536  /* = rectables.idmap.SAMPLE */
 /* The same k smallest in one pass when a sample predicts them: the slots are in hash order,
  * so the first SAMPLE of them hold a uniform sample of the keys.  The sample's candidate of
  * rank ~1.25 k S / C plus a margin is a bound that the k smallest very likely lie under;
@@ -304,7 +304,7 @@ static int64_t select_sampled(const int64_t *slots, int64_t C, int64_t step, int
     cand_t *v = malloc(sizeof(cand_t) * (size_t)cap);
     if (!v) return -1;
     for (int64_t s = 0; s < S; s++)
-        if (CAND(slots + 4 * s)) v[ns++] = cand_of(slots + 4 * s, s, lfu);
+        if (CAND(slots + 4 * s, step)) v[ns++] = cand_of(slots + 4 * s, s, lfu);
     int64_t want = (int64_t)((double)k * (double)S / (double)C * 1.25) + 32, ok = 0;
     if (want < ns) {
         quickselect(v, ns, want);
@@ -312,7 +312,7 @@ static int64_t select_sampled(const int64_t *slots, int64_t C, int64_t step, int
         for (int64_t i = 1; i < want; i++) if (cand_less(&bound, &v[i])) bound = v[i];
         for (int64_t s = 0; s < C && m <= cap; s++) {
             const int64_t *e = slots + 4 * s;
-            if (!CAND(e)) continue;
+            if (!CAND(e, step)) continue;
             cand_t c = cand_of(e, s, lfu);
             if (!cand_less(&bound, &c) && m++ < cap) v[m - 1] = c;
         }
@@ -337,11 +337,11 @@ static int64_t select_c(const int64_t *slots, int64_t C, int64_t step, int lfu, 
     else
         for (int64_t s = 0; s < C; s++) {
             const int64_t *e = slots + 4 * s;
-            if (CAND(e) && e[2] < pmin) pmin = e[2];
+            if (CAND(e, step) && e[2] < pmin) pmin = e[2];
         }
     for (int64_t s = 0; s < C; s++) {
         const int64_t *e = slots + 4 * s;
-        if (!CAND(e)) continue;
+        if (!CAND(e, step)) continue;
         uint64_t d = (uint64_t)((lfu ? e[3] : e[2]) - pmin);
         hist[d < HIST - 1 ? d : HIST - 1]++;
         n++;
@@ -354,7 +354,7 @@ static int64_t select_c(const int64_t *slots, int64_t C, int64_t step, int lfu, 
         m = 0;
         for (int64_t s = 0; s < C; s++) {
             const int64_t *e = slots + 4 * s;
-            if (!CAND(e)) continue;
+            if (!CAND(e, step)) continue;
             uint64_t d = (uint64_t)((lfu ? e[3] : e[2]) - pmin);
             if ((int64_t)(d < HIST - 1 ? d : HIST - 1) > top) continue;
             v[m++] = cand_of(e, s, lfu);

@@ -16,12 +16,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rectables.optim import SparseOptimizer
+
 GRAPH_MODELS = ("ngcf", "lightgcn")
 #: LightGCN's paper settings (dim 64, 3 layers, L2 1e-4) except the batch (8192 instead of
 #: 2048: propagation costs the same per step whatever the batch, so bigger batches are
 #: 4x cheaper per epoch on CPU) and the learning rate (Adam 0.01 instead of 0.001, for it)
 GRAPH_SPEC = {"model": "lightgcn", "method": "full", "budget": 1.0, "dim": 64, "layers": 3, "epochs": 20,
-              "batch_size": 8192, "sparse_optimizer": "adam", "sparse_lr": 0.01, "sparse_eps": 1e-8, "dense_lr": 0.001, "l2": 1e-4,
+              "batch_size": 8192, "sparse_optimizer": "adam", "sparse_lr": 0.01,
+              "sparse_eps": SparseOptimizer.eps, "dense_lr": 0.001, "l2": 1e-4,
               "message_dropout": None, "node_dropout": 0.0, "seed": 0, "eval_every": 1, "k": 20, "progress": True}
 #: NGCF's message dropout where the spec gives none (its paper: 0.1); LightGCN has none
 MESSAGE_DROPOUT = {"ngcf": 0.1, "lightgcn": 0.0}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from rectables.optim import SparseOptimizer
+
 RUN_FILES = ("config.json", "metrics.jsonl", "memory.json", "summary.json", "best.pt", "last.pt")
 _TMP = ".tmp-"  # infix of every temporary: .<name>.tmp-<random>
 
@@ -146,7 +148,7 @@ def table_settings(model) -> dict:
 RESUMABLE = {"train.epochs", "train.progress", "versions"}
 #: settings added after runs were made, at the value every earlier run had: a run that
 #: lacks one resumes when it is asked at that value
-ADDED = {"train.sparse_eps": 1e-8, "sparse_eps": 1e-8}
+ADDED = {"train.sparse_eps": SparseOptimizer.eps, "sparse_eps": SparseOptimizer.eps}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -49,13 +49,17 @@ def graph_spec(args) -> dict:
             "eval_every": args.eval_every, "k": args.k, "progress": not args.quiet}
 
 
+def _sparse_flags(args) -> dict:
+    """The sparse optimizer's rate and epsilon where given (else the model's defaults)."""
+    return {k: v for k in ("sparse_lr", "sparse_eps") if (v := getattr(args, k)) is not None}
+
+
 def din_spec(args) -> dict:
     return {"data": args.data, "model": args.model, "method": getattr(args, "method", "full"),
             "budget": parse_fraction(getattr(args, "budget", "1")), "dim": args.dim, "activation": args.activation,
             "softmax": args.softmax or None,
             "train": {"epochs": args.epochs, "batch_size": args.batch_size, "sparse_optimizer": args.optimizer,
-                      **({} if args.sparse_lr is None else {"sparse_lr": args.sparse_lr}),
-                  **({} if args.sparse_eps is None else {"sparse_eps": args.sparse_eps}), "dense_lr": args.dense_lr,
+                      **_sparse_flags(args), "dense_lr": args.dense_lr,
                       "seed": args.seed, "max_steps_per_epoch": args.max_steps, "progress": not args.quiet,
                       "patience": args.patience}}
 
@@ -77,9 +81,7 @@ def spec_of(args) -> dict:
         "dim": args.dim, "model": args.model,
         "dense_arch": [int(x) for x in args.dense_arch.split(",")] if args.dense_arch else None, "over_arch": [int(x) for x in args.over_arch.split(",")],
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "sparse_optimizer": args.optimizer,
-                  **({} if args.sparse_lr is None else {"sparse_lr": args.sparse_lr}),
-                  **({} if args.sparse_eps is None else {"sparse_eps": args.sparse_eps}),
-                  "dense_lr": args.dense_lr, "seed": args.seed,
+                  **_sparse_flags(args), "dense_lr": args.dense_lr, "seed": args.seed,
                   "max_steps_per_epoch": args.max_steps, "progress": not args.quiet, "patience": args.patience},
     }
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from rectables.memory import _collections, dense_param_groups, memory_report
 from rectables.metrics import StreamingMetrics
-from rectables.optim import OPTIMIZERS
+from rectables.optim import OPTIMIZERS, SparseOptimizer
 from rectables.runs import load_checkpoint, save_checkpoint, write_json, write_jsonl
 
 _CHECK_EVERY = 32  # steps between checks of the loss (one host sync each)
@@ -37,7 +37,7 @@ class TrainConfig:
     batch_size: int = 4096
     sparse_optimizer: str = "rowwise_adagrad"
     sparse_lr: float = 0.05
-    sparse_eps: float = 1e-8  # the sparse optimizer's epsilon (Adagrad's and Adam's denominators)
+    sparse_eps: float = SparseOptimizer.eps  # the sparse optimizer's epsilon (Adagrad's and Adam's denominators)
     dense_lr: float = 1e-3
     seed: int = 0
     patience: int = 1  # epochs without val AUC gain before stopping
