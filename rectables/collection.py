@@ -149,8 +149,10 @@ class _Collection(nn.Module):
         self._one_lane = not any(self._merged) and all(len(d) == 1 for dims in self._lane_dims for d in dims)
         self._rows_features = torch.tensor(self._group_features.get("rows", []), dtype=torch.int64)
         self._first = [0]  # index of each table's first feature
-        for t in tables:
+        self._by_class: dict[type, list[int]] = {}  # the tables of each class, remapped in one call
+        for i, t in enumerate(tables):
             self._first.append(self._first[-1] + len(t.feature_names))
+            self._by_class.setdefault(type(t), []).append(i)
         self._limits = torch.tensor([t.physical_shapes()[0][0] for t in tables])
 
     def reset_parameters(self) -> None:
@@ -288,9 +290,15 @@ class _Collection(nn.Module):
         lens: dict[str, list] = {g: [[] for _ in range(self._slots(g))] for g in self.storages}
         lane_ids: dict[str, list] = {g: [[] for _ in range(self._slots(g))] for g in self.storages}
         wparts: dict[str, list] = {g: [[] for _ in range(self._slots(g))] for g in self.storages}
-        for t, g, f0, merged in zip(self.tables, self.groups, self._first, self._merged):
-            nf = len(t.feature_names)
-            rows = t.remap(values[bounds[f0] : bounds[f0 + nf]], counts[f0 : f0 + nf])
+        remapped = [None] * len(self.tables)
+        for cls, idx in self._by_class.items():
+            f0 = [self._first[i] for i in idx]
+            f1 = [self._first[i + 1] for i in idx]
+            got = cls.remap_many([self.tables[i] for i in idx], [values[bounds[a] : bounds[b]] for a, b in zip(f0, f1)],
+                                 [counts[a:b] for a, b in zip(f0, f1)])
+            for i, rows in zip(idx, got):
+                remapped[i] = rows
+        for t, g, f0, merged, rows in zip(self.tables, self.groups, self._first, self._merged, remapped):
             for i, r in enumerate(rows):
                 seg = lengths[(f0 + i) * B : (f0 + i + 1) * B]
                 w = weights[bounds[f0 + i] : bounds[f0 + i + 1]] if weights is not None and g == "bags" else None

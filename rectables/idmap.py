@@ -45,6 +45,13 @@ def num_slots(max_rows: int) -> int:
     return max(16, math.ceil(max_rows / LOAD))
 
 
+def huge_pages(x: torch.Tensor) -> None:
+    """Ask the kernel for 2 MB pages under a large buffer not yet written (a large map's
+    random probes then miss the TLB less); nothing without the compiled kernels."""
+    if _kernels is not None and x.numel() * x.element_size() >= 4 << 20:
+        _kernels.huge_pages(x.data_ptr(), x.numel() * x.element_size())
+
+
 def h63(ids: torch.Tensor, f: torch.Tensor | None, key: int | torch.Tensor) -> torch.Tensor:
     """63-bit hash [N] of keys (ids [N], features [N] or None for feature 0)."""
     y = ids ^ (f * MUL) if f is not None else ids.clone()
@@ -70,7 +77,9 @@ class IdMap(nn.Module):
         self.max_rows = int(max_rows)
         self.native = native and _kernels is not None
         self.key = hashing.salt_key(seed, 1 << 20)
-        slots = torch.zeros(num_slots(max_rows), 4, dtype=torch.int64)
+        slots = torch.empty(num_slots(max_rows), 4, dtype=torch.int64)
+        huge_pages(slots)
+        slots.zero_()
         slots[:, 1] = EMPTY
         self.register_buffer("slots", slots)
         self.register_buffer("free", torch.arange(max_rows - 1, -1, -1, dtype=torch.int64))  # a stack

@@ -106,6 +106,14 @@ class Table(nn.Module, abc.ABC):
     def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
         """Ids [N] of the F features (``counts[f]`` ids each, in order) -> rows [K_f, N_f] per feature."""
 
+    @classmethod
+    def remap_many(cls, tables: list["Table"], values: list[torch.Tensor],
+                   counts: list[list[int]]) -> list[list[torch.Tensor]]:
+        """:meth:`remap` of several tables of this class in one call (the collection's
+        tables of one class, in order): each table alone unless a method does better (one
+        native call that spreads the tables over threads)."""
+        return [t.remap(v, c) for t, v, c in zip(tables, values, counts)]
+
     def transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor, batch: int) -> torch.Tensor:
         """Each id's vector after the lookup: ``vectors`` [N_f, W_f] (the f-th feature's
         combined lanes) -> [N_f, feature_dims()[f]]; ``bags`` [N_f] the sample each id

@@ -233,3 +233,31 @@ def test_bad_settings_are_refused_by_name():
                      ({"sketch_width": 64}, "sketch_width"), ({"max_rows": 0}, "max_rows")):
         with pytest.raises(ValueError, match=word):
             DynamicTable("t", 4, ["a"], **{"max_rows": 4, **kw})
+
+
+def test_tables_remapped_together_on_threads_end_as_one_at_a_time():
+    """A collection remaps all its dynamic tables in one native call spread over threads
+    (each table on one thread): rows, maps, sketches, counters and evictions must be those
+    of remapping the tables one after another."""
+    def run(threads):
+        torch.manual_seed(0)
+        tables = [DynamicTable(f"t{i}", 4, [f"f{i}"], max_rows=50 + 40 * i, min_count=2, eviction=pol, seed=i)
+                  for i, pol in enumerate(["lfu", "lru", "lfu", "lru", "lfu"])]
+        ebc = rectables.EmbeddingBagCollection(tables, rectables.SparseOptimizer("rowwise_adagrad", lr=0.1))
+        gen, old, rows = torch.Generator().manual_seed(1), torch.get_num_threads(), []
+        torch.set_num_threads(max(threads, 1))
+        try:
+            for _ in range(30):
+                ids = [torch.randint(0, 400, (300,), generator=gen) for _ in tables]
+                if threads:
+                    rows.append(DynamicTable.remap_many(tables, ids, [[300]] * len(tables)))
+                else:  # one table at a time
+                    rows.append([t.remap(x, [300]) for t, x in zip(tables, ids)])
+        finally:
+            torch.set_num_threads(old)
+        return rows, ebc.state_dict(), [t.stats() for t in tables]
+
+    (r1, s1, st1), (r3, s3, st3) = run(0), run(3)
+    assert sum(s["evicted"] for s in st1) > 0 and st1 == st3
+    assert all(torch.equal(a[0], b[0]) for x, y in zip(r1, r3) for a, b in zip(x, y))
+    assert s1.keys() == s3.keys() and all(torch.equal(s1[k], s3[k]) for k in s1)

@@ -94,9 +94,11 @@ def _slots(C, gen, counts_hi=4, lasts=6):
 @pytest.mark.skipif(_kernels is None, reason="no compiler")
 @pytest.mark.parametrize("lfu", [True, False])
 @pytest.mark.parametrize("layout", ["uniform", "low_first", "high_first"])
-def test_select_gives_exactly_the_k_least_used_keys_of_a_large_map(lfu, layout):
-    """select's one-pass path (a bound read off the leading slots) and both of its
-    fallbacks (the bound too low or too high for the rest) give the reference's set."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_select_gives_exactly_the_k_least_used_keys_of_a_large_map(lfu, layout, threads):
+    """select's one-pass path (a bound read off the leading slots, its pass split over
+    threads) and both of its fallbacks (the bound too low or too high for the rest) give
+    the reference's set."""
     from rectables.idmap import SAMPLE
     from rectables.methods.dynamic import smallest
 
@@ -112,7 +114,7 @@ def test_select_gives_exactly_the_k_least_used_keys_of_a_large_map(lfu, layout):
     keys = [slots[cand, 3], slots[cand, 2], row] if lfu else [slots[cand, 2], row]
     for k in (1, 300, 5000, 60000, cand.numel(), cand.numel() + 7):
         out = torch.empty(k, dtype=torch.int64)
-        n = _kernels.select(slots.data_ptr(), C, step, lfu, k, out.data_ptr())
+        n = _kernels.select(slots.data_ptr(), C, step, lfu, k, out.data_ptr(), threads)
         want = cand[smallest(keys, min(k, cand.numel()))]
         assert n == want.numel()
         assert torch.equal(out[:n].sort().values, want.sort().values), (layout, k)

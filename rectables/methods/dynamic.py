@@ -47,7 +47,7 @@ import math
 import torch
 
 from rectables import hashing
-from rectables.idmap import IdMap, _i64, _kernels, h63, in_range, num_slots
+from rectables.idmap import IdMap, _i64, _kernels, h63, huge_pages, in_range, num_slots
 from rectables.presets import MIN_ROWS
 from rectables.registry import register
 from rectables.table import Table
@@ -105,13 +105,16 @@ class DynamicTable(Table):
         self.eviction, self.ttl, self.evict_every, self.evict_chunk = eviction, ttl, int(evict_every), evict_chunk
         self.map = IdMap(self.max_rows, seed)
         depth, width = (sketch_depth, sketch_width or default_width(self.max_rows)) if min_count > 1 else (0, 0)
-        self.register_buffer("sketch", torch.zeros(depth, width, dtype=torch.int32))
+        sketch = torch.empty(depth, width, dtype=torch.int32)
+        huge_pages(sketch)
+        self.register_buffer("sketch", sketch.zero_())
         self.register_buffer("sketch_keys", torch.tensor([hashing.salt_key(seed, 2, j) for j in range(depth)],
                                                          dtype=torch.int64))
         self._prob_key = hashing.salt_key(seed, 3)
         self._threshold = round(self.admit_prob * (1 << 24))
         self._reset_seed = hashing.salt_key(seed, 4) & ((1 << 62) - 1)
         self._admitted = torch.empty(0, dtype=torch.bool)  # scratch of the C path
+        self._addresses = None  # (buffers, then the C call's arguments that they fix)
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("counters", torch.zeros(len(_STATS), dtype=torch.int64))
 
@@ -149,48 +152,75 @@ class DynamicTable(Table):
 
     # ---- the remap ---------------------------------------------------------------------
     def remap(self, values: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-        f = None
-        if len(counts) > 1:
-            f = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts), output_size=values.numel())
-        if not self.training:
-            rows = self.map.find(values, f)
-            return self.per_feature(torch.where(rows >= 0, rows, self.default_row)[None], counts)
-        step = int(self.step) + 1
-        if self.ttl is not None and step % self.evict_every == 0:
-            self._expire(step)
+        return self.remap_many([self], [values], [counts])[0]
+
+    @classmethod
+    def remap_many(cls, tables, values, counts):
+        """Training lookups of all native tables in one C call, the tables spread over
+        ``torch.get_num_threads()`` threads (they share no state, so the rows are those of
+        one table at a time); then, table by table, evictions where rows ran short."""
+        jobs, out = [], [None] * len(tables)
+        for i, (t, v, c) in enumerate(zip(tables, values, counts)):
+            f = None
+            if len(c) > 1:
+                f = torch.repeat_interleave(torch.arange(len(c)), torch.tensor(c), output_size=v.numel())
+            if not t.training:
+                rows = t.map.find(v, f)
+                out[i] = t.per_feature(torch.where(rows >= 0, rows, t.default_row)[None], c)
+                continue
+            step = int(t._buffers["step"]) + 1
+            if t.ttl is not None and step % t.evict_every == 0:
+                t._expire(step)
+            if t._modules["map"].native:
+                jobs.append((i, f, step, *t._job(v, f, step)))
+            else:
+                out[i] = t._train_torch(v, f, step, c)
+        if jobs:  # the largest maps first: the threads finish together
+            order = sorted(range(len(jobs)), key=lambda j: -jobs[j][3][1])  # args[1]: the map's slots
+            res = _kernels.train([jobs[j][3] for j in order], max(1, min(torch.get_num_threads(), len(jobs))))
+            for j, (u, admitted, settled) in zip(order, res):
+                i, f, step, _, rows, new, _values = jobs[j]
+                t = tables[i]
+                if u and not settled:  # more keys admitted than rows free: make room first
+                    t._make_room(admitted, step)
+                    rows = t.map.settle(rows, new[:, :u], t._admitted[:u], t.default_row, step, t.counters)
+                out[i] = t.per_feature(rows[None], counts[i])
+        return out
+
+    def _train_torch(self, values, f, step, counts):
         m = self.map
-        if m.native:  # one C call; it also gives rows when there are enough
-            rows, new, admit, n, settled = self._train_native(values, f, step)
-        else:
-            self.step.fill_(step)
-            rows, new = m.find(values, f, step=step)
-            admit = _admit_torch(self, new[0], new[1], new[2], self._prob_key_at(step))
-            n, settled = int(admit.sum()), False
-        if new.shape[1] and not settled:
-            if n > m.num_free:  # more keys admitted than rows free: make room first
-                self._make_room(n, step)
+        self.step.fill_(step)
+        rows, new = m.find(values, f, step=step)
+        admit = _admit_torch(self, new[0], new[1], new[2], self._prob_key_at(step))
+        if new.shape[1]:
+            if int(admit.sum()) > m.num_free:
+                self._make_room(int(admit.sum()), step)
             rows = m.settle(rows, new, admit, self.default_row, step, self.counters)
         return self.per_feature(rows[None], counts)
 
-    def _train_native(self, values: torch.Tensor, f: torch.Tensor | None, step: int):
-        """One C call: step count, find, admission and, if rows are enough, settle.  Returns
-        (rows, new keys [4, U], admitted [U], how many, settled).  Buffers are read from
-        ``_buffers`` directly: module attribute lookups were a third of a small table's time."""
-        m = self._modules["map"]
-        b, mb, n = self._buffers, m._buffers, values.numel()
+    def _job(self, values: torch.Tensor, f: torch.Tensor | None, step: int):
+        """(the C kernel's arguments, rows [N], new keys [4, N]) of one training lookup: step
+        count, find, admission and, if rows are enough, settle.  The buffers' addresses are
+        kept between calls while the buffers are the same tensors: reading them anew was
+        half of a small table's time."""
+        n = values.numel()
         values = _i64(values)
         rows = torch.empty(n, dtype=torch.int64)
         new = torch.empty(4, n, dtype=torch.int64)
         if self._admitted.numel() < n:
             self._admitted = torch.empty(n, dtype=torch.bool)
-        sketch, slots = b["sketch"], mb["slots"]
-        u, admitted, settled = _kernels.train(
-            slots.data_ptr(), slots.shape[0], m.key, values.data_ptr(), 0 if f is None else _i64(f).data_ptr(), n,
-            rows.data_ptr(), b["step"].data_ptr(), new.data_ptr(), *m._scratch_for(n), sketch.data_ptr(),
-            sketch.shape[0], sketch.shape[1], b["sketch_keys"].data_ptr(), self.min_count, self._threshold,
-            self._prob_key_at(step), self._admitted.data_ptr(), mb["free"].data_ptr(), mb["num_free_"].data_ptr(),
-            b["counters"].data_ptr(), self.max_rows)
-        return rows, new[:, :u], self._admitted[:u], admitted, bool(settled)
+        m = self._modules["map"]
+        bufs = (m._buffers["slots"], m._buffers["free"], m._buffers["num_free_"], *self._buffers.values())
+        if self._addresses is None or any(x is not y for x, y in zip(bufs, self._addresses[0])):
+            b, slots, sketch = self._buffers, bufs[0], self._buffers["sketch"]
+            self._addresses = bufs, (slots.data_ptr(), slots.shape[0], m.key), (
+                sketch.data_ptr(), sketch.shape[0], sketch.shape[1], b["sketch_keys"].data_ptr(), self.min_count,
+                self._threshold), (bufs[1].data_ptr(), bufs[2].data_ptr(), b["counters"].data_ptr(), self.max_rows)
+        _, head, sketch, tail = self._addresses
+        args = (*head, values.data_ptr(), 0 if f is None else _i64(f).data_ptr(), n, rows.data_ptr(),
+                self._buffers["step"].data_ptr(), new.data_ptr(), *m._scratch_for(n), *sketch,
+                self._prob_key_at(step), self._admitted.data_ptr(), *tail)
+        return args, rows, new, values
 
     def _prob_key_at(self, step: int) -> int:
         return hashing._signed(self._prob_key ^ (step * hashing.GOLDEN))
@@ -207,7 +237,8 @@ class DynamicTable(Table):
         k = max(short, math.ceil(self.evict_chunk * self.max_rows))
         if m.native:
             out = torch.empty(k, dtype=torch.int64)
-            n = _kernels.select(m.slots.data_ptr(), m.slots.shape[0], step, self.eviction == "lfu", k, out.data_ptr())
+            n = _kernels.select(m.slots.data_ptr(), m.slots.shape[0], step, self.eviction == "lfu", k, out.data_ptr(),
+                                torch.get_num_threads())
             self._drop(out[:n], 2, step)
             return
         live = m.live()

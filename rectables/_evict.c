@@ -1,0 +1,213 @@
+/* Eviction of rectables/idmap.py's map: which k keys a full dynamic table gives up.
+ * Slots as in rectables/_idmap.c: four int64 (id, meta, last step, count), meta >= 0 for a key. */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "_idmap.h"
+
+typedef struct { void (*fn)(void *, int); void *arg; int t; } task_t;
+
+static void *task_main(void *p) {
+    task_t *x = p;
+    x->fn(x->arg, x->t);
+    return NULL;
+}
+
+void run_threads(void (*fn)(void *, int), void *arg, int threads) {
+    pthread_t tid[MAX_THREADS];
+    task_t task[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    for (int t = 1; t < threads; t++) {
+        task[t] = (task_t){fn, arg, t};
+        started[t] = !pthread_create(&tid[t], NULL, task_main, &task[t]);
+    }
+    fn(arg, 0);
+    for (int t = 1; t < threads; t++)
+        if (started[t]) pthread_join(tid[t], NULL);
+        else fn(arg, t);
+}
+
+/* select(slots, C, step, lfu, k, out) -> m: the slots [m] (m = min(k, candidates)) of the k
+ * smallest candidates (keys whose last step < step) in the order (last, row), or with lfu
+ * (count, last, row); rows are unique, so the set is exact.  Eviction on a full table
+ * calls it every few batches, so its passes over the slots (~48 MB at 2^20 rows) are most
+ * of the remap's mean time: select_sampled makes one, split over threads (one pass took
+ * 14 ms at 2^20 rows; 7 ms on two threads with the branch-free test of a block of slots);
+ * select_c, its fallback, three and a quickselect of the candidates up to the k-th one's
+ * primary key. */
+typedef struct { int64_t a, b, c, slot; } cand_t;
+
+static inline int cand_less(const cand_t *x, const cand_t *y) {
+    if (x->a != y->a) return x->a < y->a;
+    if (x->b != y->b) return x->b < y->b;
+    return x->c < y->c;
+}
+
+static void quickselect(cand_t *v, int64_t n, int64_t k) {  /* v[0..k) become the k smallest */
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        cand_t t, pivot;
+        if (cand_less(&v[mid], &v[lo])) { t = v[mid]; v[mid] = v[lo]; v[lo] = t; }
+        if (cand_less(&v[hi], &v[lo])) { t = v[hi]; v[hi] = v[lo]; v[lo] = t; }
+        if (cand_less(&v[hi], &v[mid])) { t = v[hi]; v[hi] = v[mid]; v[mid] = t; }
+        pivot = v[mid];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (cand_less(&v[i], &pivot)) i++;
+            while (cand_less(&pivot, &v[j])) j--;
+            if (i <= j) { t = v[i]; v[i] = v[j]; v[j] = t; i++; j--; }
+        }
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else break;
+    }
+}
+
+/* Keys of slot e in the policy's order: (a, b, c) = (count, last, row) or (last, row, 0). */
+static inline cand_t cand_of(const int64_t *e, int64_t s, int lfu) {
+    cand_t v;
+    int64_t row = e[1] & 0xffffffffLL;
+    v.a = lfu ? e[3] : e[2]; v.b = lfu ? e[2] : row; v.c = lfu ? row : 0; v.slot = s;
+    return v;
+}
+
+#define CAND(e, step) ((e)[1] >= 0 && (e)[2] < (step))  /* a key not read at step */
+#define SAMPLE 65536  /* = rectables.idmap.SAMPLE */
+/* The same k smallest in one pass when a sample predicts them: the slots are in hash order,
+ * so the first SAMPLE of them hold a uniform sample of the keys.  The sample's candidate of
+ * rank ~1.25 k S / C plus a margin is a bound that the k smallest very likely lie under;
+ * one pass collects every candidate up to it, and if there are at least k the quickselect
+ * of those is exact (every candidate not collected is above the bound, so above all k).
+ * Returns -2 where the map is too small to sample or the bound is too low (fewer than k
+ * under it) or too high (more than the buffer): the caller falls back. */
+/* One pass over the slots, split in `threads` ranges: every candidate up to `bound` into
+ * the range's own buffer of `cap` (m[t] = cap + 1: more than cap, or no memory). */
+typedef struct {
+    const int64_t *slots;
+    int64_t C, step;
+    int lfu;
+    cand_t bound;
+    int64_t cap;
+    int threads;
+    cand_t *v[MAX_THREADS];
+    int64_t m[MAX_THREADS];
+} pass_t;
+
+static inline int64_t collect_range(const int64_t *restrict slots, int64_t lo, int64_t hi, int64_t step, const int lfu,
+                                    cand_t B, cand_t *restrict v, int64_t cap) {
+    int64_t m = 0;
+    uint8_t ok[256];
+    for (int64_t s0 = lo; s0 < hi; s0 += 256) {
+        int64_t n = hi - s0 < 256 ? hi - s0 : 256, any = 0;
+        /* (a, b, c) <= the bound for a block of slots, in a loop without branches (vectorised):
+         * almost every slot fails it, at random */
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t *e = slots + 4 * (s0 + i);
+            int64_t row = e[1] & 0xffffffffLL, a = lfu ? e[3] : e[2], b = lfu ? e[2] : row, c = lfu ? row : 0;
+            ok[i] = (uint8_t)(((a < B.a) | ((a == B.a) & ((b < B.b) | ((b == B.b) & (c <= B.c))))) & (e[1] >= 0) &
+                              (e[2] < step));
+            any |= ok[i];
+        }
+        if (!any) continue;
+        for (int64_t i = 0; i < n; i++) {
+            if (!ok[i]) continue;
+            if (m == cap) return cap + 1;
+            v[m++] = cand_of(slots + 4 * (s0 + i), s0 + i, lfu);
+        }
+    }
+    return m;
+}
+
+static void collect(void *arg, int t) {
+    pass_t *p = arg;
+    int64_t lo = p->C * t / p->threads, hi = p->C * (t + 1) / p->threads;
+    cand_t *v = p->v[t] = malloc(sizeof(cand_t) * (size_t)p->cap);
+    if (!v) p->m[t] = p->cap + 1;
+    else if (p->lfu) p->m[t] = collect_range(p->slots, lo, hi, p->step, 1, p->bound, v, p->cap);
+    else p->m[t] = collect_range(p->slots, lo, hi, p->step, 0, p->bound, v, p->cap);
+}
+
+static int64_t select_sampled(const int64_t *slots, int64_t C, int64_t step, int lfu, int64_t k, int64_t *out,
+                              int threads) {
+    int64_t S = C < SAMPLE ? C : SAMPLE, ns = 0, m = 0, cap = S + 4 * k + 64;
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (S == C) return -2;
+    cand_t *v = malloc(sizeof(cand_t) * (size_t)cap);
+    if (!v) return -1;
+    for (int64_t s = 0; s < S; s++)
+        if (CAND(slots + 4 * s, step)) v[ns++] = cand_of(slots + 4 * s, s, lfu);
+    int64_t want = (int64_t)((double)k * (double)S / (double)C * 1.25) + 32, ok = 0;
+    if (want < ns) {
+        quickselect(v, ns, want);
+        cand_t bound = v[0];
+        for (int64_t i = 1; i < want; i++) if (cand_less(&bound, &v[i])) bound = v[i];
+        pass_t p = {slots, C, step, lfu, bound, cap, threads, {0}, {0}};
+        run_threads(collect, &p, threads);
+        for (int t = 0; t < threads; t++) m += p.m[t];
+        for (int t = 0, at = 0; t < threads && m <= cap; at += p.m[t], t++) {
+            memcpy(v + at, p.v[t], sizeof(cand_t) * (size_t)p.m[t]);
+        }
+        for (int t = 0; t < threads; t++) free(p.v[t]);
+        ok = k <= m && m <= cap;
+    }
+    if (ok) {
+        if (k < m) quickselect(v, m, k);
+        for (int64_t i = 0; i < k; i++) out[i] = v[i].slot;
+    }
+    free(v);
+    return ok ? k : -2;
+}
+
+#define HIST 65536
+static int64_t select_c(const int64_t *slots, int64_t C, int64_t step, int lfu, int64_t k, int64_t *out) {
+    int64_t n = 0, pmin = INT64_MAX;
+    int64_t *hist = calloc(HIST, sizeof(int64_t));
+    if (!hist) return -1;
+    /* the primary key's least value, then a histogram of (primary - least), capped: only
+     * candidates up to the bucket that holds the k-th smallest go to the quickselect */
+    if (lfu) pmin = 0;  /* counts are small: no pass for the least one */
+    else
+        for (int64_t s = 0; s < C; s++) {
+            const int64_t *e = slots + 4 * s;
+            if (CAND(e, step) && e[2] < pmin) pmin = e[2];
+        }
+    for (int64_t s = 0; s < C; s++) {
+        const int64_t *e = slots + 4 * s;
+        if (!CAND(e, step)) continue;
+        uint64_t d = (uint64_t)((lfu ? e[3] : e[2]) - pmin);
+        hist[d < HIST - 1 ? d : HIST - 1]++;
+        n++;
+    }
+    int64_t top = HIST - 1, seen = 0;
+    for (int64_t t = 0; t < HIST; t++) { seen += hist[t]; if (seen >= k) { top = t; break; } }
+    int64_t m = top < HIST - 1 ? seen : n;
+    cand_t *v = malloc(sizeof(cand_t) * (size_t)(m + 1));
+    if (v) {
+        m = 0;
+        for (int64_t s = 0; s < C; s++) {
+            const int64_t *e = slots + 4 * s;
+            if (!CAND(e, step)) continue;
+            uint64_t d = (uint64_t)((lfu ? e[3] : e[2]) - pmin);
+            if ((int64_t)(d < HIST - 1 ? d : HIST - 1) > top) continue;
+            v[m++] = cand_of(e, s, lfu);
+        }
+        if (k < m) quickselect(v, m, k);
+        else k = m;
+        for (int64_t i = 0; i < k; i++) out[i] = v[i].slot;
+    }
+    free(hist);
+    if (!v) return -1;
+    free(v);
+    return k;
+}
+
+
+int64_t select_evict(const int64_t *slots, int64_t C, int64_t step, int lfu, int64_t k, int64_t *out, int threads) {
+    int64_t got = select_sampled(slots, C, step, lfu, k, out, threads);
+    return got == -2 ? select_c(slots, C, step, lfu, k, out) : got;
+}
