@@ -114,7 +114,7 @@ class DynamicTable(Table):
         self._threshold = round(self.admit_prob * (1 << 24))
         self._reset_seed = hashing.salt_key(seed, 4) & ((1 << 62) - 1)
         self._admitted = torch.empty(0, dtype=torch.bool)  # scratch of the C path
-        self._addresses = None  # (buffers, then the C call's arguments that they fix)
+        self._addresses = None  # (slots, sketch, step, then the C call's arguments that buffers fix)
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("counters", torch.zeros(len(_STATS), dtype=torch.int64))
 
@@ -172,19 +172,29 @@ class DynamicTable(Table):
             if t.ttl is not None and step % t.evict_every == 0:
                 t._expire(step)
             if t._modules["map"].native:
-                jobs.append((i, f, step, *t._job(v, f, step)))
+                jobs.append((i, _i64(v), f, step))
             else:
                 out[i] = t._train_torch(v, f, step, c)
-        if jobs:  # the largest maps first: the threads finish together
-            order = sorted(range(len(jobs)), key=lambda j: -jobs[j][3][1])  # args[1]: the map's slots
-            res = _kernels.train([jobs[j][3] for j in order], max(1, min(torch.get_num_threads(), len(jobs))))
-            for j, (u, admitted, settled) in zip(order, res):
-                i, f, step, _, rows, new, _values = jobs[j]
-                t = tables[i]
-                if u and not settled:  # more keys admitted than rows free: make room first
-                    t._make_room(admitted, step)
-                    rows = t.map.settle(rows, new[:, :u], t._admitted[:u], t.default_row, step, t.counters)
-                out[i] = t.per_feature(rows[None], counts[i])
+        if not jobs:
+            return out
+        # one buffer for the rows of all tables [sum N], one for their new keys [sum 4N]
+        sizes = [v.numel() for _, v, _, _ in jobs]
+        rows_all, new_all = torch.empty(sum(sizes), dtype=torch.int64), torch.empty(4 * sum(sizes), dtype=torch.int64)
+        at, args = 0, []
+        for (i, v, f, step), n in zip(jobs, sizes):
+            args.append(tables[i]._args(v, f, n, step, rows_all.data_ptr() + 8 * at, new_all.data_ptr() + 32 * at))
+            at += n
+        order = sorted(range(len(jobs)), key=lambda j: -args[j][1])  # the largest maps first: threads end together
+        res = _kernels.train([args[j] for j in order], max(1, min(torch.get_num_threads(), len(jobs))))
+        parts = rows_all.split(sizes)
+        for j, (u, admitted, settled) in zip(order, res):
+            i, _, _, step = jobs[j]
+            t, rows = tables[i], parts[j]
+            if u and not settled:  # more keys admitted than rows free: make room first
+                new = new_all.split([4 * n for n in sizes])[j].view(4, -1)
+                t._make_room(admitted, step)
+                rows = t.map.settle(rows, new[:, :u], t._admitted[:u], t.default_row, step, t.counters)
+            out[i] = t.per_feature(rows[None], counts[i])
         return out
 
     def _train_torch(self, values, f, step, counts):
@@ -198,29 +208,24 @@ class DynamicTable(Table):
             rows = m.settle(rows, new, admit, self.default_row, step, self.counters)
         return self.per_feature(rows[None], counts)
 
-    def _job(self, values: torch.Tensor, f: torch.Tensor | None, step: int):
-        """(the C kernel's arguments, rows [N], new keys [4, N]) of one training lookup: step
+    def _args(self, values: torch.Tensor, f: torch.Tensor | None, n: int, step: int, rows: int, new: int) -> tuple:
+        """The C kernel's arguments for one training lookup of ids ``values`` [N] (int64,
+        contiguous) into the rows and new keys [4, N] at addresses ``rows`` and ``new``: step
         count, find, admission and, if rows are enough, settle.  The buffers' addresses are
         kept between calls while the buffers are the same tensors: reading them anew was
         half of a small table's time."""
-        n = values.numel()
-        values = _i64(values)
-        rows = torch.empty(n, dtype=torch.int64)
-        new = torch.empty(4, n, dtype=torch.int64)
         if self._admitted.numel() < n:
             self._admitted = torch.empty(n, dtype=torch.bool)
-        m = self._modules["map"]
-        bufs = (m._buffers["slots"], m._buffers["free"], m._buffers["num_free_"], *self._buffers.values())
-        if self._addresses is None or any(x is not y for x, y in zip(bufs, self._addresses[0])):
-            b, slots, sketch = self._buffers, bufs[0], self._buffers["sketch"]
-            self._addresses = bufs, (slots.data_ptr(), slots.shape[0], m.key), (
+        m, b = self._modules["map"], self._buffers
+        a = self._addresses
+        if a is None or a[0] is not m._buffers["slots"] or a[1] is not b["sketch"] or a[2] is not b["step"]:
+            slots, sketch = m._buffers["slots"], b["sketch"]
+            a = self._addresses = (slots, sketch, b["step"], (slots.data_ptr(), slots.shape[0], m.key), (
                 sketch.data_ptr(), sketch.shape[0], sketch.shape[1], b["sketch_keys"].data_ptr(), self.min_count,
-                self._threshold), (bufs[1].data_ptr(), bufs[2].data_ptr(), b["counters"].data_ptr(), self.max_rows)
-        _, head, sketch, tail = self._addresses
-        args = (*head, values.data_ptr(), 0 if f is None else _i64(f).data_ptr(), n, rows.data_ptr(),
-                self._buffers["step"].data_ptr(), new.data_ptr(), *m._scratch_for(n), *sketch,
-                self._prob_key_at(step), self._admitted.data_ptr(), *tail)
-        return args, rows, new, values
+                self._threshold), (m._buffers["free"].data_ptr(), m._buffers["num_free_"].data_ptr(),
+                                   b["counters"].data_ptr(), self.max_rows), b["step"].data_ptr())
+        return (*a[3], values.data_ptr(), 0 if f is None else _i64(f).data_ptr(), n, rows, a[6], new,
+                *m._scratch_for(n), *a[4], self._prob_key_at(step), self._admitted.data_ptr(), *a[5])
 
     def _prob_key_at(self, step: int) -> int:
         return hashing._signed(self._prob_key ^ (step * hashing.GOLDEN))
