@@ -85,7 +85,7 @@ static inline cand_t cand_of(const int64_t *e, int64_t s, int lfu) {
  * Returns -2 where the map is too small to sample or the bound is too low (fewer than k
  * under it) or too high (more than the buffer): the caller falls back. */
 /* One pass over the slots, split in `threads` ranges: every candidate up to `bound` into
- * the range's own buffer of `cap` (m[t] = cap + 1: more than cap, or no memory). */
+ * the range's own buffer (m[t] = cap + 1: more than it holds, or no memory). */
 typedef struct {
     const int64_t *slots;
     int64_t C, step;
@@ -125,10 +125,15 @@ static inline int64_t collect_range(const int64_t *restrict slots, int64_t lo, i
 static void collect(void *arg, int t) {
     pass_t *p = arg;
     int64_t lo = p->C * t / p->threads, hi = p->C * (t + 1) / p->threads;
-    cand_t *v = p->v[t] = malloc(sizeof(cand_t) * (size_t)p->cap);
-    if (!v) p->m[t] = p->cap + 1;
-    else if (p->lfu) p->m[t] = collect_range(p->slots, lo, hi, p->step, 1, p->bound, v, p->cap);
-    else p->m[t] = collect_range(p->slots, lo, hi, p->step, 0, p->bound, v, p->cap);
+    /* a range holds about its share of the candidates: room for twice that (past it, the
+     * caller falls back, exact all the same) */
+    int64_t room = p->threads == 1 ? p->cap : p->cap / p->threads * 2 + 1024;
+    room = room < p->cap ? room : p->cap;
+    cand_t *v = p->v[t] = malloc(sizeof(cand_t) * (size_t)room);
+    int64_t m = !v       ? room + 1
+                : p->lfu ? collect_range(p->slots, lo, hi, p->step, 1, p->bound, v, room)
+                         : collect_range(p->slots, lo, hi, p->step, 0, p->bound, v, room);
+    p->m[t] = m > room ? p->cap + 1 : m;
 }
 
 static int64_t select_sampled(const int64_t *slots, int64_t C, int64_t step, int lfu, int64_t k, int64_t *out,
