@@ -110,8 +110,10 @@ class Table(nn.Module, abc.ABC):
     def remap_many(cls, tables: list["Table"], values: list[torch.Tensor],
                    counts: list[list[int]]) -> list[list[torch.Tensor]]:
         """:meth:`remap` of several tables of this class in one call (the collection's
-        tables of one class, in order): each table alone unless a method does better (one
-        native call that spreads the tables over threads)."""
+        tables of one class, in order): ``values[t]`` the ids [N_t] of table t's features,
+        ``counts[t]`` its ids per feature -> table t's rows [K_f, N_f] per feature.  Each
+        table alone unless a method does better (one native call that spreads the tables
+        over threads); the rows must be those of one table at a time."""
         return [t.remap(v, c) for t, v, c in zip(tables, values, counts)]
 
     def transform(self, f: int, vectors: torch.Tensor, bags: torch.Tensor, batch: int) -> torch.Tensor:
