@@ -261,3 +261,18 @@ def test_tables_remapped_together_on_threads_end_as_one_at_a_time():
     assert sum(s["evicted"] for s in st1) > 0 and st1 == st3
     assert all(torch.equal(a[0], b[0]) for x, y in zip(r1, r3) for a, b in zip(x, y))
     assert s1.keys() == s3.keys() and all(torch.equal(s1[k], s3[k]) for k in s1)
+
+
+def test_a_copied_table_trains_its_own_buffers_not_the_original_s():
+    """A deep copy (as model averaging, or a best-so-far snapshot, makes one) keeps no
+    address of the original's buffers: training the copy leaves the original unchanged."""
+    import copy
+
+    t, ebc = build(max_rows=16)
+    step(ebc, [1, 2, 3])  # the native path has run once
+    twin = copy.deepcopy(ebc)
+    before = {k: v.clone() for k, v in ebc.state_dict().items()}
+    for _ in range(3):
+        step(twin, [4, 5, 6, 7], [8, 9])
+    assert all(torch.equal(before[k], v) for k, v in ebc.state_dict().items())
+    assert twin.tables[0].stats()["occupied"] == 9 and t.stats()["occupied"] == 3

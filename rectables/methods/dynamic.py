@@ -114,7 +114,6 @@ class DynamicTable(Table):
         self._threshold = round(self.admit_prob * (1 << 24))
         self._reset_seed = hashing.salt_key(seed, 4) & ((1 << 62) - 1)
         self._admitted = torch.empty(0, dtype=torch.bool)  # scratch of the C path
-        self._addresses = None  # (slots, sketch, step, then the C call's arguments that buffers fix)
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("counters", torch.zeros(len(_STATS), dtype=torch.int64))
 
@@ -172,7 +171,7 @@ class DynamicTable(Table):
             if t.ttl is not None and step % t.evict_every == 0:
                 t._expire(step)
             if t._modules["map"].native:
-                jobs.append((i, _i64(v), f, step))
+                jobs.append((i, _i64(v), None if f is None else _i64(f), step))
             else:
                 out[i] = t._train_torch(v, f, step, c)
         if not jobs:
@@ -203,29 +202,28 @@ class DynamicTable(Table):
         rows, new = m.find(values, f, step=step)
         admit = _admit_torch(self, new[0], new[1], new[2], self._prob_key_at(step))
         if new.shape[1]:
-            if int(admit.sum()) > m.num_free:
-                self._make_room(int(admit.sum()), step)
+            n = int(admit.sum())
+            if n > m.num_free:
+                self._make_room(n, step)
             rows = m.settle(rows, new, admit, self.default_row, step, self.counters)
         return self.per_feature(rows[None], counts)
 
     def _args(self, values: torch.Tensor, f: torch.Tensor | None, n: int, step: int, rows: int, new: int) -> tuple:
         """The C kernel's arguments for one training lookup of ids ``values`` [N] (int64,
         contiguous) into the rows and new keys [4, N] at addresses ``rows`` and ``new``: step
-        count, find, admission and, if rows are enough, settle.  The buffers' addresses are
-        kept between calls while the buffers are the same tensors: reading them anew was
-        half of a small table's time."""
+        count, find, admission and, if rows are enough, settle.  Addresses are read anew
+        each call (a copied table has buffers of its own); buffers come from ``_buffers``
+        directly (module attribute lookups were a third of a small table's time)."""
         if self._admitted.numel() < n:
             self._admitted = torch.empty(n, dtype=torch.bool)
-        m, b = self._modules["map"], self._buffers
-        a = self._addresses
-        if a is None or a[0] is not m._buffers["slots"] or a[1] is not b["sketch"] or a[2] is not b["step"]:
-            slots, sketch = m._buffers["slots"], b["sketch"]
-            a = self._addresses = (slots, sketch, b["step"], (slots.data_ptr(), slots.shape[0], m.key), (
-                sketch.data_ptr(), sketch.shape[0], sketch.shape[1], b["sketch_keys"].data_ptr(), self.min_count,
-                self._threshold), (m._buffers["free"].data_ptr(), m._buffers["num_free_"].data_ptr(),
-                                   b["counters"].data_ptr(), self.max_rows), b["step"].data_ptr())
-        return (*a[3], values.data_ptr(), 0 if f is None else _i64(f).data_ptr(), n, rows, a[6], new,
-                *m._scratch_for(n), *a[4], self._prob_key_at(step), self._admitted.data_ptr(), *a[5])
+        m = self._modules["map"]
+        b, mb = self._buffers, m._buffers
+        slots, sketch = mb["slots"], b["sketch"]
+        return (slots.data_ptr(), slots.shape[0], m.key, values.data_ptr(), 0 if f is None else f.data_ptr(), n, rows,
+                b["step"].data_ptr(), new, *m._scratch_for(n), sketch.data_ptr(), sketch.shape[0], sketch.shape[1],
+                b["sketch_keys"].data_ptr(), self.min_count, self._threshold, self._prob_key_at(step),
+                self._admitted.data_ptr(), mb["free"].data_ptr(), mb["num_free_"].data_ptr(), b["counters"].data_ptr(),
+                self.max_rows)
 
     def _prob_key_at(self, step: int) -> int:
         return hashing._signed(self._prob_key ^ (step * hashing.GOLDEN))
