@@ -121,7 +121,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
         if not done:
             rows.append({"method": method, "budget": budget, "skipped": rs[0]["skipped"]})
             continue
-        row = {"method": method, "budget": budget, "settings": done[0]["settings"], "seeds": [r["seed"] for r in done]}
+        row = {"method": method, "budget": budget, "settings": _merged([r["settings"] for r in done]),
+               "seeds": [r["seed"] for r in done]}
         for k in ("rows", "weights", "optimizer", "buffers", "bytes"):  # optembed's size varies with the seed
             row[k] = round(statistics.mean(r[k] for r in done))
         for k in ("auc", "logloss", "val_auc", "best_epoch", "samples_per_s", "wall_s"):
@@ -133,6 +134,22 @@ def aggregate(runs: list[dict]) -> list[dict]:
         rows.append(row)
     order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))}
     return sorted(rows, key=lambda r: (order[r["method"]], r.get("bytes", float("inf"))))
+
+
+def _merged(settings: list[dict]) -> dict:
+    """One row's settings over its seeds: a value all seeds share as it is; a number that
+    differs by seed (optembed's rows_pruned, mean_dim) as the mean, like the row's other
+    fields; anything else that differs as the list of the seeds' values."""
+    out = {}
+    for k in dict.fromkeys(k for s in settings for k in s):
+        vs = [s.get(k) for s in settings]
+        if all(v == vs[0] for v in vs):
+            out[k] = vs[0]
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vs):
+            out[k] = round(statistics.mean(vs), 3)
+        else:
+            out[k] = vs
+    return out
 
 
 def _title(spec: dict, seeds: list[int]) -> str:

@@ -139,6 +139,19 @@ def test_comparison_without_full_has_no_baseline_columns(tmp_path):
     assert "| 0.00 MB | 2.0x | 0.7000 | -0.0200 |" in (tmp_path / "comparison.md").read_text()
 
 
+def test_a_setting_that_differs_by_seed_reads_as_the_seeds_mean_not_the_first_seed_s(tmp_path):
+    from rectables.compare import aggregate, write_report
+
+    run = {"method": "optembed", "budget": 1.0, "seed": 0, "settings": {"tables": 26, "rows_pruned": 0.5},
+           "rows": 10, "weights": 640, "optimizer": 40, "buffers": 8, "bytes": 688, "auc": 0.7, "logloss": 0.5,
+           "best_epoch": 1, "val_auc": 0.7, "samples_per_s": 1.0, "wall_s": 1.0}
+    other = {**run, "seed": 1, "settings": {"tables": 26, "rows_pruned": 0.3, "dims": [1, 2]}}
+    row, = aggregate([run, other])
+    assert row["settings"] == {"tables": 26, "rows_pruned": 0.4, "dims": [None, [1, 2]]}
+    write_report([row], tmp_path)
+    assert "tables=26, rows_pruned=0.4," in (tmp_path / "comparison.md").read_text()
+
+
 def test_compare_over_two_seeds_gives_mean_and_std_csv_and_json(tiny):
     from rectables.compare import compare
 
