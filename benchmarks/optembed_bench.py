@@ -99,7 +99,7 @@ def section(cli: list[str]) -> str:
     gen = Path("runs/demo/prep")
     g = _compare(cli, gen, OUT / "generated", SEEDS, "--epochs", "2", "--sparse-eps", EPS)
     rows_only = _compare(cli, gen, OUT / "generated-rows", SEEDS, "--epochs", "2", "--sparse-eps", EPS,
-                 "--candidate-dims", "16")
+                         "--candidate-dims", "16")
     g8 = _compare(cli, gen, OUT / "generated-eps8", SEEDS, "--epochs", "2", methods="full")
     sample = _prep(cli, SAMPLE, OUT / "criteo" / "prep")
     oracle = frequency_oracle(gen, OUT / "generated" / "optembed_1_seed0")
