@@ -61,7 +61,7 @@ def din_section() -> str:
 NGCF_LR = {"sparse_lr": 0.003, "dense_lr": 0.003}
 
 
-def graph_section(epochs: int = 40, others: int = 5, ngcf: int = 30, ngcf_slow: int = 70) -> str:
+def graph_section(epochs: int = 40, others: int = 5, ngcf: int = 30, ngcf_slow: int = 57) -> str:
     """LightGCN `full` for ``epochs``, NGCF `full` for ``ngcf`` at the defaults and for
     ``ngcf_slow`` at NGCF_LR, and the compressed LightGCN tables for ``others`` epochs each."""
     from rectables.graph import GRAPH_SPEC, run_graph
