@@ -42,6 +42,7 @@ the sketch (4 B a counter).  Shapes: N ids, U distinct missing keys, M rows, D d
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -179,18 +180,17 @@ class DynamicTable(Table):
         # one buffer for the rows of all tables [sum N], one for their new keys [sum 4N]
         sizes = [v.numel() for _, v, _, _ in jobs]
         rows_all, new_all = torch.empty(sum(sizes), dtype=torch.int64), torch.empty(4 * sum(sizes), dtype=torch.int64)
-        at, args = 0, []
-        for (i, v, f, step), n in zip(jobs, sizes):
-            args.append(tables[i]._args(v, f, n, step, rows_all.data_ptr() + 8 * at, new_all.data_ptr() + 32 * at))
-            at += n
+        starts = list(itertools.accumulate(sizes, initial=0))  # table j at [starts[j], starts[j] + sizes[j])
+        args = [tables[i]._args(v, f, n, step, rows_all.data_ptr() + 8 * at, new_all.data_ptr() + 32 * at)
+                for (i, v, f, step), n, at in zip(jobs, sizes, starts)]
         order = sorted(range(len(jobs)), key=lambda j: -args[j][1])  # the largest maps first: threads end together
         res = _kernels.train([args[j] for j in order], max(1, min(torch.get_num_threads(), len(jobs))))
-        parts = rows_all.split(sizes)
         for j, (u, admitted, settled) in zip(order, res):
             i, _, _, step = jobs[j]
-            t, rows = tables[i], parts[j]
+            t, at, n = tables[i], starts[j], sizes[j]
+            rows = rows_all[at : at + n]
             if u and not settled:  # more keys admitted than rows free: make room first
-                new = new_all.split([4 * n for n in sizes])[j].view(4, -1)
+                new = new_all[4 * at : 4 * (at + n)].view(4, n)
                 t._make_room(admitted, step)
                 rows = t.map.settle(rows, new[:, :u], t._admitted[:u], t.default_row, step, t.counters)
             out[i] = t.per_feature(rows[None], counts[i])
