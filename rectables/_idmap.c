@@ -101,20 +101,22 @@ static PyObject *find(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(U);
 }
 
-/* insert(slots, C, key, ids, f, rows, last, count, n): keys known to be absent, each in the
- * first vacant (empty or deleted) slot on its probe path. */
+/* insert(slots, C, key, ids, f, rows, last, count, n, tombs): keys known to be absent, each in
+ * the first vacant (empty or deleted) slot on its probe path; *tombs loses the deleted
+ * slots taken. */
 static PyObject *insert(PyObject *self, PyObject *args) {
-    unsigned long long ps, pk, pi, pf, pr, pl, pc;
+    unsigned long long ps, pk, pi, pf, pr, pl, pc, pt;
     long long C, n;
-    if (!PyArg_ParseTuple(args, "KLKKKKKKL", &ps, &C, &pk, &pi, &pf, &pr, &pl, &pc, &n)) return NULL;
+    if (!PyArg_ParseTuple(args, "KLKKKKKKLK", &ps, &C, &pk, &pi, &pf, &pr, &pl, &pc, &n, &pt)) return NULL;
     int64_t *slots = (int64_t *)ps, *ids = (int64_t *)pi, *fs = (int64_t *)pf, *rows = (int64_t *)pr;
-    int64_t *last = (int64_t *)pl, *count = (int64_t *)pc;
+    int64_t *last = (int64_t *)pl, *count = (int64_t *)pc, *tombs = (int64_t *)pt;
     Py_BEGIN_ALLOW_THREADS
     for (int64_t i = 0; i < n; i++) {
         int64_t s = range_of(h63(ids[i], fs[i], (uint64_t)pk), C);
         while (slots[4 * s + 1] >= 0)
             if (++s == C) s = 0;
         int64_t *e = slots + 4 * s;
+        *tombs -= e[1] == -2;
         e[0] = ids[i]; e[1] = (fs[i] << 32) | rows[i]; e[2] = last[i]; e[3] = count[i];
     }
     Py_END_ALLOW_THREADS
@@ -159,13 +161,14 @@ static int64_t admit_c(const int64_t *ids, const int64_t *fs, const int64_t *cnt
 }
 
 /* settle(slots, C, key, new_ids, new_f, new_cnt, new_row, U, admitted, free, num_free, rows, n, default_row,
- *        step) -> taken
+ *        step, tombs) -> taken
  * Admitted keys, in order, take the free rows from the top of the stack while there are
- * any (placed with last = step, count = their occurrences); the others read default_row.
+ * any (placed with last = step, count = their occurrences; *tombs loses the deleted slots
+ * taken); the others read default_row.
  * Then each missing id's rows[i] = -(j + 2) becomes its key's row. */
 static int64_t settle_c(int64_t *slots, int64_t C, uint64_t key, const int64_t *ids, const int64_t *fs,
                         const int64_t *cnt, int64_t *newrow, int64_t U, const uint8_t *adm, const int64_t *freest,
-                        int64_t nfree, int64_t *rows, int64_t n, int64_t dflt, int64_t step) {
+                        int64_t nfree, int64_t *rows, int64_t n, int64_t dflt, int64_t step, int64_t *tombs) {
     int64_t taken = 0;
     for (int64_t j = 0; j < U; j++) {
         if (!adm[j] || taken == nfree) { newrow[j] = dflt; continue; }
@@ -173,6 +176,7 @@ static int64_t settle_c(int64_t *slots, int64_t C, uint64_t key, const int64_t *
         while (slots[4 * s + 1] >= 0)
             if (++s == C) s = 0;
         int64_t *e = slots + 4 * s;
+        *tombs -= e[1] == -2;
         e[0] = ids[j]; e[1] = (fs[j] << 32) | row; e[2] = step; e[3] = cnt[j];
         newrow[j] = row;
     }
@@ -181,18 +185,19 @@ static int64_t settle_c(int64_t *slots, int64_t C, uint64_t key, const int64_t *
     return taken;
 }
 
-/* settle(slots, C, key, new, U, stride, admitted, free, num_free_ptr, rows, n, default_row, step, counters) -> taken
+/* settle(slots, C, key, new, U, stride, admitted, free, num_free_ptr, rows, n, default_row, step, counters, tombs)
+ * -> taken
  * also lowers *num_free by taken and (counters != 0) adds taken and U - taken to counters[0..1]. */
 static PyObject *settle(PyObject *self, PyObject *args) {
-    unsigned long long ps, pk, pn, pa, pfree, pnf, pr, pcnt;
+    unsigned long long ps, pk, pn, pa, pfree, pnf, pr, pcnt, pt;
     long long C, U, stride, n, dflt, step;
-    if (!PyArg_ParseTuple(args, "KLKKLLKKKKLLLK", &ps, &C, &pk, &pn, &U, &stride, &pa, &pfree, &pnf, &pr, &n, &dflt,
-                          &step, &pcnt))
+    if (!PyArg_ParseTuple(args, "KLKKLLKKKKLLLKK", &ps, &C, &pk, &pn, &U, &stride, &pa, &pfree, &pnf, &pr, &n, &dflt,
+                          &step, &pcnt, &pt))
         return NULL;
     int64_t *nw = (int64_t *)pn, *nf = (int64_t *)pnf, *counters = (int64_t *)pcnt, taken;
     Py_BEGIN_ALLOW_THREADS
     taken = settle_c((int64_t *)ps, C, pk, nw, nw + stride, nw + 2 * stride, nw + 3 * stride, U, (uint8_t *)pa,
-                     (int64_t *)pfree, *nf, (int64_t *)pr, n, dflt, step);
+                     (int64_t *)pfree, *nf, (int64_t *)pr, n, dflt, step, (int64_t *)pt);
     *nf -= taken;
     if (counters) { counters[0] += taken; counters[1] += U - taken; }
     Py_END_ALLOW_THREADS
@@ -203,7 +208,7 @@ static PyObject *settle(PyObject *self, PyObject *args) {
  * keys; and, if there are rows enough for the admitted ones, settle (else settled = 0: the
  * caller evicts first, then calls settle). */
 typedef struct {
-    int64_t *slots, *ids, *fs, *rows, *step, *nw, *scratch, *keys, *freest, *nf, *counters, *idx;
+    int64_t *slots, *ids, *fs, *rows, *step, *nw, *scratch, *keys, *freest, *nf, *counters, *tombs, *idx;
     int32_t *sk;
     uint8_t *adm_out;
     uint64_t key, pkey;
@@ -221,7 +226,7 @@ static void train_c(job_t *j) {
                      j->adm_out, j->idx);
     if (j->adm > *j->nf) { j->settled = 0; return; }
     int64_t taken = settle_c(j->slots, j->C, j->key, nw, nw + n, nw + 2 * n, nw + 3 * n, j->U, j->adm_out, j->freest,
-                             *j->nf, j->rows, n, j->dflt, *j->step);
+                             *j->nf, j->rows, n, j->dflt, *j->step, j->tombs);
     *j->nf -= taken;
     j->counters[0] += taken;
     j->counters[1] += j->U - taken;
@@ -238,7 +243,7 @@ static void work(void *arg, int t) {
 
 /* train(jobs, threads) -> [(U, admitted, settled)], each job a tuple
  * (slots, C, key, ids, f, n, rows, step_ptr, new, scratch, mask, sketch, depth, width, sketch_keys,
- *  min_count, threshold, prob_key, admitted, free, num_free_ptr, counters, default_row). */
+ *  min_count, threshold, prob_key, admitted, free, num_free_ptr, counters, default_row, tombs_ptr). */
 static PyObject *train(PyObject *self, PyObject *args) {
     PyObject *list, *out = NULL;
     int threads;
@@ -248,14 +253,14 @@ static PyObject *train(PyObject *self, PyObject *args) {
     if (!jobs) return PyErr_NoMemory();
     for (Py_ssize_t i = 0; i < n; i++) {
         job_t *j = &jobs[i];
-        unsigned long long ps, pk, pi, pf, pr, pst, pn, psc, psk, pkeys, pkey, pa, pfree, pnf, pcnt;
+        unsigned long long ps, pk, pi, pf, pr, pst, pn, psc, psk, pkeys, pkey, pa, pfree, pnf, pcnt, pt;
         long long C, nn, mask, depth, width, min_count, thr, dflt;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(list, i), "KLKKKLKKKKLKLLKLLKKKKKL", &ps, &C, &pk, &pi, &pf, &nn, &pr,
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(list, i), "KLKKKLKKKKLKLLKLLKKKKKLK", &ps, &C, &pk, &pi, &pf, &nn, &pr,
                               &pst, &pn, &psc, &mask, &psk, &depth, &width, &pkeys, &min_count, &thr, &pkey, &pa,
-                              &pfree, &pnf, &pcnt, &dflt))
+                              &pfree, &pnf, &pcnt, &dflt, &pt))
             goto done;
         *j = (job_t){(int64_t *)ps, (int64_t *)pi, (int64_t *)pf, (int64_t *)pr, (int64_t *)pst, (int64_t *)pn,
-                     (int64_t *)psc, (int64_t *)pkeys, (int64_t *)pfree, (int64_t *)pnf, (int64_t *)pcnt, NULL,
+                     (int64_t *)psc, (int64_t *)pkeys, (int64_t *)pfree, (int64_t *)pnf, (int64_t *)pcnt, (int64_t *)pt, NULL,
                      (int32_t *)psk, (uint8_t *)pa, pk, pkey, C, nn, mask, depth, width, min_count, thr, dflt};
         if (min_count > 1 && !(j->idx = malloc(sizeof(int64_t) * (size_t)(nn * depth + 1)))) {
             PyErr_NoMemory();

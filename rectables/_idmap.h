@@ -5,8 +5,8 @@
 
 #define MAX_THREADS 64
 
-/* Runs fn(arg, t) for t in [0, threads): t = 0 on the calling thread, the others on new
- * threads (inline where a thread cannot be started); returns when all are done. */
+/* Runs fn(arg, t) for t in [0, threads) on OpenMP threads (torch's runtime; see
+ * rectables/_evict.c); returns when all are done. */
 void run_threads(void (*fn)(void *, int), void *arg, int threads);
 
 /* The slots [m] of the k keys to evict (see rectables/_evict.c), -1 if out of memory. */

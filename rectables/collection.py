@@ -196,8 +196,8 @@ class _Collection(nn.Module):
         if seed is None:
             t.init_rows_(k, rows, fresh)
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with torch.random.fork_rng(devices=[]):  # the CPU generator only (torch.manual_seed
+                torch.default_generator.manual_seed(seed)  # also visits every device: 1.2 ms a call)
                 t.init_rows_(k, rows, fresh)
         st.reset_rows(base + k, rows, fresh)
 

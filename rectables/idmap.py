@@ -84,7 +84,14 @@ class IdMap(nn.Module):
         self.register_buffer("slots", slots)
         self.register_buffer("free", torch.arange(max_rows - 1, -1, -1, dtype=torch.int64))  # a stack
         self.register_buffer("num_free_", torch.tensor(max_rows, dtype=torch.int64))
+        # deleted slots, kept exact as keys come and go (counting them takes a pass over every
+        # slot); not saved: counted again when a state is loaded
+        self.register_buffer("tombs_", torch.tensor(0, dtype=torch.int64), persistent=False)
         self._scratch = torch.empty(0, dtype=torch.int64)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.tombs_.fill_(int((self.slots[:, 1] == DELETED).sum()))
 
     @property
     def num_free(self) -> int:
@@ -143,9 +150,11 @@ class IdMap(nn.Module):
             return
         if self.native:
             _kernels.insert(self.slots.data_ptr(), self.slots.shape[0], self.key, ids.data_ptr(), f.data_ptr(),
-                            rows.data_ptr(), last.data_ptr(), count.data_ptr(), ids.numel())
+                            rows.data_ptr(), last.data_ptr(), count.data_ptr(), ids.numel(), self.tombs_.data_ptr())
         else:
-            self.slots[_claim(self, ids, f)] = torch.stack([ids, (f << 32) | rows, last, count], dim=1)
+            at = _claim(self, ids, f)
+            self.tombs_ -= (self.slots[at, 1] == DELETED).sum()
+            self.slots[at] = torch.stack([ids, (f << 32) | rows, last, count], dim=1)
 
     def settle(self, rows: torch.Tensor, new: torch.Tensor, admitted: torch.Tensor, default_row: int, step: int,
                counters: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,7 +174,8 @@ class IdMap(nn.Module):
             return torch.where(rows >= 0, rows, newrow[(-2 - rows).clamp(min=0)])
         _kernels.settle(self.slots.data_ptr(), self.slots.shape[0], self.key, new.data_ptr(), u, new.stride(0),
                         admitted.data_ptr(), self.free.data_ptr(), self.num_free_.data_ptr(), rows.data_ptr(),
-                        rows.numel(), default_row, step, 0 if counters is None else counters.data_ptr())
+                        rows.numel(), default_row, step, 0 if counters is None else counters.data_ptr(),
+                        self.tombs_.data_ptr())
         return rows
 
     def insert(self, f: torch.Tensor, ids: torch.Tensor, step: int = 0) -> torch.Tensor:
@@ -188,10 +198,11 @@ class IdMap(nn.Module):
         stack, smallest on top.  Returns the rows."""
         rows = torch.sort(self.rows_of(slots)).values
         self.slots[slots, 1] = DELETED
+        self.tombs_ += rows.numel()
         n = self.num_free
         self.free[n : n + rows.numel()] = rows.flip(0)
         self.num_free_ += rows.numel()
-        if self._tombstones_over(self.slots.shape[0] // 4):  # long probe paths
+        if int(self.tombs_) > self.slots.shape[0] // 4:  # long probe paths
             self._rebuild()
         return rows
 
@@ -203,19 +214,11 @@ class IdMap(nn.Module):
             raise ValueError("remove_rows: some rows hold no key")
         self.remove(live[hit])
 
-    def _tombstones_over(self, limit: int) -> bool:
-        """Whether more than ``limit`` slots hold a deleted key.  Slots are in hash order, so
-        the first 2^16 are a uniform sample: the whole count (a pass over every slot, ~4 ms
-        for 2^20 rows) is taken only where the sample's share is above 0.8 of the limit's."""
-        C = self.slots.shape[0]
-        if C > SAMPLE and int((self.slots[:SAMPLE, 1] == DELETED).sum()) * C <= 0.8 * limit * SAMPLE:
-            return False
-        return int((self.slots[:, 1] == DELETED).sum()) > limit
-
     def _rebuild(self) -> None:
         """Every live key placed again in slots without tombstones (rows unchanged)."""
         keep = self.slots[self.live()].clone()
         self.slots[:, 1] = EMPTY
+        self.tombs_.zero_()
         self.place(keep[:, 0], keep[:, 1] >> 32, keep[:, 1] & LOW32, keep[:, 2], keep[:, 3])
 
 

@@ -122,23 +122,35 @@ def test_select_gives_exactly_the_k_least_used_keys_of_a_large_map(lfu, layout, 
 
 @NATIVE
 def test_a_large_map_rebuilds_once_deleted_keys_pass_a_quarter_of_its_slots(native):
-    """The tombstone check reads a leading sample before counting them all: it must still
-    rebuild a map too large to count cheaply, and only past the limit."""
+    """The map keeps its count of deleted slots as keys come and go (inserts reuse deleted
+    slots) instead of counting them: it rebuilds exactly when they pass a quarter of the
+    slots, not before, and a loaded map counts them again."""
     from rectables.idmap import DELETED, SAMPLE
 
     m = IdMap(1 << 17, native=native)
     C = m.slots.shape[0]
     assert C > SAMPLE
-    ids = torch.arange(1 << 17) * 7919 + 3
+
+    def deleted():
+        return int((m.slots[:, 1] == DELETED).sum())
+
+    ids = torch.arange((1 << 17) - 3000) * 7919 + 3
     f = torch.zeros_like(ids)
     m.insert(f, ids)
     gen = torch.Generator().manual_seed(0)
     live = m.live()
     live = live[torch.randperm(live.numel(), generator=gen)]  # spread over the slots, as evictions are
-    below = C // 4 - 1000  # deleted keys just under the limit stay as tombstones
+    below = C // 4 - 1000
     m.remove(live[:below])
-    assert int((m.slots[:, 1] == DELETED).sum()) == below
-    m.remove(live[below : below + 2000])  # past it: rebuilt, no tombstone left, every other key still found
-    assert int((m.slots[:, 1] == DELETED).sum()) == 0
-    rows = m.lookup(f, ids)
-    assert int((rows >= 0).sum()) == (1 << 17) - below - 2000
+    m.insert(torch.zeros(3000, dtype=torch.int64), -torch.arange(1, 3001))  # some land on deleted slots
+    assert 0 < below - deleted() < 3000 and int(m.tombs_) == deleted()
+    copy = IdMap(1 << 17, native=native)
+    copy.load_state_dict(m.state_dict())
+    assert int(copy.tombs_) == deleted()
+    gone = C // 4 - deleted()
+    m.remove(live[below : below + gone])  # exactly at the limit: kept
+    assert deleted() == C // 4
+    m.remove(live[below + gone : below + gone + 1])  # past it: rebuilt, no tombstone left, every other key still found
+    assert deleted() == 0 and int(m.tombs_) == 0
+    assert int((m.lookup(f, ids) >= 0).sum()) == ids.numel() - (below + gone + 1)
+    assert bool((m.lookup(torch.zeros(3000, dtype=torch.int64), -torch.arange(1, 3001)) >= 0).all())

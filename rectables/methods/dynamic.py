@@ -130,7 +130,7 @@ class DynamicTable(Table):
     def table_bytes(max_rows: int, embedding_dim: int, min_count: int = 1, sketch_depth: int = 4) -> int:
         """Bytes of weights, map, free stack and sketch of a table of ``max_rows`` rows."""
         sketch = (4 * default_width(max_rows) + 8) * sketch_depth if min_count > 1 else 0  # counters, keys
-        small = 8 * (len(_STATS) + 2)  # counters, step, free-stack height
+        small = 8 * (len(_STATS) + 3)  # counters, step, free-stack height, deleted slots
         return 4 * embedding_dim * (max_rows + 1) + 32 * num_slots(max_rows) + 8 * max_rows + sketch + small
 
     @classmethod
@@ -223,7 +223,7 @@ class DynamicTable(Table):
                 b["step"].data_ptr(), new, *m._scratch_for(n), sketch.data_ptr(), sketch.shape[0], sketch.shape[1],
                 b["sketch_keys"].data_ptr(), self.min_count, self._threshold, self._prob_key_at(step),
                 self._admitted.data_ptr(), mb["free"].data_ptr(), mb["num_free_"].data_ptr(), b["counters"].data_ptr(),
-                self.max_rows)
+                self.max_rows, mb["tombs_"].data_ptr())
 
     def _prob_key_at(self, step: int) -> int:
         return hashing._signed(self._prob_key ^ (step * hashing.GOLDEN))
