@@ -1,5 +1,6 @@
 /* Eviction of rectables/idmap.py's map: which k keys a full dynamic table gives up.
- * Slots as in rectables/_idmap.c: four int64 (id, meta, last step, count), meta >= 0 for a key. */
+ * Slots as in rectables/_idmap.c: (id, meta) in `slots`, meta >= 0 for a key; the key's use
+ * (count << 32) | last step in `use`, -1 for a vacant slot. */
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -25,21 +26,17 @@ void run_threads(void (*fn)(void *, int), void *arg, int threads) {
     }
 }
 
-/* select(slots, C, step, lfu, k, out) -> m: the slots [m] (m = min(k, candidates)) of the k
- * smallest candidates (keys whose last step < step) in the order (last, row), or with lfu
- * (count, last, row); rows are unique, so the set is exact.  Eviction on a full table
- * calls it every few batches, so its passes over the slots (~48 MB at 2^20 rows) are most
- * of the remap's mean time: select_sampled makes one, split over threads (one pass took
- * 14 ms at 2^20 rows; 7 ms on two threads with the branch-free test of a block of slots);
- * select_c, its fallback, three and a quickselect of the candidates up to the k-th one's
- * primary key. */
-typedef struct { int64_t a, b, c, slot; } cand_t;
+/* select(slots, use, C, step, lfu, k, out) -> m: the slots [m] (m = min(k, candidates)) of the
+ * k smallest candidates (keys whose last step < step) in the order (last, row), or with lfu
+ * (count, last, row) = (use, row); rows are unique, so the set is exact.  Eviction on a full
+ * table calls it every few batches, so its passes over the slots are a large part of the
+ * remap's mean time: select_sampled makes one, over `use` alone (8 bytes a slot; ~12 MB at
+ * 2^20 rows, against 48 MB when use lived in the slots: 7 -> ~2 ms a pick), split over
+ * threads; select_c, its fallback, a histogram of the primary key and a quickselect of the
+ * candidates up to the k-th one's bucket. */
+typedef struct { uint64_t a; int64_t b, slot; } cand_t;  /* (primary key, row, slot) */
 
-static inline int cand_less(const cand_t *x, const cand_t *y) {
-    if (x->a != y->a) return x->a < y->a;
-    if (x->b != y->b) return x->b < y->b;
-    return x->c < y->c;
-}
+static inline int cand_less(const cand_t *x, const cand_t *y) { return x->a != y->a ? x->a < y->a : x->b < y->b; }
 
 static void quickselect(cand_t *v, int64_t n, int64_t k) {  /* v[0..k) become the k smallest */
     int64_t lo = 0, hi = n - 1;
@@ -62,16 +59,17 @@ static void quickselect(cand_t *v, int64_t n, int64_t k) {  /* v[0..k) become th
     }
 }
 
-/* Keys of slot e in the policy's order: (a, b, c) = (count, last, row) or (last, row, 0). */
-static inline cand_t cand_of(const int64_t *e, int64_t s, int lfu) {
-    cand_t v;
-    int64_t row = e[1] & 0xffffffffLL;
-    v.a = lfu ? e[3] : e[2]; v.b = lfu ? e[2] : row; v.c = lfu ? row : 0; v.slot = s;
+#define LAST(u) ((uint64_t)(u) & 0xffffffffULL)
+#define CAND(u, step) (LAST(u) < (uint64_t)(step))  /* a key not read at step (a vacant slot's last is 2^32 - 1) */
+#define PRIMARY(u, lfu) ((lfu) ? (uint64_t)(u) : LAST(u))
+
+static inline cand_t cand_of(const int64_t *slots, const int64_t *use, int64_t s, int lfu) {
+    cand_t v = {PRIMARY(use[s], lfu), slots[2 * s + 1] & 0xffffffffLL, s};
     return v;
 }
 
-#define CAND(e, step) ((e)[1] >= 0 && (e)[2] < (step))  /* a key not read at step */
 #define SAMPLE 65536  /* = rectables.idmap.SAMPLE */
+#define BLOCK 32  /* slots tested at once: ~1% of them lie under the bound */
 /* The same k smallest in one pass when a sample predicts them: the slots are in hash order,
  * so the first SAMPLE of them hold a uniform sample of the keys.  The sample's candidate of
  * rank ~1.25 k S / C plus a margin is a bound that the k smallest very likely lie under;
@@ -82,7 +80,7 @@ static inline cand_t cand_of(const int64_t *e, int64_t s, int lfu) {
 /* One pass over the slots, split in `threads` ranges: every candidate up to `bound` into
  * the range's own buffer (m[t] = cap + 1: more than it holds, or no memory). */
 typedef struct {
-    const int64_t *slots;
+    const int64_t *slots, *use;
     int64_t C, step;
     int lfu;
     cand_t bound;
@@ -92,26 +90,26 @@ typedef struct {
     int64_t m[MAX_THREADS];
 } pass_t;
 
-static inline int64_t collect_range(const int64_t *restrict slots, int64_t lo, int64_t hi, int64_t step, const int lfu,
-                                    cand_t B, cand_t *restrict v, int64_t cap) {
+/* built twice, for AVX2 (four 64-bit compares at once) and for any x86-64, the one the CPU
+ * runs picked at load time: 2x less time in the pass */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+static int64_t collect_range(const int64_t *restrict slots, const int64_t *restrict use, int64_t lo, int64_t hi,
+                                    int64_t step, const int lfu, cand_t B, cand_t *restrict v, int64_t cap) {
     int64_t m = 0;
-    uint8_t ok[256];
-    for (int64_t s0 = lo; s0 < hi; s0 += 256) {
-        int64_t n = hi - s0 < 256 ? hi - s0 : 256, any = 0;
-        /* (a, b, c) <= the bound for a block of slots, in a loop without branches (vectorised):
-         * almost every slot fails it, at random */
-        for (int64_t i = 0; i < n; i++) {
-            const int64_t *e = slots + 4 * (s0 + i);
-            int64_t row = e[1] & 0xffffffffLL, a = lfu ? e[3] : e[2], b = lfu ? e[2] : row, c = lfu ? row : 0;
-            ok[i] = (uint8_t)(((a < B.a) | ((a == B.a) & ((b < B.b) | ((b == B.b) & (c <= B.c))))) & (e[1] >= 0) &
-                              (e[2] < step));
-            any |= ok[i];
-        }
+    for (int64_t s0 = lo; s0 < hi; s0 += BLOCK) {
+        int64_t n = hi - s0 < BLOCK ? hi - s0 : BLOCK;
+        uint64_t any = 0;
+        /* primary key at or below the bound's, for a block of slots, in a loop without
+         * branches (vectorised); a vacant slot's primary key is above every bound */
+        for (int64_t i = 0; i < n; i++) any |= PRIMARY(use[s0 + i], lfu) <= B.a;
         if (!any) continue;
         for (int64_t i = 0; i < n; i++) {
-            if (!ok[i]) continue;
+            uint64_t u = (uint64_t)use[s0 + i], a = PRIMARY(u, lfu);
+            if (a > B.a || !CAND(u, step) || (a == B.a && (slots[2 * (s0 + i) + 1] & 0xffffffffLL) > B.b)) continue;
             if (m == cap) return cap + 1;
-            v[m++] = cand_of(slots + 4 * (s0 + i), s0 + i, lfu);
+            v[m++] = cand_of(slots, use, s0 + i, lfu);
         }
     }
     return m;
@@ -126,13 +124,13 @@ static void collect(void *arg, int t) {
     room = room < p->cap ? room : p->cap;
     cand_t *v = p->v[t] = malloc(sizeof(cand_t) * (size_t)room);
     int64_t m = !v       ? room + 1
-                : p->lfu ? collect_range(p->slots, lo, hi, p->step, 1, p->bound, v, room)
-                         : collect_range(p->slots, lo, hi, p->step, 0, p->bound, v, room);
+                : p->lfu ? collect_range(p->slots, p->use, lo, hi, p->step, 1, p->bound, v, room)
+                         : collect_range(p->slots, p->use, lo, hi, p->step, 0, p->bound, v, room);
     p->m[t] = m > room ? p->cap + 1 : m;
 }
 
-static int64_t select_sampled(const int64_t *slots, int64_t C, int64_t step, int lfu, int64_t k, int64_t *out,
-                              int threads) {
+static int64_t select_sampled(const int64_t *slots, const int64_t *use, int64_t C, int64_t step, int lfu, int64_t k,
+                              int64_t *out, int threads) {
     int64_t S = C < SAMPLE ? C : SAMPLE, ns = 0, m = 0, cap = S + 4 * k + 64;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -140,13 +138,13 @@ static int64_t select_sampled(const int64_t *slots, int64_t C, int64_t step, int
     cand_t *v = malloc(sizeof(cand_t) * (size_t)cap);
     if (!v) return -1;
     for (int64_t s = 0; s < S; s++)
-        if (CAND(slots + 4 * s, step)) v[ns++] = cand_of(slots + 4 * s, s, lfu);
+        if (CAND(use[s], step)) v[ns++] = cand_of(slots, use, s, lfu);
     int64_t want = (int64_t)((double)k * (double)S / (double)C * 1.25) + 32, ok = 0;
     if (want < ns) {
         quickselect(v, ns, want);
         cand_t bound = v[0];
         for (int64_t i = 1; i < want; i++) if (cand_less(&bound, &v[i])) bound = v[i];
-        pass_t p = {slots, C, step, lfu, bound, cap, threads, {0}, {0}};
+        pass_t p = {slots, use, C, step, lfu, bound, cap, threads, {0}, {0}};
         run_threads(collect, &p, threads);
         for (int t = 0; t < threads; t++) m += p.m[t];
         for (int t = 0, at = 0; t < threads && m <= cap; at += p.m[t], t++) {
@@ -164,22 +162,21 @@ static int64_t select_sampled(const int64_t *slots, int64_t C, int64_t step, int
 }
 
 #define HIST 65536
-static int64_t select_c(const int64_t *slots, int64_t C, int64_t step, int lfu, int64_t k, int64_t *out) {
+static int64_t select_c(const int64_t *slots, const int64_t *use, int64_t C, int64_t step, int lfu, int64_t k,
+                        int64_t *out) {
     int64_t n = 0, pmin = INT64_MAX;
     int64_t *hist = calloc(HIST, sizeof(int64_t));
     if (!hist) return -1;
-    /* the primary key's least value, then a histogram of (primary - least), capped: only
-     * candidates up to the bucket that holds the k-th smallest go to the quickselect */
+    /* the histogram's key: the count (lfu) or last - the least last; only candidates up to
+     * the bucket that holds the k-th smallest go to the quickselect */
+#define HKEY(u) (lfu ? (uint64_t)(u) >> 32 : LAST(u) - (uint64_t)pmin)
     if (lfu) pmin = 0;  /* counts are small: no pass for the least one */
     else
-        for (int64_t s = 0; s < C; s++) {
-            const int64_t *e = slots + 4 * s;
-            if (CAND(e, step) && e[2] < pmin) pmin = e[2];
-        }
+        for (int64_t s = 0; s < C; s++)
+            if (CAND(use[s], step) && (int64_t)LAST(use[s]) < pmin) pmin = (int64_t)LAST(use[s]);
     for (int64_t s = 0; s < C; s++) {
-        const int64_t *e = slots + 4 * s;
-        if (!CAND(e, step)) continue;
-        uint64_t d = (uint64_t)((lfu ? e[3] : e[2]) - pmin);
+        if (!CAND(use[s], step)) continue;
+        uint64_t d = HKEY(use[s]);
         hist[d < HIST - 1 ? d : HIST - 1]++;
         n++;
     }
@@ -190,16 +187,16 @@ static int64_t select_c(const int64_t *slots, int64_t C, int64_t step, int lfu, 
     if (v) {
         m = 0;
         for (int64_t s = 0; s < C; s++) {
-            const int64_t *e = slots + 4 * s;
-            if (!CAND(e, step)) continue;
-            uint64_t d = (uint64_t)((lfu ? e[3] : e[2]) - pmin);
+            if (!CAND(use[s], step)) continue;
+            uint64_t d = HKEY(use[s]);
             if ((int64_t)(d < HIST - 1 ? d : HIST - 1) > top) continue;
-            v[m++] = cand_of(e, s, lfu);
+            v[m++] = cand_of(slots, use, s, lfu);
         }
         if (k < m) quickselect(v, m, k);
         else k = m;
         for (int64_t i = 0; i < k; i++) out[i] = v[i].slot;
     }
+#undef HKEY
     free(hist);
     if (!v) return -1;
     free(v);
@@ -207,7 +204,8 @@ static int64_t select_c(const int64_t *slots, int64_t C, int64_t step, int lfu, 
 }
 
 
-int64_t select_evict(const int64_t *slots, int64_t C, int64_t step, int lfu, int64_t k, int64_t *out, int threads) {
-    int64_t got = select_sampled(slots, C, step, lfu, k, out, threads);
-    return got == -2 ? select_c(slots, C, step, lfu, k, out) : got;
+int64_t select_evict(const int64_t *slots, const int64_t *use, int64_t C, int64_t step, int lfu, int64_t k,
+                     int64_t *out, int threads) {
+    int64_t got = select_sampled(slots, use, C, step, lfu, k, out, threads);
+    return got == -2 ? select_c(slots, use, C, step, lfu, k, out) : got;
 }

@@ -10,5 +10,5 @@
 void run_threads(void (*fn)(void *, int), void *arg, int threads);
 
 /* The slots [m] of the k keys to evict (see rectables/_evict.c), -1 if out of memory. */
-int64_t select_evict(const int64_t *slots, int64_t C, int64_t step, int lfu, int64_t k, int64_t *out, int threads);
+int64_t select_evict(const int64_t *slots, const int64_t *use, int64_t C, int64_t step, int lfu, int64_t k, int64_t *out, int threads);
 #endif

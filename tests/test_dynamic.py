@@ -276,3 +276,18 @@ def test_a_copied_table_trains_its_own_buffers_not_the_original_s():
         step(twin, [4, 5, 6, 7], [8, 9])
     assert all(torch.equal(before[k], v) for k, v in ebc.state_dict().items())
     assert twin.tables[0].stats()["occupied"] == 9 and t.stats()["occupied"] == 3
+
+
+def test_a_table_past_the_steps_it_can_record_says_so():
+    """A key's last step is kept in 32 bits: the step after the last one it can record is
+    refused, naming the table, instead of ordering keys wrongly."""
+    from rectables.idmap import MAX_STEP
+
+    t, ebc = build()
+    step(ebc, [1, 2])
+    t.step.fill_(MAX_STEP - 1)
+    step(ebc, [1, 3])  # the last one it can record
+    with pytest.raises(RuntimeError, match="'t'.*at most"):
+        step(ebc, [1])
+    ebc.eval()
+    ebc(kjt([1, 3]))  # evaluation counts no step

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rectables.idmap import IdMap, _kernels
+from rectables.idmap import IdMap, _kernels, pack
 
 
 NATIVE = pytest.mark.parametrize("native", [True, False], ids=["c", "torch"])
@@ -82,8 +82,8 @@ def test_state_dict_round_trip_across_paths(writer, reader):
 
 
 def _slots(C, gen, counts_hi=4, lasts=6):
-    """A map's slots [C, 4] as select reads them: ~60% keys (unique rows), ~10% deleted,
-    the rest empty; counts and last steps from small ranges, so most keys tie."""
+    """A map's (id, meta, last, count) [C, 4] as select reads them: ~60% keys (unique rows),
+    ~10% deleted, the rest empty; counts and last steps from small ranges, so most keys tie."""
     state = torch.rand(C, generator=gen)
     meta = torch.where(state < 0.6, torch.randperm(C, generator=gen), torch.where(state < 0.7, -2, -1))
     return torch.stack([torch.randint(0, 1 << 40, (C,), generator=gen), meta,
@@ -112,9 +112,11 @@ def test_select_gives_exactly_the_k_least_used_keys_of_a_large_map(lfu, layout, 
     cand = ((slots[:, 1] >= 0) & (slots[:, 2] < step)).nonzero().squeeze(1)
     row = slots[cand, 1]
     keys = [slots[cand, 3], slots[cand, 2], row] if lfu else [slots[cand, 2], row]
+    pairs = slots[:, :2].contiguous()  # the map's two buffers
+    use = torch.where(slots[:, 1] >= 0, pack(slots[:, 3], slots[:, 2]), -1)
     for k in (1, 300, 5000, 60000, cand.numel(), cand.numel() + 7):
         out = torch.empty(k, dtype=torch.int64)
-        n = _kernels.select(slots.data_ptr(), C, step, lfu, k, out.data_ptr(), threads)
+        n = _kernels.select(pairs.data_ptr(), use.data_ptr(), C, step, lfu, k, out.data_ptr(), threads)
         want = cand[smallest(keys, min(k, cand.numel()))]
         assert n == want.numel()
         assert torch.equal(out[:n].sort().values, want.sort().values), (layout, k)
@@ -154,3 +156,44 @@ def test_a_large_map_rebuilds_once_deleted_keys_pass_a_quarter_of_its_slots(nati
     assert deleted() == 0 and int(m.tombs_) == 0
     assert int((m.lookup(f, ids) >= 0).sum()) == ids.numel() - (below + gone + 1)
     assert bool((m.lookup(torch.zeros(3000, dtype=torch.int64), -torch.arange(1, 3001)) >= 0).all())
+
+
+@NATIVE
+def test_a_map_saved_with_use_inside_its_slots_loads_with_the_same_keys_counts_and_steps(native):
+    """Maps saved before ``use`` left the slots hold slots [C, 4] (id, meta, last, count):
+    loading one gives the same keys, rows, counts and last steps, and the same next find."""
+    from rectables.idmap import LOW32
+
+    gen = torch.Generator().manual_seed(3)
+    m = IdMap(300, native=native)
+    for step in range(1, 6):
+        ids = torch.randint(-40, 400, (64,), generator=gen)
+        m.insert(ids % 3, ids, step=step)
+        m.find(ids[:20], ids[:20] % 3, step=step)  # reads: counts above one
+    m.remove(m.live()[:50])  # deleted slots too
+    saved = m.state_dict()
+    live = saved["slots"][:, 1] >= 0
+    old = torch.stack([saved["slots"][:, 0], saved["slots"][:, 1],
+                       torch.where(live, saved["use"] & LOW32, 0), torch.where(live, saved["use"] >> 32, 0)], dim=1)
+    legacy = {k: v for k, v in saved.items() if k != "use"} | {"slots": old}
+    back = IdMap(300, native=native)
+    back.load_state_dict(legacy)
+    assert torch.equal(back.slots, m.slots) and torch.equal(back.use, m.use)
+    assert int(back.tombs_) == int(m.tombs_) == 50
+    probe = torch.randint(-40, 400, (64,), generator=gen)
+    (rows_a, new_a), (rows_b, new_b) = back.find(probe, probe % 3, step=6), m.find(probe, probe % 3, step=6)
+    assert torch.equal(rows_a, rows_b) and torch.equal(new_a[:3], new_b[:3]) and torch.equal(back.use, m.use)
+
+
+def test_counts_saturate_alike_on_both_paths():
+    """A key's count stops at 2^31 - 1 (its use stays an int64 >= 0) in C and in torch."""
+    from rectables.idmap import COUNT_MAX
+
+    ids, f = torch.tensor([7, 7, 7, 9]), torch.zeros(4, dtype=torch.int64)
+    maps = [IdMap(4, native=n) for n in (True, False)]
+    for m in maps:
+        m.insert(f[:1], ids[:1], step=1)
+        m.use[m.live()] = pack(torch.tensor([COUNT_MAX - 1]), torch.tensor([1]))
+        m.find(ids, f, step=2)
+        assert int(m.count_of(m.live())[0]) == COUNT_MAX and int(m.last_of(m.live())[0]) == 2
+    assert torch.equal(maps[0].use.sort().values, maps[1].use.sort().values)

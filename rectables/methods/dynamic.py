@@ -37,8 +37,8 @@ times the occurrences counted so far with probability at most exp(-depth).  Only
 occurrences of missing keys are counted.
 
 Bytes beyond the weights (``memory_report`` counts them as the table's buffers): the
-map's 32 bytes per slot at load <= 0.7 (~46 B a row), the free stack (8 B a row) and
-the sketch (4 B a counter).  Shapes: N ids, U distinct missing keys, M rows, D dim.
+map's 24 bytes per slot at load <= 0.7 (~35 B a row), the free stack (8 B a row) and
+the sketch (4 B a counter).  A table counts at most 2^32 - 2 training steps.  Shapes: N ids, U distinct missing keys, M rows, D dim.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ import math
 import torch
 
 from rectables import hashing
-from rectables.idmap import IdMap, _i64, _kernels, h63, huge_pages, in_range, num_slots
+from rectables.idmap import MAX_STEP, IdMap, _i64, _kernels, h63, huge_pages, in_range, num_slots
 from rectables.presets import MIN_ROWS
 from rectables.registry import register
 from rectables.table import Table
@@ -114,7 +114,8 @@ class DynamicTable(Table):
         self._prob_key = hashing.salt_key(seed, 3)
         self._threshold = round(self.admit_prob * (1 << 24))
         self._reset_seed = hashing.salt_key(seed, 4) & ((1 << 62) - 1)
-        self._admitted = torch.empty(0, dtype=torch.bool)  # scratch of the C path
+        self._admitted = torch.empty(0, dtype=torch.bool)  # scratch of the C path: admitted [N]
+        self._new = torch.empty(0, dtype=torch.int64)  # and new keys [4, N]
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("counters", torch.zeros(len(_STATS), dtype=torch.int64))
 
@@ -131,7 +132,7 @@ class DynamicTable(Table):
         """Bytes of weights, map, free stack and sketch of a table of ``max_rows`` rows."""
         sketch = (4 * default_width(max_rows) + 8) * sketch_depth if min_count > 1 else 0  # counters, keys
         small = 8 * (len(_STATS) + 3)  # counters, step, free-stack height, deleted slots
-        return 4 * embedding_dim * (max_rows + 1) + 32 * num_slots(max_rows) + 8 * max_rows + sketch + small
+        return 4 * embedding_dim * (max_rows + 1) + 24 * num_slots(max_rows) + 8 * max_rows + sketch + small
 
     @classmethod
     def for_budget(cls, name, embedding_dim, feature_names, num_ids, fraction, seed=0):
@@ -169,6 +170,8 @@ class DynamicTable(Table):
                 out[i] = t.per_feature(torch.where(rows >= 0, rows, t.default_row)[None], c)
                 continue
             step = int(t._buffers["step"]) + 1
+            if step > MAX_STEP:
+                raise RuntimeError(f"table {t.name!r}: a dynamic table counts at most {MAX_STEP} training steps")
             if t.ttl is not None and step % t.evict_every == 0:
                 t._expire(step)
             if t._modules["map"].native:
@@ -177,20 +180,20 @@ class DynamicTable(Table):
                 out[i] = t._train_torch(v, f, step, c)
         if not jobs:
             return out
-        # one buffer for the rows of all tables [sum N], one for their new keys [sum 4N]
+        # one buffer for the rows of all tables [sum N]
         sizes = [v.numel() for _, v, _, _ in jobs]
-        rows_all, new_all = torch.empty(sum(sizes), dtype=torch.int64), torch.empty(4 * sum(sizes), dtype=torch.int64)
+        rows_all = torch.empty(sum(sizes), dtype=torch.int64)
         starts = list(itertools.accumulate(sizes, initial=0))  # table j at [starts[j], starts[j] + sizes[j])
-        args = [tables[i]._args(v, f, n, step, rows_all.data_ptr() + 8 * at, new_all.data_ptr() + 32 * at)
+        args = [tables[i]._args(v, f, n, step, rows_all.data_ptr() + 8 * at)
                 for (i, v, f, step), n, at in zip(jobs, sizes, starts)]
-        order = sorted(range(len(jobs)), key=lambda j: -args[j][1])  # the largest maps first: threads end together
+        order = sorted(range(len(jobs)), key=lambda j: -args[j][2])  # the largest maps (C) first: threads end together
         res = _kernels.train([args[j] for j in order], max(1, min(torch.get_num_threads(), len(jobs))))
         for j, (u, admitted, settled) in zip(order, res):
             i, _, _, step = jobs[j]
             t, at, n = tables[i], starts[j], sizes[j]
             rows = rows_all[at : at + n]
             if u and not settled:  # more keys admitted than rows free: make room first
-                new = new_all[4 * at : 4 * (at + n)].view(4, n)
+                new = t._new[: 4 * n].view(4, n)
                 t._make_room(admitted, step)
                 rows = t.map.settle(rows, new[:, :u], t._admitted[:u], t.default_row, step, t.counters)
             out[i] = t.per_feature(rows[None], counts[i])
@@ -208,19 +211,21 @@ class DynamicTable(Table):
             rows = m.settle(rows, new, admit, self.default_row, step, self.counters)
         return self.per_feature(rows[None], counts)
 
-    def _args(self, values: torch.Tensor, f: torch.Tensor | None, n: int, step: int, rows: int, new: int) -> tuple:
+    def _args(self, values: torch.Tensor, f: torch.Tensor | None, n: int, step: int, rows: int) -> tuple:
         """The C kernel's arguments for one training lookup of ids ``values`` [N] (int64,
-        contiguous) into the rows and new keys [4, N] at addresses ``rows`` and ``new``: step
-        count, find, admission and, if rows are enough, settle.  Addresses are read anew
-        each call (a copied table has buffers of its own); buffers come from ``_buffers``
-        directly (module attribute lookups were a third of a small table's time)."""
+        contiguous) into the rows at address ``rows``, its new keys [4, N] into the table's
+        own scratch (``_new``, kept between calls: a fresh one faulted in its pages every
+        batch): step count, find, admission and, if rows are enough, settle.  Addresses are
+        read anew each call (a copied table has buffers of its own); buffers come from
+        ``_buffers`` directly (module attribute lookups were a third of a small table's time)."""
         if self._admitted.numel() < n:
             self._admitted = torch.empty(n, dtype=torch.bool)
+            self._new = torch.empty(4 * n, dtype=torch.int64)
         m = self._modules["map"]
         b, mb = self._buffers, m._buffers
         slots, sketch = mb["slots"], b["sketch"]
-        return (slots.data_ptr(), slots.shape[0], m.key, values.data_ptr(), 0 if f is None else f.data_ptr(), n, rows,
-                b["step"].data_ptr(), new, *m._scratch_for(n), sketch.data_ptr(), sketch.shape[0], sketch.shape[1],
+        return (slots.data_ptr(), mb["use"].data_ptr(), slots.shape[0], m.key, values.data_ptr(), 0 if f is None else f.data_ptr(), n, rows,
+                b["step"].data_ptr(), self._new.data_ptr(), *m._scratch_for(n), sketch.data_ptr(), sketch.shape[0], sketch.shape[1],
                 b["sketch_keys"].data_ptr(), self.min_count, self._threshold, self._prob_key_at(step),
                 self._admitted.data_ptr(), mb["free"].data_ptr(), mb["num_free_"].data_ptr(), b["counters"].data_ptr(),
                 self.max_rows, mb["tombs_"].data_ptr())
@@ -240,22 +245,19 @@ class DynamicTable(Table):
         k = max(short, math.ceil(self.evict_chunk * self.max_rows))
         if m.native:
             out = torch.empty(k, dtype=torch.int64)
-            n = _kernels.select(m.slots.data_ptr(), m.slots.shape[0], step, self.eviction == "lfu", k, out.data_ptr(),
+            n = _kernels.select(m.slots.data_ptr(), m.use.data_ptr(), m.slots.shape[0], step, self.eviction == "lfu", k, out.data_ptr(),
                                 torch.get_num_threads())
             self._drop(out[:n], 2, step)
             return
         live = m.live()
-        slots = m.slots[live]
-        ok = slots[:, 2] < step  # never a row this step reads
-        live, slots = live[ok], slots[ok]
-        keys = [slots[:, 2], slots[:, 1] & 0xFFFFFFFF]  # last, row
-        if self.eviction == "lfu":
-            keys.insert(0, slots[:, 3])
+        live = live[m.last_of(live) < step]  # never a row this step reads
+        # (last, row), or (count, last, row): use packs (count, last) in that order
+        keys = [m.use[live] if self.eviction == "lfu" else m.last_of(live), m.rows_of(live)]
         self._drop(live[smallest(keys, min(live.numel(), k))], 2, step)
 
     def _expire(self, step: int) -> None:
         live = self.map.live()
-        self._drop(live[step - self.map.slots[live, 2] > self.ttl], 3, step)
+        self._drop(live[step - self.map.last_of(live) > self.ttl], 3, step)
 
     def _drop(self, slots: torch.Tensor, counter: int, step: int) -> None:
         if slots.numel():
