@@ -164,8 +164,9 @@ class IdMap(nn.Module):
         if not ids.numel():
             return
         if self.native:
-            _kernels.insert(self.slots.data_ptr(), self.use.data_ptr(), self.slots.shape[0], self.key, ids.data_ptr(), f.data_ptr(),
-                            rows.data_ptr(), last.data_ptr(), count.data_ptr(), ids.numel(), self.tombs_.data_ptr())
+            _kernels.insert(self.slots.data_ptr(), self.use.data_ptr(), self.slots.shape[0], self.key, ids.data_ptr(),
+                            f.data_ptr(), rows.data_ptr(), last.data_ptr(), count.data_ptr(), ids.numel(),
+                            self.tombs_.data_ptr())
         else:
             at = _claim(self, ids, f)
             self.tombs_ -= (self.slots[at, 1] == DELETED).sum()
@@ -188,10 +189,10 @@ class IdMap(nn.Module):
             if counters is not None:
                 counters[:2] += torch.tensor([take.numel(), u - take.numel()])
             return torch.where(rows >= 0, rows, newrow[(-2 - rows).clamp(min=0)])
-        _kernels.settle(self.slots.data_ptr(), self.use.data_ptr(), self.slots.shape[0], self.key, new.data_ptr(), u, new.stride(0),
-                        admitted.data_ptr(), self.free.data_ptr(), self.num_free_.data_ptr(), rows.data_ptr(),
-                        rows.numel(), default_row, step, 0 if counters is None else counters.data_ptr(),
-                        self.tombs_.data_ptr())
+        _kernels.settle(self.slots.data_ptr(), self.use.data_ptr(), self.slots.shape[0], self.key, new.data_ptr(), u,
+                        new.stride(0), admitted.data_ptr(), self.free.data_ptr(), self.num_free_.data_ptr(),
+                        rows.data_ptr(), rows.numel(), default_row, step,
+                        0 if counters is None else counters.data_ptr(), self.tombs_.data_ptr())
         return rows
 
     def insert(self, f: torch.Tensor, ids: torch.Tensor, step: int = 0) -> torch.Tensor:

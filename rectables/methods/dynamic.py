@@ -38,7 +38,8 @@ occurrences of missing keys are counted.
 
 Bytes beyond the weights (``memory_report`` counts them as the table's buffers): the
 map's 24 bytes per slot at load <= 0.7 (~35 B a row), the free stack (8 B a row) and
-the sketch (4 B a counter).  A table counts at most 2^32 - 2 training steps.  Shapes: N ids, U distinct missing keys, M rows, D dim.
+the sketch (4 B a counter).  A table counts at most 2^32 - 2 training steps.
+Shapes: N ids, U distinct missing keys, M rows, D dim.
 """
 from __future__ import annotations
 
@@ -224,11 +225,12 @@ class DynamicTable(Table):
         m = self._modules["map"]
         b, mb = self._buffers, m._buffers
         slots, sketch = mb["slots"], b["sketch"]
-        return (slots.data_ptr(), mb["use"].data_ptr(), slots.shape[0], m.key, values.data_ptr(), 0 if f is None else f.data_ptr(), n, rows,
-                b["step"].data_ptr(), self._new.data_ptr(), *m._scratch_for(n), sketch.data_ptr(), sketch.shape[0], sketch.shape[1],
-                b["sketch_keys"].data_ptr(), self.min_count, self._threshold, self._prob_key_at(step),
-                self._admitted.data_ptr(), mb["free"].data_ptr(), mb["num_free_"].data_ptr(), b["counters"].data_ptr(),
-                self.max_rows, mb["tombs_"].data_ptr())
+        return (slots.data_ptr(), mb["use"].data_ptr(), slots.shape[0], m.key, values.data_ptr(),
+                0 if f is None else f.data_ptr(), n, rows, b["step"].data_ptr(), self._new.data_ptr(),
+                *m._scratch_for(n), sketch.data_ptr(), sketch.shape[0], sketch.shape[1], b["sketch_keys"].data_ptr(),
+                self.min_count, self._threshold, self._prob_key_at(step), self._admitted.data_ptr(),
+                mb["free"].data_ptr(), mb["num_free_"].data_ptr(), b["counters"].data_ptr(), self.max_rows,
+                mb["tombs_"].data_ptr())
 
     def _prob_key_at(self, step: int) -> int:
         return hashing._signed(self._prob_key ^ (step * hashing.GOLDEN))
@@ -245,8 +247,8 @@ class DynamicTable(Table):
         k = max(short, math.ceil(self.evict_chunk * self.max_rows))
         if m.native:
             out = torch.empty(k, dtype=torch.int64)
-            n = _kernels.select(m.slots.data_ptr(), m.use.data_ptr(), m.slots.shape[0], step, self.eviction == "lfu", k, out.data_ptr(),
-                                torch.get_num_threads())
+            n = _kernels.select(m.slots.data_ptr(), m.use.data_ptr(), m.slots.shape[0], step, self.eviction == "lfu", k,
+                                out.data_ptr(), torch.get_num_threads())
             self._drop(out[:n], 2, step)
             return
         live = m.live()
