@@ -189,15 +189,16 @@ class DynamicTable(Table):
                 for (i, v, f, step), n, at in zip(jobs, sizes, starts)]
         order = sorted(range(len(jobs)), key=lambda j: -args[j][2])  # the largest maps (C) first: threads end together
         res = _kernels.train([args[j] for j in order], max(1, min(torch.get_num_threads(), len(jobs))))
+        rows = rows_all[None].split(sizes, dim=1)  # [1, N] per table
         for j, (u, admitted, settled) in zip(order, res):
             i, _, _, step = jobs[j]
-            t, at, n = tables[i], starts[j], sizes[j]
-            rows = rows_all[at : at + n]
+            t = tables[i]
             if u and not settled:  # more keys admitted than rows free: make room first
-                new = t._new[: 4 * n].view(4, n)
+                n = sizes[j]
                 t._make_room(admitted, step)
-                rows = t.map.settle(rows, new[:, :u], t._admitted[:u], t.default_row, step, t.counters)
-            out[i] = t.per_feature(rows[None], counts[i])
+                t.map.settle(rows[j][0], t._new[: 4 * n].view(4, n)[:, :u], t._admitted[:u], t.default_row, step,
+                             t.counters)
+            out[i] = t.per_feature(rows[j], counts[i])
         return out
 
     def _train_torch(self, values, f, step, counts):
