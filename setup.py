@@ -9,6 +9,7 @@ setup(ext_modules=[
     Extension("rectables._idmap", ["rectables/_idmap.c", "rectables/_evict.c"], depends=["rectables/_idmap.h"],
               optional=True, extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"]),  # torch's OpenMP runtime: see run_threads
-    Extension("rectables._masks", ["rectables/_masks.c"], optional=True, extra_compile_args=["-O3"]),
+    Extension("rectables._masks", ["rectables/_masks.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
+              extra_link_args=["-fopenmp"]),
     Extension("rectables._rowupdate", ["rectables/_rowupdate.c"], optional=True, extra_compile_args=["-O3"]),
 ])

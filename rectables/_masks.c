@@ -16,7 +16,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
-#include <pthread.h>
+#include <omp.h>
 #include <stdlib.h>
 
 static inline float step_grad(float x) {
@@ -127,19 +127,24 @@ CLONES static void *backward_rows(void *arg) {
     return NULL;
 }
 
-/* Rows split over two threads (memory-bound: two cores read and write faster than one);
- * small inputs run on the caller's thread. */
+/* Rows split over two threads (memory-bound: two cores read and write faster than one),
+ * torch's OpenMP workers (threads of our own would compete with them for the cores; see
+ * rectables/_evict.c); small inputs run on the caller's thread. */
 static int run2(void *(*fn)(void *), Job *jobs, int64_t R, double *acc1) {
     jobs[1] = jobs[0];
     jobs[1].acc = acc1;
     jobs[0].lo = 0;
     jobs[0].hi = jobs[1].lo = R < 8192 ? R : R / 2;
     jobs[1].hi = R;
-    pthread_t t;
-    int threaded = jobs[1].lo < R && pthread_create(&t, NULL, fn, &jobs[1]) == 0;
-    fn(&jobs[0]);
-    if (threaded) pthread_join(t, NULL);
-    else if (jobs[1].lo < R) fn(&jobs[1]);
+    if (jobs[1].lo == R) {
+        fn(&jobs[0]);
+        return 0;
+    }
+#pragma omp parallel num_threads(2)
+    {
+        int got = omp_get_num_threads();
+        for (int t = omp_get_thread_num(); t < 2; t += got) fn(&jobs[t]);
+    }
     return 0;
 }
 
