@@ -129,15 +129,16 @@ CLONES static void *backward_rows(void *arg) {
 
 /* Rows split over two threads (memory-bound: two cores read and write faster than one),
  * torch's OpenMP workers (threads of our own would compete with them for the cores; see
- * rectables/_evict.c); small inputs run on the caller's thread. */
+ * rectables/_evict.c); small inputs, and all where torch runs one thread, on the caller's. */
 static int run2(void *(*fn)(void *), Job *jobs, int64_t R, double *acc1) {
     jobs[1] = jobs[0];
     jobs[1].acc = acc1;
     jobs[0].lo = 0;
     jobs[0].hi = jobs[1].lo = R < 8192 ? R : R / 2;
     jobs[1].hi = R;
-    if (jobs[1].lo == R) {
+    if (jobs[1].lo == R || omp_get_max_threads() < 2) {  /* small, or torch.set_num_threads(1) */
         fn(&jobs[0]);
+        if (jobs[1].lo < R) fn(&jobs[1]);
         return 0;
     }
 #pragma omp parallel num_threads(2)

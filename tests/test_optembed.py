@@ -363,6 +363,29 @@ def test_compiled_masks_equal_the_torch_path(ste, N, D):
         assert ta is None and tb is None and torch.equal(ga, g * kept)
 
 
+def test_compiled_masks_give_the_same_bits_on_one_thread_as_on_two():
+    """The C masks split rows over torch's OpenMP workers; with torch on one thread they
+    run both halves on the caller's thread, in the same order: identical results."""
+    from rectables.methods import optembed
+
+    if optembed._kernels is None:
+        pytest.skip("the C masks are not built")
+    gen = torch.Generator().manual_seed(1)
+    v, th = torch.randn(2000, 5, 16, generator=gen) * 0.2, torch.randn(5, generator=gen).abs()
+    dims, g = torch.randint(1, 17, (2000, 5), generator=gen), torch.randn(2000, 5, 16, generator=gen)
+    outs, before = [], torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            vv, tt = v.clone().requires_grad_(), th.clone().requires_grad_()
+            out = optembed.MaskRows.apply(vv, tt, dims, True, True)
+            out.backward(g)
+            outs.append((out.detach(), vv.grad, tt.grad))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(x, y) for x, y in zip(*outs))
+
+
 def test_cached_search_fitness_equals_a_full_evaluation_with_those_dims(tiny):
     from data.loader import CriteoBatches
     from rectables.experiment import run_training
