@@ -36,7 +36,9 @@ void run_threads(void (*fn)(void *, int), void *arg, int threads) {
  * candidates up to the k-th one's bucket. */
 typedef struct { uint64_t a; int64_t b, slot; } cand_t;  /* (primary key, row, slot) */
 
-static inline int cand_less(const cand_t *x, const cand_t *y) { return x->a != y->a ? x->a < y->a : x->b < y->b; }
+static inline int cand_less(const cand_t *x, const cand_t *y) {
+    return x->a != y->a ? x->a < y->a : x->b < y->b;
+}
 
 static void quickselect(cand_t *v, int64_t n, int64_t k) {  /* v[0..k) become the k smallest */
     int64_t lo = 0, hi = n - 1;
@@ -60,7 +62,8 @@ static void quickselect(cand_t *v, int64_t n, int64_t k) {  /* v[0..k) become th
 }
 
 #define LAST(u) ((uint64_t)(u) & 0xffffffffULL)
-#define CAND(u, step) (LAST(u) < (uint64_t)(step))  /* a key not read at step (a vacant slot's last is 2^32 - 1) */
+/* a key not read at step (a vacant slot's last is 2^32 - 1: never) */
+#define CAND(u, step) (LAST(u) < (uint64_t)(step))
 #define PRIMARY(u, lfu) ((lfu) ? (uint64_t)(u) : LAST(u))
 
 static inline cand_t cand_of(const int64_t *slots, const int64_t *use, int64_t s, int lfu) {
@@ -96,7 +99,7 @@ typedef struct {
 __attribute__((target_clones("avx2", "default")))
 #endif
 static int64_t collect_range(const int64_t *restrict slots, const int64_t *restrict use, int64_t lo, int64_t hi,
-                                    int64_t step, const int lfu, cand_t B, cand_t *restrict v, int64_t cap) {
+                             int64_t step, const int lfu, cand_t B, cand_t *restrict v, int64_t cap) {
     int64_t m = 0;
     for (int64_t s0 = lo; s0 < hi; s0 += BLOCK) {
         int64_t n = hi - s0 < BLOCK ? hi - s0 : BLOCK;
@@ -107,7 +110,8 @@ static int64_t collect_range(const int64_t *restrict slots, const int64_t *restr
         if (!any) continue;
         for (int64_t i = 0; i < n; i++) {
             uint64_t u = (uint64_t)use[s0 + i], a = PRIMARY(u, lfu);
-            if (a > B.a || !CAND(u, step) || (a == B.a && (slots[2 * (s0 + i) + 1] & 0xffffffffLL) > B.b)) continue;
+            if (a > B.a || !CAND(u, step)) continue;
+            if (a == B.a && (slots[2 * (s0 + i) + 1] & 0xffffffffLL) > B.b) continue;  /* a tie: the row decides */
             if (m == cap) return cap + 1;
             v[m++] = cand_of(slots, use, s0 + i, lfu);
         }
@@ -162,21 +166,24 @@ static int64_t select_sampled(const int64_t *slots, const int64_t *use, int64_t 
 }
 
 #define HIST 65536
+static inline uint64_t hist_key(int64_t u, int lfu, int64_t pmin) {
+    return lfu ? (uint64_t)u >> 32 : LAST(u) - (uint64_t)pmin;
+}
+
 static int64_t select_c(const int64_t *slots, const int64_t *use, int64_t C, int64_t step, int lfu, int64_t k,
                         int64_t *out) {
     int64_t n = 0, pmin = INT64_MAX;
     int64_t *hist = calloc(HIST, sizeof(int64_t));
     if (!hist) return -1;
-    /* the histogram's key: the count (lfu) or last - the least last; only candidates up to
-     * the bucket that holds the k-th smallest go to the quickselect */
-#define HKEY(u) (lfu ? (uint64_t)(u) >> 32 : LAST(u) - (uint64_t)pmin)
+    /* the histogram's key (hist_key): the count (lfu) or last - the least last; only
+     * candidates up to the bucket that holds the k-th smallest go to the quickselect */
     if (lfu) pmin = 0;  /* counts are small: no pass for the least one */
     else
         for (int64_t s = 0; s < C; s++)
             if (CAND(use[s], step) && (int64_t)LAST(use[s]) < pmin) pmin = (int64_t)LAST(use[s]);
     for (int64_t s = 0; s < C; s++) {
         if (!CAND(use[s], step)) continue;
-        uint64_t d = HKEY(use[s]);
+        uint64_t d = hist_key(use[s], lfu, pmin);
         hist[d < HIST - 1 ? d : HIST - 1]++;
         n++;
     }
@@ -188,7 +195,7 @@ static int64_t select_c(const int64_t *slots, const int64_t *use, int64_t C, int
         m = 0;
         for (int64_t s = 0; s < C; s++) {
             if (!CAND(use[s], step)) continue;
-            uint64_t d = HKEY(use[s]);
+            uint64_t d = hist_key(use[s], lfu, pmin);
             if ((int64_t)(d < HIST - 1 ? d : HIST - 1) > top) continue;
             v[m++] = cand_of(slots, use, s, lfu);
         }
@@ -196,7 +203,6 @@ static int64_t select_c(const int64_t *slots, const int64_t *use, int64_t C, int
         else k = m;
         for (int64_t i = 0; i < k; i++) out[i] = v[i].slot;
     }
-#undef HKEY
     free(hist);
     if (!v) return -1;
     free(v);

@@ -12,7 +12,6 @@
 #include <Python.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <sys/mman.h>
 
 #include "_idmap.h"
@@ -39,9 +38,23 @@ static inline uint64_t h63(int64_t id, int64_t f, uint64_t key) {
 
 static inline int64_t range_of(uint64_t h, int64_t n) { return (int64_t)(((h >> 32) * (uint64_t)n) >> 31); }
 
+/* Puts key (id, f), known to be absent, on row with use u, in the first vacant (empty or
+ * deleted) slot of its probe path; *tombs loses the deleted slot taken. */
+static inline void place_key(int64_t *slots, int64_t *use, int64_t C, uint64_t key, int64_t id, int64_t f, int64_t row,
+                             int64_t u, int64_t *tombs) {
+    int64_t s = range_of(h63(id, f, key), C);
+    while (slots[2 * s + 1] >= 0)
+        if (++s == C) s = 0;
+    *tombs -= slots[2 * s + 1] == -2;
+    slots[2 * s] = id;
+    slots[2 * s + 1] = (f << 32) | row;
+    use[s] = u;
+}
+
 /* find(slots, use, C, key, ids, f, n, rows, step, touch, new, scratch, mask) -> U
- * new: int64 [4, n], rows new_ids, new_f, new_cnt, (new_row for settle).  rows[i] = row of key i, or (touch) -(j + 2) for the j-th distinct missing key in order of
- * first occurrence (new_ids/new_f/new_cnt[j]: its id, feature and occurrences), or
+ * new: int64 [4, n], rows new_ids, new_f, new_cnt and a fourth (new_at here, new_row in
+ * settle).  rows[i] = row of key i, or (touch) -(j + 2) for the j-th distinct missing key
+ * in order of first occurrence (new_ids/new_f/new_cnt[j]: its id, feature and occurrences), or
  * (no touch) -1.  touch: a hit sets last = step and adds one to count.  f == 0: all in
  * feature 0.  scratch: int64 [mask + 1], mask + 1 a power of two >= 2n, all -1 (and left so:
  * the entries taken, their places kept in the fourth row of new, are cleared at the end;
@@ -50,8 +63,9 @@ static inline int64_t range_of(uint64_t h, int64_t n) { return (int64_t)(((h >> 
  * a large map are cache misses): 5% less time than fetching blocks of 16 keys first,
  * measured interleaved. */
 #define AHEAD 16 /* keys whose home slot is fetched ahead (a power of two) */
-static int64_t find_c(int64_t *restrict slots, int64_t *restrict use, int64_t C, uint64_t key, const int64_t *restrict ids,
-                      const int64_t *restrict fs, int64_t n, int64_t *restrict rows, int64_t step, int touch,
+static int64_t find_c(int64_t *restrict slots, int64_t *restrict use, int64_t C, uint64_t key,
+                      const int64_t *restrict ids, const int64_t *restrict fs, int64_t n, int64_t *restrict rows,
+                      int64_t step, int touch,
                       int64_t *restrict new_ids, int64_t *restrict new_f, int64_t *restrict new_cnt,
                       int64_t *restrict new_at, int64_t *restrict scratch, int64_t mask) {
     int64_t U = 0;
@@ -88,7 +102,8 @@ static int64_t find_c(int64_t *restrict slots, int64_t *restrict use, int64_t C,
         for (int64_t p = (int64_t)(h & (uint64_t)mask);; p = (p + 1) & mask) {
             int64_t j = scratch[p];
             if (j < 0) {
-                scratch[p] = U; new_at[U] = p; new_ids[U] = id; new_f[U] = f; new_cnt[U] = 1; rows[i] = -(U + 2); U++;
+                scratch[p] = U; new_at[U] = p;
+                new_ids[U] = id; new_f[U] = f; new_cnt[U] = 1; rows[i] = -(U + 2); U++;
                 break;
             }
             if (new_ids[j] == id && new_f[j] == f) { new_cnt[j] += 1; rows[i] = -(j + 2); break; }
@@ -107,30 +122,23 @@ static PyObject *find(PyObject *self, PyObject *args) {
         return NULL;
     int64_t U, *nw = (int64_t *)pn;
     Py_BEGIN_ALLOW_THREADS
-    U = find_c((int64_t *)ps, (int64_t *)pu, C, pk, (int64_t *)pi, (int64_t *)pf, n, (int64_t *)pr, step, touch, nw, nw + n,
-               nw + 2 * n, nw + 3 * n, (int64_t *)psc, mask);
+    U = find_c((int64_t *)ps, (int64_t *)pu, C, pk, (int64_t *)pi, (int64_t *)pf, n, (int64_t *)pr, step, touch, nw,
+               nw + n, nw + 2 * n, nw + 3 * n, (int64_t *)psc, mask);
     Py_END_ALLOW_THREADS
     return PyLong_FromLongLong(U);
 }
 
-/* insert(slots, use, C, key, ids, f, rows, last, count, n, tombs): keys known to be absent, each in
- * the first vacant (empty or deleted) slot on its probe path; *tombs loses the deleted
- * slots taken. */
+/* insert(slots, use, C, key, ids, f, rows, last, count, n, tombs): keys known to be absent
+ * placed (place_key). */
 static PyObject *insert(PyObject *self, PyObject *args) {
     unsigned long long ps, pu, pk, pi, pf, pr, pl, pc, pt;
     long long C, n;
     if (!PyArg_ParseTuple(args, "KKLKKKKKKLK", &ps, &pu, &C, &pk, &pi, &pf, &pr, &pl, &pc, &n, &pt)) return NULL;
-    int64_t *slots = (int64_t *)ps, *use = (int64_t *)pu, *ids = (int64_t *)pi, *fs = (int64_t *)pf, *rows = (int64_t *)pr;
-    int64_t *last = (int64_t *)pl, *count = (int64_t *)pc, *tombs = (int64_t *)pt;
+    const int64_t *ids = (int64_t *)pi, *fs = (int64_t *)pf, *rows = (int64_t *)pr, *last = (int64_t *)pl,
+                  *count = (int64_t *)pc;
     Py_BEGIN_ALLOW_THREADS
-    for (int64_t i = 0; i < n; i++) {
-        int64_t s = range_of(h63(ids[i], fs[i], (uint64_t)pk), C);
-        while (slots[2 * s + 1] >= 0)
-            if (++s == C) s = 0;
-        int64_t *e = slots + 2 * s;
-        *tombs -= e[1] == -2;
-        e[0] = ids[i]; e[1] = (fs[i] << 32) | rows[i]; use[s] = pack(count[i], last[i]);
-    }
+    for (int64_t i = 0; i < n; i++)
+        place_key((int64_t *)ps, (int64_t *)pu, C, pk, ids[i], fs[i], rows[i], pack(count[i], last[i]), (int64_t *)pt);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -172,24 +180,21 @@ static int64_t admit_c(const int64_t *ids, const int64_t *fs, const int64_t *cnt
     return admitted;
 }
 
-/* settle(slots, use, C, key, new_ids, new_f, new_cnt, new_row, U, admitted, free, num_free, rows, n, default_row,
- *        step, tombs) -> taken
+/* settle(slots, use, C, key, new_ids, new_f, new_cnt, new_row, U, admitted, free, num_free, rows, n,
+ *        default_row, step, tombs) -> taken
  * Admitted keys, in order, take the free rows from the top of the stack while there are
  * any (placed with last = step, count = their occurrences; *tombs loses the deleted slots
  * taken); the others read default_row.
  * Then each missing id's rows[i] = -(j + 2) becomes its key's row. */
-static int64_t settle_c(int64_t *slots, int64_t *use, int64_t C, uint64_t key, const int64_t *ids, const int64_t *fs,
-                        const int64_t *cnt, int64_t *newrow, int64_t U, const uint8_t *adm, const int64_t *freest,
-                        int64_t nfree, int64_t *rows, int64_t n, int64_t dflt, int64_t step, int64_t *tombs) {
+static int64_t settle_c(int64_t *slots, int64_t *use, int64_t C, uint64_t key, const int64_t *ids,
+                        const int64_t *fs, const int64_t *cnt, int64_t *newrow, int64_t U, const uint8_t *adm,
+                        const int64_t *freest, int64_t nfree, int64_t *rows, int64_t n, int64_t dflt, int64_t step,
+                        int64_t *tombs) {
     int64_t taken = 0;
     for (int64_t j = 0; j < U; j++) {
         if (!adm[j] || taken == nfree) { newrow[j] = dflt; continue; }
-        int64_t row = freest[nfree - 1 - taken++], s = range_of(h63(ids[j], fs[j], key), C);
-        while (slots[2 * s + 1] >= 0)
-            if (++s == C) s = 0;
-        int64_t *e = slots + 2 * s;
-        *tombs -= e[1] == -2;
-        e[0] = ids[j]; e[1] = (fs[j] << 32) | row; use[s] = pack(cnt[j], step);
+        int64_t row = freest[nfree - 1 - taken++];
+        place_key(slots, use, C, key, ids[j], fs[j], row, pack(cnt[j], step), tombs);
         newrow[j] = row;
     }
     for (int64_t i = 0; i < n; i++)
@@ -203,13 +208,13 @@ static int64_t settle_c(int64_t *slots, int64_t *use, int64_t C, uint64_t key, c
 static PyObject *settle(PyObject *self, PyObject *args) {
     unsigned long long ps, pu, pk, pn, pa, pfree, pnf, pr, pcnt, pt;
     long long C, U, stride, n, dflt, step;
-    if (!PyArg_ParseTuple(args, "KKLKKLLKKKKLLLKK", &ps, &pu, &C, &pk, &pn, &U, &stride, &pa, &pfree, &pnf, &pr, &n, &dflt,
-                          &step, &pcnt, &pt))
+    if (!PyArg_ParseTuple(args, "KKLKKLLKKKKLLLKK", &ps, &pu, &C, &pk, &pn, &U, &stride, &pa, &pfree, &pnf, &pr, &n,
+                          &dflt, &step, &pcnt, &pt))
         return NULL;
     int64_t *nw = (int64_t *)pn, *nf = (int64_t *)pnf, *counters = (int64_t *)pcnt, taken;
     Py_BEGIN_ALLOW_THREADS
-    taken = settle_c((int64_t *)ps, (int64_t *)pu, C, pk, nw, nw + stride, nw + 2 * stride, nw + 3 * stride, U, (uint8_t *)pa,
-                     (int64_t *)pfree, *nf, (int64_t *)pr, n, dflt, step, (int64_t *)pt);
+    taken = settle_c((int64_t *)ps, (int64_t *)pu, C, pk, nw, nw + stride, nw + 2 * stride, nw + 3 * stride, U,
+                     (uint8_t *)pa, (int64_t *)pfree, *nf, (int64_t *)pr, n, dflt, step, (int64_t *)pt);
     *nf -= taken;
     if (counters) { counters[0] += taken; counters[1] += U - taken; }
     Py_END_ALLOW_THREADS
@@ -231,14 +236,14 @@ static void train_c(job_t *j) {
     int64_t n = j->n, *nw = j->nw;
     j->adm = 0; j->settled = 1;
     *j->step += 1;
-    j->U = find_c(j->slots, j->use, j->C, j->key, j->ids, j->fs, n, j->rows, *j->step, 1, nw, nw + n, nw + 2 * n, nw + 3 * n,
-                  j->scratch, j->mask);
+    j->U = find_c(j->slots, j->use, j->C, j->key, j->ids, j->fs, n, j->rows, *j->step, 1, nw, nw + n, nw + 2 * n,
+                  nw + 3 * n, j->scratch, j->mask);
     if (!j->U) return;
     j->adm = admit_c(nw, nw + n, nw + 2 * n, j->U, j->sk, j->depth, j->width, j->keys, j->min_count, j->thr, j->pkey,
                      j->adm_out, j->idx);
     if (j->adm > *j->nf) { j->settled = 0; return; }
-    int64_t taken = settle_c(j->slots, j->use, j->C, j->key, nw, nw + n, nw + 2 * n, nw + 3 * n, j->U, j->adm_out, j->freest,
-                             *j->nf, j->rows, n, j->dflt, *j->step, j->tombs);
+    int64_t taken = settle_c(j->slots, j->use, j->C, j->key, nw, nw + n, nw + 2 * n, nw + 3 * n, j->U, j->adm_out,
+                             j->freest, *j->nf, j->rows, n, j->dflt, *j->step, j->tombs);
     *j->nf -= taken;
     j->counters[0] += taken;
     j->counters[1] += j->U - taken;
@@ -267,12 +272,13 @@ static PyObject *train(PyObject *self, PyObject *args) {
         job_t *j = &jobs[i];
         unsigned long long ps, pu, pk, pi, pf, pr, pst, pn, psc, psk, pkeys, pkey, pa, pfree, pnf, pcnt, pt;
         long long C, nn, mask, depth, width, min_count, thr, dflt;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(list, i), "KKLKKKLKKKKLKLLKLLKKKKKLK", &ps, &pu, &C, &pk, &pi, &pf, &nn, &pr,
-                              &pst, &pn, &psc, &mask, &psk, &depth, &width, &pkeys, &min_count, &thr, &pkey, &pa,
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(list, i), "KKLKKKLKKKKLKLLKLLKKKKKLK", &ps, &pu, &C, &pk, &pi, &pf, &nn,
+                              &pr, &pst, &pn, &psc, &mask, &psk, &depth, &width, &pkeys, &min_count, &thr, &pkey, &pa,
                               &pfree, &pnf, &pcnt, &dflt, &pt))
             goto done;
-        *j = (job_t){(int64_t *)ps, (int64_t *)pu, (int64_t *)pi, (int64_t *)pf, (int64_t *)pr, (int64_t *)pst, (int64_t *)pn,
-                     (int64_t *)psc, (int64_t *)pkeys, (int64_t *)pfree, (int64_t *)pnf, (int64_t *)pcnt, (int64_t *)pt, NULL,
+        *j = (job_t){(int64_t *)ps, (int64_t *)pu, (int64_t *)pi, (int64_t *)pf, (int64_t *)pr, (int64_t *)pst,
+                     (int64_t *)pn, (int64_t *)psc, (int64_t *)pkeys, (int64_t *)pfree, (int64_t *)pnf, (int64_t *)pcnt,
+                     (int64_t *)pt, NULL,
                      (int32_t *)psk, (uint8_t *)pa, pk, pkey, C, nn, mask, depth, width, min_count, thr, dflt};
         if (min_count > 1 && !(j->idx = malloc(sizeof(int64_t) * (size_t)(nn * depth + 1)))) {
             PyErr_NoMemory();

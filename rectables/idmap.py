@@ -43,7 +43,7 @@ LOAD = 0.7
 LOW32 = 0xFFFFFFFF
 COUNT_MAX = (1 << 31) - 1  # a key's count saturates here
 MAX_STEP = (1 << 32) - 2  # the last training step a map can record
-SAMPLE = 1 << 16  # leading slots read as a sample of the keys
+SAMPLE = 1 << 16  # leading slots eviction's pick reads as a sample of the keys (SAMPLE in _evict.c)
 
 
 def num_slots(max_rows: int) -> int:
