@@ -1,5 +1,5 @@
 """Only the C fast paths (Criteo reader, id map of dynamic tables, OptEmbed's masks, the
-fused sparse update); everything else is in pyproject.toml.  ``optional``: without a
+fused sparse update, DIN's Dice); everything else is in pyproject.toml.  ``optional``: without a
 compiler all still work, through their pure-Python/torch/fbgemm paths, which give the
 same results."""
 from setuptools import Extension, setup
@@ -11,5 +11,6 @@ setup(ext_modules=[
               extra_link_args=["-fopenmp"]),  # torch's OpenMP runtime: see run_threads
     Extension("rectables._masks", ["rectables/_masks.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"]),
-    Extension("rectables._rowupdate", ["rectables/_rowupdate.c"], optional=True, extra_compile_args=["-O3"]),
+    Extension("rectables._rowupdate", ["rectables/_rowupdate.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
+              extra_link_args=["-fopenmp"]),
 ])

@@ -19,11 +19,14 @@
  *   adagrad:          m_r += G^2 (per value);     w_r -= lr G / (sqrt(m_r) + eps)
  *   rowwise adagrad:  m_r += sum(G^2) / P (one);   w_r -= lr G / (sqrt(m_r) + eps)
  * Ids are summed in their order in idx, so a call is deterministic.  Rows are split over
- * two threads by a bit of their hash (each thread reads all ids, keeps its own rows).
+ * two threads by a bit of their hash (each thread reads all ids, keeps its own rows): torch's
+ * OpenMP workers, not threads of our own, which would compete with them for the cores (see
+ * rectables/_evict.c); where torch runs one thread, all on the caller's.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
+#include <omp.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -195,19 +198,16 @@ static PyObject *update(PyObject *self, PyObject *args) {
     j.lane_m = (const int64_t *)lm;
     j.lane_c = (const int64_t *)lc;
     j.failed = 0;
-    j.parts = threads > 1 && j.N >= 4096 ? 2 : 1;
+    j.parts = threads > 1 && omp_get_max_threads() > 1 && j.N >= 4096 ? 2 : 1;
     Job jobs[2] = {j, j};
     jobs[0].part = 0;
     jobs[1].part = 1;
     Py_BEGIN_ALLOW_THREADS
     if (j.parts == 2) {
-        pthread_t t;
-        if (pthread_create(&t, NULL, run, &jobs[1]) == 0) {
-            run(&jobs[0]);
-            pthread_join(t, NULL);
-        } else {
-            jobs[0].parts = jobs[1].parts = 1;  /* no thread: all rows here */
-            run(&jobs[0]);
+#pragma omp parallel num_threads(2)
+        {
+            int got = omp_get_num_threads();  /* 1 where no second worker is free: it does both parts */
+            for (int t = omp_get_thread_num(); t < 2; t += got) run(&jobs[t]);
         }
     } else {
         run(&jobs[0]);
