@@ -11,6 +11,8 @@ setup(ext_modules=[
               extra_link_args=["-fopenmp"]),  # torch's OpenMP runtime: see run_threads
     Extension("rectables._masks", ["rectables/_masks.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"]),
+    Extension("models._dice", ["models/_dice.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
+              extra_link_args=["-fopenmp"]),
     Extension("rectables._rowupdate", ["rectables/_rowupdate.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"]),
 ])

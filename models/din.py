@@ -20,14 +20,14 @@ from torch import nn
 
 
 def _dice_forward(s, alpha, mean, rstd):
-    p = torch.sigmoid((s - mean) * rstd)
-    return s * (p * (1 - alpha) + alpha), p
+    return s * (torch.sigmoid((s - mean) * rstd) * (1 - alpha) + alpha)
 
 
-def _dice_backward(g, s, alpha, p, mean, rstd, batch_stats: bool):
+def _dice_backward(g, s, alpha, mean, rstd, batch_stats: bool):
     """(grad of s, grad of alpha); with batch_stats also through the batch mean and
     variance (batch-norm's backward: rstd (g_z - mean g_z - z mean(g_z z)))."""
     z = (s - mean) * rstd
+    p = torch.sigmoid(z)
     g_alpha = (g * s * (1 - p)).sum(0)
     g_z = g * s * (1 - alpha) * p * (1 - p)
     g_s = g * (alpha + p * (1 - alpha))
@@ -36,76 +36,96 @@ def _dice_backward(g, s, alpha, p, mean, rstd, batch_stats: bool):
     return g_s + g_z * rstd, g_alpha
 
 
-_KERNELS: dict = {}
-
-
-def _kernels(compiled: bool):
-    """The Dice math, fused by torch.compile (dynamic shapes; compiled once per process):
-    on a DIN step's [N, 80] and [N, 40] activations the eager ops took 38 + 51 ms a call
-    against 14 + 11 compiled (N = 40k, 2 threads).  Where compiling fails (no C++ compiler)
-    the eager functions are used, with one warning."""
-    if not compiled:
-        return _dice_forward, _dice_backward
-    if not _KERNELS:
-        try:
-            f = torch.compile(_dice_forward, dynamic=True)
-            b = torch.compile(_dice_backward, dynamic=True)
-            x = torch.randn(4, 3)
-            p = f(x, torch.zeros(3), x.mean(0), torch.ones(3))[1]
-            b(x, x, torch.zeros(3), p, x.mean(0), torch.ones(3), True)
-            b(x, x, torch.zeros(3), p, x.mean(0), torch.ones(3), False)
-            _KERNELS.update(fwd=f, bwd=b)
-        except Exception as e:  # noqa: BLE001 - any inductor failure: the eager path gives the same values
-            import warnings
-
-            warnings.warn(f"Dice runs eagerly (slower): torch.compile failed ({type(e).__name__}: {e})")
-            _KERNELS.update(fwd=_dice_forward, bwd=_dice_backward)
-    return _KERNELS["fwd"], _KERNELS["bwd"]
+try:  # the C kernels (models/_dice.c): two passes over [N, H] each way instead of ~5 eager ops
+    from models import _dice as _native
+except ImportError:  # not built: the torch functions above, same values
+    _native = None
 
 
 class _DiceFn(torch.autograd.Function):
-    """y = s (alpha + p (1 - alpha)), p = sigmoid((s - mean) rstd), with a hand-written
-    backward (batch-norm's included)."""
+    """y = s (alpha + p (1 - alpha)), p = sigmoid((s - mean) rstd), s = x + add[segment]
+    where ``add`` [B, H] is given (rows of segment b: offsets[b] .. offsets[b+1]-1), with a
+    hand-written backward (batch-norm's included where the statistics are the batch's).
+    forward -> (y [N, H], batch mean [H], batch biased var [H]) (the last two: no grad)."""
 
     @staticmethod
-    def forward(ctx, s, alpha, mean, rstd, batch_stats: bool, compiled: bool):
-        fwd, _ = _kernels(compiled)
-        y, p = fwd(s, alpha, mean, rstd)
-        ctx.save_for_backward(s, alpha, p, mean, rstd)
-        ctx.batch_stats, ctx.compiled = batch_stats, compiled
-        return y
+    def forward(ctx, x, alpha, add, offsets, stats, eps: float):
+        native = _native is not None and x.dtype == torch.float32 and alpha.dtype == torch.float32 and (
+            add is None or add.dtype == torch.float32)
+        N, H = x.shape
+        mean, rstd, var = (x.new_empty(H), x.new_empty(H), x.new_empty(H)) if stats is None else (*stats, None)
+        if native:
+            x, alpha = x.contiguous(), alpha.detach().contiguous()
+            s = x if add is None else torch.empty_like(x)
+            a = None if add is None else add.detach().contiguous()
+            y, p = torch.empty_like(x), torch.empty_like(x)
+            _native.forward(x.data_ptr(), s.data_ptr(), N, H, 0 if a is None else a.data_ptr(),
+                            0 if offsets is None else offsets.data_ptr(), 0 if offsets is None else offsets.numel() - 1,
+                            alpha.data_ptr(), mean.data_ptr(), rstd.data_ptr(), 0 if var is None else var.data_ptr(),
+                            y.data_ptr(), p.data_ptr(), eps, stats is None)
+        else:
+            s = x if add is None else x + add.index_select(0, _segments(offsets, N))
+            if stats is None:
+                mean.copy_(s.mean(0))
+                var.copy_((s * s).mean(0).sub_(mean * mean).clamp_(min=0))
+                rstd.copy_((var + eps).rsqrt())
+            y, p = _dice_forward(s, alpha, mean, rstd), None
+        ctx.save_for_backward(s, p, alpha, mean, rstd, offsets)
+        ctx.batch_stats, ctx.native, ctx.has_add = stats is None, native, add is not None
+        if stats is not None:  # (no batch statistics to return)
+            mean = var = x.new_empty(0)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
 
     @staticmethod
-    def backward(ctx, g):
-        _, bwd = _kernels(ctx.compiled)
-        g_s, g_alpha = bwd(g.contiguous(), *ctx.saved_tensors, ctx.batch_stats)
-        return g_s, g_alpha, None, None, None, None
+    def backward(ctx, g, _gm, _gv):
+        s, p, alpha, mean, rstd, offsets = ctx.saved_tensors
+        g = g.contiguous()
+        N, H = s.shape
+        if ctx.native:
+            g_s, g_alpha = torch.empty_like(s), torch.empty(H)
+            g_add = torch.empty(offsets.numel() - 1, H) if ctx.has_add else None
+            _native.backward(g.data_ptr(), s.data_ptr(), p.data_ptr(), N, H, alpha.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                             ctx.batch_stats, g_s.data_ptr(), g_alpha.data_ptr(),
+                             0 if offsets is None else offsets.data_ptr(), 0 if offsets is None else offsets.numel() - 1,
+                             0 if g_add is None else g_add.data_ptr())
+        else:
+            g_s, g_alpha = _dice_backward(g, s, alpha, mean, rstd, ctx.batch_stats)
+            g_add = g_s.new_zeros(offsets.numel() - 1, H).index_add_(0, _segments(offsets, N), g_s) if ctx.has_add else None
+        return g_s, g_alpha, g_add, None, None, None
+
+
+def _segments(offsets: torch.Tensor, N: int) -> torch.Tensor:
+    """The segment of each of the N rows, from offsets [B + 1]."""
+    return torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff(), output_size=N)
 
 
 class Dice(nn.Module):
-    """[B, H] -> [B, H]: p(s) s + (1 - p(s)) alpha s, p(s) = sigmoid((s - E s) / sqrt(Var s + eps)),
-    E and Var over the batch in training (running averages, momentum 0.1, kept for eval) and
-    their running averages in eval; alpha per unit, starting at 0."""
+    """[N, H] -> [N, H]: p(s) s + (1 - p(s)) alpha s, p(s) = sigmoid((s - E s) / sqrt(Var s + eps)),
+    E and Var over the rows in training (running averages, momentum 0.1, kept for eval) and
+    their running averages in eval; alpha per unit, starting at 0.  ``forward(x, add,
+    offsets)`` takes s = x + add[b] for the rows of segment b (add [B, H], offsets [B + 1]),
+    added in the kernel's first pass instead of as a gathered [N, H] copy."""
 
-    def __init__(self, width: int, eps: float = 1e-8, momentum: float = 0.1, compiled: bool = True):
+    def __init__(self, width: int, eps: float = 1e-8, momentum: float = 0.1):
         super().__init__()
-        self.eps, self.momentum, self.compiled = eps, momentum, compiled
+        self.eps, self.momentum = eps, momentum
         self.alpha = nn.Parameter(torch.zeros(width))
         self.register_buffer("running_mean", torch.zeros(width))
         self.register_buffer("running_var", torch.ones(width))
 
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        if self.training and s.shape[0] > 1:
-            x = s.detach()
-            mean = x.mean(0)  # (var_mean over dim 0: 10.5 ms on [26000, 80], these two means 1.2 ms)
-            var = (x * x).mean(0).sub_(mean * mean).clamp_(min=0)
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None, offsets: torch.Tensor | None = None):
+        if (add is None) != (offsets is None):
+            raise ValueError("Dice: add and offsets go together")
+        if self.training and x.shape[0] > 1:
+            y, mean, var = _DiceFn.apply(x, self.alpha, add, offsets, None, self.eps)
             with torch.no_grad():
-                n = s.shape[0]
+                n = x.shape[0]
                 self.running_mean.lerp_(mean, self.momentum)
                 self.running_var.lerp_(var * n / (n - 1), self.momentum)
-            return _DiceFn.apply(s, self.alpha, mean, (var + self.eps).rsqrt(), True, self.compiled)
-        return _DiceFn.apply(s, self.alpha, self.running_mean, (self.running_var + self.eps).rsqrt(), False,
-                             self.compiled)
+            return y
+        stats = (self.running_mean, (self.running_var + self.eps).rsqrt())
+        return _DiceFn.apply(x, self.alpha, add, offsets, stats, self.eps)[0]
 
 
 def _mlp(widths: list[int], activation: str) -> nn.Sequential:
@@ -146,19 +166,24 @@ class DIN(nn.Module):
         pooled = torch.zeros_like(q)
         if self.pooling == "sum":
             return self.mlp(torch.cat([q, pooled.index_add(0, seg, keys)], 1)).squeeze(1)
-        w = self.attention[1:](self._first_layer(q, keys, seg)).squeeze(1)  # [N]
+        offsets = torch.zeros(B + 1, dtype=torch.long)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        w = self._scores(q, keys, seg, offsets)  # [N]
         if self.softmax:
             w = segment_softmax(w, seg, B)
         return self.mlp(torch.cat([q, pooled.index_add(0, seg, keys * w[:, None])], 1)).squeeze(1)
 
-    def _first_layer(self, q: torch.Tensor, keys: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        """The attention's first layer on [q, k, q - k, q * k] [N, 4 De] without building it:
-        q (W1 + W3) + b per sample, gathered, + [k, q * k] [W2 - W3; W4]: half the FLOPs."""
-        lin = self.attention[0]
+    def _scores(self, q: torch.Tensor, keys: torch.Tensor, seg: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The attention MLP on [q, k, q - k, q * k] [N, 4 De] without building it: the first
+        layer is q (W1 + W3) + b per sample [B, H] plus [k, q * k] [W2 - W3; W4] [N, H] (half
+        the FLOPs), the per-sample part added by Dice's first pass (or gathered, for PReLU)."""
+        lin, act = self.attention[0], self.attention[1]
         W1, W2, W3, W4 = lin.weight.split(q.shape[1], 1)
         qw = torch.addmm(lin.bias, q, (W1 + W3).T)  # [B, H]
         qk = q.index_select(0, seg)  # (its backward is an index_add; q[seg]'s a slow accumulating index_put)
-        return torch.addmm(qw.index_select(0, seg), torch.cat([keys, qk * keys], 1), torch.cat([W2 - W3, W4], 1).T)
+        pre = torch.cat([keys, qk * keys], 1) @ torch.cat([W2 - W3, W4], 1).T  # [N, H]
+        h = act(pre, qw, offsets) if isinstance(act, Dice) else act(pre + qw.index_select(0, seg))
+        return self.attention[2:](h).squeeze(1)
 
 
 def segment_softmax(w: torch.Tensor, seg: torch.Tensor, B: int) -> torch.Tensor:

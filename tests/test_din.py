@@ -79,35 +79,67 @@ def test_segment_softmax_sums_to_one_per_history():
 
 
 @pytest.mark.parametrize("batch_stats", [True, False])
-def test_dice_backward_is_the_gradient_of_its_forward(batch_stats):
+@pytest.mark.parametrize("with_add", [False, True])
+def test_dice_backward_is_the_gradient_of_its_forward(batch_stats, with_add):
     torch.manual_seed(0)
     s = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     alpha = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    add = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    offsets = torch.tensor([0, 2, 2, 6]) if with_add else None  # segment 1 empty
+    stats = None if batch_stats else (torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5)
 
-    def f(s, alpha):
-        if batch_stats:  # the statistics are functions of s: the backward must go through them
-            var, mean = torch.var_mean(s, 0, correction=0)
-            return _DiceFn.apply(s, alpha, mean, (var + 1e-8).rsqrt(), True, False)
-        return _DiceFn.apply(s, alpha, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), False, False)
-    assert torch.autograd.gradcheck(f, (s, alpha))
+    def f(s, alpha, add):  # with batch statistics, they are functions of s: the backward must go through them
+        return _DiceFn.apply(s, alpha, add if with_add else None, offsets, stats, 1e-8)[0]
+    assert torch.autograd.gradcheck(f, (s, alpha, add))  # float64: the torch path
 
 
-def test_compiled_dice_gives_the_eager_values_and_gradients():
-    torch.manual_seed(0)
-    x = torch.randn(64, 5)
-    outs = []
-    for compiled in (False, True):
-        d = Dice(5, compiled=compiled)
-        d.alpha.data.fill_(0.3)
-        xi = x.clone().requires_grad_()
-        y = d(xi)
-        (y * torch.arange(5.0)).sum().backward()
-        outs.append((y.detach(), xi.grad, d.alpha.grad, d.running_mean.clone()))
-    for a, b in zip(*outs):
-        assert torch.allclose(a, b, atol=1e-5)
+def _dice_run(x, add, offsets, training, native):
     from models import din as din_module
 
-    assert din_module._KERNELS["fwd"] is not din_module._dice_forward  # the compiled path ran, not the fallback
+    keep = din_module._native
+    din_module._native = keep if native else None
+    try:
+        torch.manual_seed(0)
+        d = Dice(x.shape[1])
+        d.alpha.data.uniform_(-0.5, 0.5)
+        d.train(training)
+        xi, ai = x.clone().requires_grad_(), None if add is None else add.clone().requires_grad_()
+        y = d(xi, ai, offsets)
+        (y * torch.linspace(-1, 1, x.shape[1])).sum().backward()
+        return [y.detach(), xi.grad, d.alpha.grad, d.running_mean, d.running_var] + ([] if add is None else [ai.grad])
+    finally:
+        din_module._native = keep
+
+
+def test_dice_kernels_are_built():
+    from models import din as din_module
+
+    assert din_module._native is not None, "models/_dice.c was not built (pip install -e .)"
+
+
+@pytest.mark.parametrize("rows", [50, 9000])  # one thread; two (rows split at a segment boundary)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("with_add", [False, True])
+def test_dice_kernels_give_the_torch_values_and_gradients(rows, training, with_add):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, 40, generator=g) * 3 + 1
+    lengths = torch.randint(0, 2 * max(1, rows // 100), (rows,), generator=g)
+    lengths = lengths[: int((lengths.cumsum(0) < rows).sum())]
+    lengths = torch.cat([lengths, (rows - lengths.sum()).view(1), torch.zeros(2, dtype=torch.long)])  # empty last ones
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]) if with_add else None
+    add = torch.randn(len(lengths), 40, generator=g) if with_add else None
+    got, want = _dice_run(x, add, offsets, training, True), _dice_run(x, add, offsets, training, False)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_dice_kernels_keep_a_nan():
+    x = torch.randn(5000, 8)
+    x[7, 3] = float("nan")
+    for training in (True, False):
+        y = _dice_run(x, None, None, training, True)[0]
+        assert y[7, 3].isnan() and (y[:, 3].isnan().all() if training else y[:, 3].isnan().sum() == 1)
+        assert not y[:, [0, 1, 2, 4, 5, 6, 7]].isnan().any()
 
 
 @pytest.mark.parametrize("method, budget", [("full", 1.0), ("hash", 0.5), ("unified", 0.5), ("compositional", 0.5),
