@@ -36,9 +36,9 @@ def _dice_backward(g, s, alpha, mean, rstd, batch_stats: bool):
     return g_s + g_z * rstd, g_alpha
 
 
-try:  # the C kernels (models/_dice.c): two passes over [N, H] each way instead of ~5 eager ops
-    from models import _dice as _native
-except ImportError:  # not built: the torch functions above, same values
+try:  # the C kernels (models/_din.c): Dice in two passes over [N, H] each way instead of ~5 eager ops
+    from models import _din as _native
+except ImportError:  # not built: the torch functions here, same values
     _native = None
 
 
@@ -59,7 +59,7 @@ class _DiceFn(torch.autograd.Function):
             s = x if add is None else torch.empty_like(x)
             a = None if add is None else add.detach().contiguous()
             y, p = torch.empty_like(x), torch.empty_like(x)
-            _native.forward(x.data_ptr(), s.data_ptr(), N, H, 0 if a is None else a.data_ptr(),
+            _native.dice_forward(x.data_ptr(), s.data_ptr(), N, H, 0 if a is None else a.data_ptr(),
                             0 if offsets is None else offsets.data_ptr(), 0 if offsets is None else offsets.numel() - 1,
                             alpha.data_ptr(), mean.data_ptr(), rstd.data_ptr(), 0 if var is None else var.data_ptr(),
                             y.data_ptr(), p.data_ptr(), eps, stats is None)
@@ -85,7 +85,7 @@ class _DiceFn(torch.autograd.Function):
         if ctx.native:
             g_s, g_alpha = torch.empty_like(s), torch.empty(H)
             g_add = torch.empty(offsets.numel() - 1, H) if ctx.has_add else None
-            _native.backward(g.data_ptr(), s.data_ptr(), p.data_ptr(), N, H, alpha.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+            _native.dice_backward(g.data_ptr(), s.data_ptr(), p.data_ptr(), N, H, alpha.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                              ctx.batch_stats, g_s.data_ptr(), g_alpha.data_ptr(),
                              0 if offsets is None else offsets.data_ptr(), 0 if offsets is None else offsets.numel() - 1,
                              0 if g_add is None else g_add.data_ptr())
@@ -93,6 +93,40 @@ class _DiceFn(torch.autograd.Function):
             g_s, g_alpha = _dice_backward(g, s, alpha, mean, rstd, ctx.batch_stats)
             g_add = g_s.new_zeros(offsets.numel() - 1, H).index_add_(0, _segments(offsets, N), g_s) if ctx.has_add else None
         return g_s, g_alpha, g_add, None, None, None
+
+
+class _PairsFn(torch.autograd.Function):
+    """e [B + N, De] (the B queries, then the N history keys; key n in segment b) -> the
+    attention's pair inputs X [N, 2 De] = [k_n, q_b * k_n]; the backward gives de directly
+    (one pass in C), not through slices, a gather, a product and a concatenation."""
+
+    @staticmethod
+    def forward(ctx, e, offsets):
+        B, N = offsets.numel() - 1, e.shape[0] - offsets.numel() + 1
+        ctx.native = _native is not None and e.dtype == torch.float32
+        e = e.contiguous()
+        if ctx.native:
+            X = e.new_empty(N, 2 * e.shape[1])
+            _native.pairs_forward(e.data_ptr(), B, N, e.shape[1], offsets.data_ptr(), X.data_ptr())
+        else:
+            keys = e[B:]
+            X = torch.cat([keys, e[:B].index_select(0, _segments(offsets, N)) * keys], 1)
+        ctx.save_for_backward(e, offsets)
+        return X
+
+    @staticmethod
+    def backward(ctx, gX):
+        e, offsets = ctx.saved_tensors
+        gX = gX.contiguous()
+        B, (N, D) = offsets.numel() - 1, gX.shape
+        if ctx.native:
+            ge = torch.empty_like(e)
+            _native.pairs_backward(gX.data_ptr(), e.data_ptr(), B, N, D // 2, offsets.data_ptr(), ge.data_ptr())
+            return ge, None
+        seg = _segments(offsets, N)
+        g1, g2 = gX.split(D // 2, 1)
+        gq = torch.zeros(B, D // 2, dtype=gX.dtype).index_add_(0, seg, g2 * e[B:])
+        return torch.cat([gq, g1 + g2 * e[:B].index_select(0, seg)]), None
 
 
 def _segments(offsets: torch.Tensor, N: int) -> torch.Tensor:
@@ -168,20 +202,20 @@ class DIN(nn.Module):
             return self.mlp(torch.cat([q, pooled.index_add(0, seg, keys)], 1)).squeeze(1)
         offsets = torch.zeros(B + 1, dtype=torch.long)
         torch.cumsum(lengths, 0, out=offsets[1:])
-        w = self._scores(q, keys, seg, offsets)  # [N]
+        w = self._scores(e, offsets, seg)  # [N]
         if self.softmax:
             w = segment_softmax(w, seg, B)
         return self.mlp(torch.cat([q, pooled.index_add(0, seg, keys * w[:, None])], 1)).squeeze(1)
 
-    def _scores(self, q: torch.Tensor, keys: torch.Tensor, seg: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def _scores(self, e: torch.Tensor, offsets: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         """The attention MLP on [q, k, q - k, q * k] [N, 4 De] without building it: the first
         layer is q (W1 + W3) + b per sample [B, H] plus [k, q * k] [W2 - W3; W4] [N, H] (half
         the FLOPs), the per-sample part added by Dice's first pass (or gathered, for PReLU)."""
         lin, act = self.attention[0], self.attention[1]
-        W1, W2, W3, W4 = lin.weight.split(q.shape[1], 1)
-        qw = torch.addmm(lin.bias, q, (W1 + W3).T)  # [B, H]
-        qk = q.index_select(0, seg)  # (its backward is an index_add; q[seg]'s a slow accumulating index_put)
-        pre = torch.cat([keys, qk * keys], 1) @ torch.cat([W2 - W3, W4], 1).T  # [N, H]
+        B = offsets.numel() - 1
+        W1, W2, W3, W4 = lin.weight.split(e.shape[1], 1)
+        qw = torch.addmm(lin.bias, e[:B], (W1 + W3).T)  # [B, H]
+        pre = _PairsFn.apply(e, offsets) @ torch.cat([W2 - W3, W4], 1).T  # [N, H]
         h = act(pre, qw, offsets) if isinstance(act, Dice) else act(pre + qw.index_select(0, seg))
         return self.attention[2:](h).squeeze(1)
 

@@ -9,7 +9,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import rectables
 from data.sequences import SequenceBatches, Sequences, make_splits
-from models.din import DIN, Dice, _DiceFn, segment_softmax
+from models.din import DIN, Dice, _DiceFn, _PairsFn, segment_softmax
 from rectables.metrics import grouped_auc
 from rectables.registry import table_class
 from rectables.sizing import tables_for_budget
@@ -111,10 +111,10 @@ def _dice_run(x, add, offsets, training, native):
         din_module._native = keep
 
 
-def test_dice_kernels_are_built():
+def test_din_kernels_are_built():
     from models import din as din_module
 
-    assert din_module._native is not None, "models/_dice.c was not built (pip install -e .)"
+    assert din_module._native is not None, "models/_din.c was not built (pip install -e .)"
 
 
 @pytest.mark.parametrize("rows", [50, 9000])  # one thread; two (rows split at a segment boundary)
@@ -140,6 +140,45 @@ def test_dice_kernels_keep_a_nan():
         y = _dice_run(x, None, None, training, True)[0]
         assert y[7, 3].isnan() and (y[:, 3].isnan().all() if training else y[:, 3].isnan().sum() == 1)
         assert not y[:, [0, 1, 2, 4, 5, 6, 7]].isnan().any()
+
+
+def _offsets(lengths):
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(lengths).cumsum(0)])
+
+
+def test_pair_inputs_backward_is_their_gradient():
+    torch.manual_seed(0)
+    offsets = _offsets([2, 0, 3])
+    e = torch.randn(3 + 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda e: _PairsFn.apply(e, offsets), (e,))  # float64: the torch path
+    X = _PairsFn.apply(e, offsets).detach()
+    assert torch.equal(X[2], torch.cat([e[3 + 2], e[2] * e[3 + 2]]).detach())  # key 2 is in segment 2
+
+
+@pytest.mark.parametrize("rows", [30, 9000])  # one thread; two
+def test_pair_kernels_give_the_torch_values_and_gradients(rows):
+    from models import din as din_module
+
+    g = torch.Generator().manual_seed(2)
+    lengths = [0, 0] + [int(n) for n in torch.randint(0, 9, (rows,), generator=g)]
+    lengths = [n for n, c in zip(lengths, torch.tensor(lengths).cumsum(0)) if c <= rows] + [0]
+    lengths[-1] = rows - sum(lengths)
+    offsets = _offsets(lengths)
+    e = torch.randn(len(lengths) + rows, 32, generator=g)
+    gX = torch.randn(rows, 64, generator=g)
+    outs = []
+    keep = din_module._native
+    for native in (True, False):
+        din_module._native = keep if native else None
+        try:
+            ei = e.clone().requires_grad_()
+            X = _PairsFn.apply(ei, offsets)
+            X.backward(gX)
+            outs.append((X.detach(), ei.grad))
+        finally:
+            din_module._native = keep
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method, budget", [("full", 1.0), ("hash", 0.5), ("unified", 0.5), ("compositional", 0.5),

@@ -1,6 +1,12 @@
-/* Dice (Zhou et al., "Deep Interest Network for Click-Through Rate Prediction", KDD 2018)
- * forward and backward over a [N, H] pre-activation s in two passes each (models/din.py, the
- * torch functions there give the same values and are the fallback):
+/* Kernels of DIN (Zhou et al., "Deep Interest Network for Click-Through Rate Prediction",
+ * KDD 2018; models/din.py, whose torch functions give the same values and are the fallback).
+ *
+ * Pairs: from the embeddings e [B + N, De] (rows 0..B-1 the queries q_b, then the N history
+ * keys k_n, key n in segment b), X [N, 2 De] = [k_n, q_b * k_n] (the attention's inputs
+ * besides q_b's own term), and its backward in one pass: de[B + n] = dX1 + dX2 * q_b,
+ * de[b] = sum over the segment of dX2 * k_n.
+ *
+ * Dice forward and backward over a [N, H] pre-activation s in two passes each:
  *   forward:  p = sigmoid((s - mean) rstd),  y = s (alpha + p (1 - alpha)),
  *             with batch statistics (mean, biased var over the N rows) from pass 1;
  *   backward: g_alpha = sum g s (1 - p),  g_z = g s (1 - alpha) p (1 - p),
@@ -28,6 +34,7 @@ typedef struct {
     const int64_t *off;
     double *acc; /* this part's sums: 2 H (forward), 3 W (backward) */
     int64_t H, W, lo, hi, b0, b1; /* W = k H, k rows a multiple of 16 values; rows [lo, hi), segments [b0, b1) */
+    int64_t nq;                   /* pairs: the query rows before the keys in src */
 } Job;
 
 /* e^x in float (Cody-Waite reduction, degree-6 polynomial; < 2 ulp on [-87, 88]), written so
@@ -133,6 +140,40 @@ CLONES static void bwd_apply(Job *j) {
         memset(ga, 0, H * sizeof(float));
         for (int64_t n = j->off[b]; n < j->off[b + 1]; n++)
             for (int64_t d = 0; d < H; d++) ga[d] += j->gs[n * H + d];
+    }
+}
+
+/* pairs: X = [k, q k] for the segments of this part (src = e, y = X) */
+CLONES static void pairs_fwd(Job *j) {
+    const int64_t D = j->H;
+    for (int64_t b = j->b0; b < j->b1; b++) {
+        const float *restrict q = j->src + b * D;
+        for (int64_t n = j->off[b]; n < j->off[b + 1]; n++) {
+            const float *restrict k = j->src + (j->nq + n) * D;
+            float *restrict x = j->y + n * 2 * D;
+            for (int64_t d = 0; d < D; d++) {
+                x[d] = k[d];
+                x[D + d] = q[d] * k[d];
+            }
+        }
+    }
+}
+
+/* pairs backward (g = dX, gs = de) */
+CLONES static void pairs_bwd(Job *j) {
+    const int64_t D = j->H;
+    for (int64_t b = j->b0; b < j->b1; b++) {
+        const float *restrict q = j->src + b * D;
+        float *restrict gq = j->gs + b * D;
+        memset(gq, 0, D * sizeof(float));
+        for (int64_t n = j->off[b]; n < j->off[b + 1]; n++) {
+            const float *restrict k = j->src + (j->nq + n) * D, *restrict gx = j->g + n * 2 * D;
+            float *restrict gk = j->gs + (j->nq + n) * D;
+            for (int64_t d = 0; d < D; d++) {
+                gk[d] = gx[d] + gx[D + d] * q[d];
+                gq[d] += gx[D + d] * k[d];
+            }
+        }
     }
 }
 
@@ -284,12 +325,36 @@ static PyObject *backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* pairs_forward(e, B, N, D, off, X) and pairs_backward(dX, e, B, N, D, off, de): the
+ * attention's pair inputs and their gradient, e [B + N, D], X [N, 2 D], off [B + 1] */
+static PyObject *pairs(PyObject *args, void (*fn)(Job *), int backward) {
+    unsigned long long pe, poff, pio = 0, pout;
+    long long B, N, D;
+    if (backward ? !PyArg_ParseTuple(args, "KKLLLKK", &pio, &pe, &B, &N, &D, &poff, &pout)
+                 : !PyArg_ParseTuple(args, "KLLLKK", &pe, &B, &N, &D, &poff, &pout))
+        return NULL;
+    Job jobs[2] = {{.src = (const float *)pe, .off = (const int64_t *)poff, .H = D, .nq = B}};
+    if (backward) jobs[0].g = (const float *)pio, jobs[0].gs = (float *)pout;
+    else jobs[0].y = (float *)pout;
+    double acc[1]; /* (split gives each part sums; pairs need none) */
+    jobs[0].acc = acc, jobs[0].W = 0;
+    Py_BEGIN_ALLOW_THREADS
+    run(fn, jobs, split(jobs, N, B, jobs[0].off));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *pairs_forward(PyObject *self, PyObject *args) { return pairs(args, pairs_fwd, 0); }
+static PyObject *pairs_backward(PyObject *self, PyObject *args) { return pairs(args, pairs_bwd, 1); }
+
 static PyMethodDef methods[] = {
-    {"forward", forward, METH_VARARGS, "Dice forward over [N, H] rows (two passes)."},
-    {"backward", backward, METH_VARARGS, "Dice backward over [N, H] rows (two passes)."},
+    {"dice_forward", forward, METH_VARARGS, "Dice forward over [N, H] rows (two passes)."},
+    {"dice_backward", backward, METH_VARARGS, "Dice backward over [N, H] rows (two passes)."},
+    {"pairs_forward", pairs_forward, METH_VARARGS, "DIN's attention inputs [k, q k] from the embeddings."},
+    {"pairs_backward", pairs_backward, METH_VARARGS, "The gradient of pairs_forward."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_dice", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_din", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__dice(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__din(void) { return PyModule_Create(&module); }
