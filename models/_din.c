@@ -4,7 +4,9 @@
  * Pairs: from the embeddings e [B + N, De] (rows 0..B-1 the queries q_b, then the N history
  * keys k_n, key n in segment b), X [N, 2 De] = [k_n, q_b * k_n] (the attention's inputs
  * besides q_b's own term), and its backward in one pass: de[B + n] = dX1 + dX2 * q_b,
- * de[b] = sum over the segment of dX2 * k_n.
+ * de[b] = gq_b + sum over the segment of dX2 * k_n (gq: the gradient of q used elsewhere).
+ * Pool: p_b = sum over the segment of w_n k_n, backward de[B + n] = w_n gp_b, de[b] = 0,
+ * gw_n = <gp_b, k_n>.
  *
  * Dice forward and backward over a [N, H] pre-activation s in two passes each:
  *   forward:  p = sigmoid((s - mean) rstd),  y = s (alpha + p (1 - alpha)),
@@ -34,7 +36,9 @@ typedef struct {
     const int64_t *off;
     double *acc; /* this part's sums: 2 H (forward), 3 W (backward) */
     int64_t H, W, lo, hi, b0, b1; /* W = k H, k rows a multiple of 16 values; rows [lo, hi), segments [b0, b1) */
-    int64_t nq;                   /* pairs: the query rows before the keys in src */
+    int64_t nq;                   /* pairs, pool: the query rows before the keys in src */
+    const float *w;               /* pool: the weight of each key */
+    float *gw;
 } Job;
 
 /* e^x in float (Cody-Waite reduction, degree-6 polynomial; < 2 ulp on [-87, 88]), written so
@@ -165,7 +169,8 @@ CLONES static void pairs_bwd(Job *j) {
     for (int64_t b = j->b0; b < j->b1; b++) {
         const float *restrict q = j->src + b * D;
         float *restrict gq = j->gs + b * D;
-        memset(gq, 0, D * sizeof(float));
+        if (j->add) memcpy(gq, j->add + b * D, D * sizeof(float));
+        else memset(gq, 0, D * sizeof(float));
         for (int64_t n = j->off[b]; n < j->off[b + 1]; n++) {
             const float *restrict k = j->src + (j->nq + n) * D, *restrict gx = j->g + n * 2 * D;
             float *restrict gk = j->gs + (j->nq + n) * D;
@@ -177,8 +182,42 @@ CLONES static void pairs_bwd(Job *j) {
     }
 }
 
-/* Two parts: rows split at the segment boundary nearest N / 2 (or at N / 2); small inputs,
- * and all where torch runs one thread, as one part on the caller's thread */
+/* pool forward (src = e, y = p [B, D]) */
+CLONES static void pool_fwd(Job *j) {
+    const int64_t D = j->H;
+    for (int64_t b = j->b0; b < j->b1; b++) {
+        float *restrict p = j->y + b * D;
+        memset(p, 0, D * sizeof(float));
+        for (int64_t n = j->off[b]; n < j->off[b + 1]; n++) {
+            const float *restrict k = j->src + (j->nq + n) * D;
+            const float w = j->w[n];
+            for (int64_t d = 0; d < D; d++) p[d] += w * k[d];
+        }
+    }
+}
+
+/* pool backward (g = gp, gs = de, gw) */
+CLONES static void pool_bwd(Job *j) {
+    const int64_t D = j->H;
+    for (int64_t b = j->b0; b < j->b1; b++) {
+        const float *restrict gp = j->g + b * D;
+        memset(j->gs + b * D, 0, D * sizeof(float));
+        for (int64_t n = j->off[b]; n < j->off[b + 1]; n++) {
+            const float *restrict k = j->src + (j->nq + n) * D;
+            float *restrict gk = j->gs + (j->nq + n) * D;
+            const float w = j->w[n];
+            float dot = 0.0f;
+            for (int64_t d = 0; d < D; d++) {
+                gk[d] = w * gp[d];
+                dot += gp[d] * k[d];
+            }
+            j->gw[n] = dot;
+        }
+    }
+}
+
+/* Two parts: rows split at the segment boundary nearest N / 2 (or at N / 2); inputs under
+ * 2^16 values, and all where torch runs one thread, as one part on the caller's thread */
 static int split(Job *jobs, int64_t N, int64_t B, const int64_t *off) {
     int64_t mid = N / 2, bm = B;
     if (off) { /* the first segment starting at or after N / 2 */
@@ -190,7 +229,7 @@ static int split(Job *jobs, int64_t N, int64_t B, const int64_t *off) {
         bm = lo;
         mid = off[bm];
     }
-    int parts = N >= 4096 && omp_get_max_threads() > 1 && mid > 0 && mid < N ? 2 : 1;
+    int parts = N * jobs[0].H >= 65536 && omp_get_max_threads() > 1 && mid > 0 && mid < N ? 2 : 1;
     if (parts == 1) mid = N, bm = B;
     jobs[1] = jobs[0];
     jobs[0].lo = 0, jobs[0].hi = mid, jobs[0].b0 = 0, jobs[0].b1 = bm;
@@ -325,18 +364,23 @@ static PyObject *backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* pairs_forward(e, B, N, D, off, X) and pairs_backward(dX, e, B, N, D, off, de): the
- * attention's pair inputs and their gradient, e [B + N, D], X [N, 2 D], off [B + 1] */
-static PyObject *pairs(PyObject *args, void (*fn)(Job *), int backward) {
-    unsigned long long pe, poff, pio = 0, pout;
+/* pairs_forward(e, B, N, D, off, X); pairs_backward(dX, gq or 0, e, B, N, D, off, de);
+ * pool_forward(e, w, B, N, D, off, p); pool_backward(gp, e, w, B, N, D, off, de, gw):
+ * e [B + N, D], X [N, 2 D], off [B + 1], gq and p [B, D], w and gw [N] */
+static PyObject *segments(PyObject *args, void (*fn)(Job *), int kind) {
+    unsigned long long pe, poff, pin = 0, pin2 = 0, pout, pout2 = 0;
     long long B, N, D;
-    if (backward ? !PyArg_ParseTuple(args, "KKLLLKK", &pio, &pe, &B, &N, &D, &poff, &pout)
-                 : !PyArg_ParseTuple(args, "KLLLKK", &pe, &B, &N, &D, &poff, &pout))
-        return NULL;
-    Job jobs[2] = {{.src = (const float *)pe, .off = (const int64_t *)poff, .H = D, .nq = B}};
-    if (backward) jobs[0].g = (const float *)pio, jobs[0].gs = (float *)pout;
-    else jobs[0].y = (float *)pout;
-    double acc[1]; /* (split gives each part sums; pairs need none) */
+    int ok = kind == 0 ? PyArg_ParseTuple(args, "KLLLKK", &pe, &B, &N, &D, &poff, &pout)
+           : kind == 1 ? PyArg_ParseTuple(args, "KKKLLLKK", &pin, &pin2, &pe, &B, &N, &D, &poff, &pout)
+           : kind == 2 ? PyArg_ParseTuple(args, "KKLLLKK", &pe, &pin2, &B, &N, &D, &poff, &pout)
+                       : PyArg_ParseTuple(args, "KKKLLLKKK", &pin, &pe, &pin2, &B, &N, &D, &poff, &pout, &pout2);
+    if (!ok) return NULL;
+    Job jobs[2] = {{.src = (const float *)pe, .off = (const int64_t *)poff, .H = D, .nq = B, .g = (const float *)pin}};
+    if (kind == 1) jobs[0].add = (const float *)pin2, jobs[0].gs = (float *)pout;
+    if (kind == 0 || kind == 2) jobs[0].y = (float *)pout;
+    if (kind >= 2) jobs[0].w = (const float *)pin2;
+    if (kind == 3) jobs[0].gs = (float *)pout, jobs[0].gw = (float *)pout2;
+    double acc[1]; /* (split gives each part sums; these need none) */
     jobs[0].acc = acc, jobs[0].W = 0;
     Py_BEGIN_ALLOW_THREADS
     run(fn, jobs, split(jobs, N, B, jobs[0].off));
@@ -344,14 +388,18 @@ static PyObject *pairs(PyObject *args, void (*fn)(Job *), int backward) {
     Py_RETURN_NONE;
 }
 
-static PyObject *pairs_forward(PyObject *self, PyObject *args) { return pairs(args, pairs_fwd, 0); }
-static PyObject *pairs_backward(PyObject *self, PyObject *args) { return pairs(args, pairs_bwd, 1); }
+static PyObject *pairs_forward(PyObject *self, PyObject *args) { return segments(args, pairs_fwd, 0); }
+static PyObject *pairs_backward(PyObject *self, PyObject *args) { return segments(args, pairs_bwd, 1); }
+static PyObject *pool_forward(PyObject *self, PyObject *args) { return segments(args, pool_fwd, 2); }
+static PyObject *pool_backward(PyObject *self, PyObject *args) { return segments(args, pool_bwd, 3); }
 
 static PyMethodDef methods[] = {
     {"dice_forward", forward, METH_VARARGS, "Dice forward over [N, H] rows (two passes)."},
     {"dice_backward", backward, METH_VARARGS, "Dice backward over [N, H] rows (two passes)."},
     {"pairs_forward", pairs_forward, METH_VARARGS, "DIN's attention inputs [k, q k] from the embeddings."},
     {"pairs_backward", pairs_backward, METH_VARARGS, "The gradient of pairs_forward."},
+    {"pool_forward", pool_forward, METH_VARARGS, "DIN's weighted sum of each history's keys."},
+    {"pool_backward", pool_backward, METH_VARARGS, "The gradient of pool_forward."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -96,9 +96,10 @@ class _DiceFn(torch.autograd.Function):
 
 
 class _PairsFn(torch.autograd.Function):
-    """e [B + N, De] (the B queries, then the N history keys; key n in segment b) -> the
-    attention's pair inputs X [N, 2 De] = [k_n, q_b * k_n]; the backward gives de directly
-    (one pass in C), not through slices, a gather, a product and a concatenation."""
+    """e [B + N, De] (the B queries, then the N history keys; key n in segment b) -> (the
+    attention's pair inputs X [N, 2 De] = [k_n, q_b * k_n], the queries q [B, De]); the
+    backward gives de in one pass (C), not through slices, a gather, a product and a
+    concatenation."""
 
     @staticmethod
     def forward(ctx, e, offsets):
@@ -112,21 +113,54 @@ class _PairsFn(torch.autograd.Function):
             keys = e[B:]
             X = torch.cat([keys, e[:B].index_select(0, _segments(offsets, N)) * keys], 1)
         ctx.save_for_backward(e, offsets)
-        return X
+        return X, e[:B].clone()
 
     @staticmethod
-    def backward(ctx, gX):
+    def backward(ctx, gX, gq):
         e, offsets = ctx.saved_tensors
-        gX = gX.contiguous()
-        B, (N, D) = offsets.numel() - 1, gX.shape
+        B, (N, D) = offsets.numel() - 1, e.shape
+        gX = gX.contiguous() if gX is not None else e.new_zeros(N - B, 2 * D)
         if ctx.native:
             ge = torch.empty_like(e)
-            _native.pairs_backward(gX.data_ptr(), e.data_ptr(), B, N, D // 2, offsets.data_ptr(), ge.data_ptr())
+            gq = None if gq is None else gq.contiguous()
+            _native.pairs_backward(gX.data_ptr(), 0 if gq is None else gq.data_ptr(), e.data_ptr(), B, N - B, D,
+                                   offsets.data_ptr(), ge.data_ptr())
             return ge, None
-        seg = _segments(offsets, N)
-        g1, g2 = gX.split(D // 2, 1)
-        gq = torch.zeros(B, D // 2, dtype=gX.dtype).index_add_(0, seg, g2 * e[B:])
-        return torch.cat([gq, g1 + g2 * e[:B].index_select(0, seg)]), None
+        seg = _segments(offsets, N - B)
+        g1, g2 = gX.split(D, 1)
+        ge_q = e.new_zeros(B, D).index_add_(0, seg, g2 * e[B:])
+        return torch.cat([ge_q if gq is None else ge_q + gq, g1 + g2 * e[:B].index_select(0, seg)]), None
+
+
+class _PoolFn(torch.autograd.Function):
+    """(e [B + N, De] as for _PairsFn, w [N]) -> p [B, De], p_b = the sum of w_n k_n over
+    segment b."""
+
+    @staticmethod
+    def forward(ctx, e, w, offsets):
+        B, N, D = offsets.numel() - 1, w.shape[0], e.shape[1]
+        ctx.native = _native is not None and e.dtype == w.dtype == torch.float32
+        e, w = e.contiguous(), w.contiguous()
+        if ctx.native:
+            p = e.new_empty(B, D)
+            _native.pool_forward(e.data_ptr(), w.data_ptr(), B, N, D, offsets.data_ptr(), p.data_ptr())
+        else:
+            p = e.new_zeros(B, D).index_add_(0, _segments(offsets, N), e[B:] * w[:, None])
+        ctx.save_for_backward(e, w, offsets)
+        return p
+
+    @staticmethod
+    def backward(ctx, gp):
+        e, w, offsets = ctx.saved_tensors
+        B, N, D = offsets.numel() - 1, w.shape[0], e.shape[1]
+        gp = gp.contiguous()
+        if ctx.native:
+            ge, gw = torch.empty_like(e), torch.empty_like(w)
+            _native.pool_backward(gp.data_ptr(), e.data_ptr(), w.data_ptr(), B, N, D, offsets.data_ptr(),
+                                  ge.data_ptr(), gw.data_ptr())
+            return ge, gw, None
+        gps = gp.index_select(0, _segments(offsets, N))
+        return torch.cat([e.new_zeros(B, D), gps * w[:, None]]), (gps * e[B:]).sum(1), None
 
 
 def _segments(offsets: torch.Tensor, N: int) -> torch.Tensor:
@@ -195,27 +229,27 @@ class DIN(nn.Module):
         B = sparse.stride() // 2
         lengths = sparse["item"].lengths()[B:]
         e = torch.cat([out[f].values() for f in self.features], 1)  # [B + N, De]
-        q, keys = e[:B], e[B:]
-        seg = torch.repeat_interleave(torch.arange(B), lengths, output_size=keys.shape[0])  # [N]
-        pooled = torch.zeros_like(q)
+        seg = torch.repeat_interleave(torch.arange(B), lengths, output_size=e.shape[0] - B)  # [N]
         if self.pooling == "sum":
-            return self.mlp(torch.cat([q, pooled.index_add(0, seg, keys)], 1)).squeeze(1)
+            q, keys = e[:B], e[B:]
+            return self.mlp(torch.cat([q, torch.zeros_like(q).index_add(0, seg, keys)], 1)).squeeze(1)
         offsets = torch.zeros(B + 1, dtype=torch.long)
         torch.cumsum(lengths, 0, out=offsets[1:])
-        w = self._scores(e, offsets, seg)  # [N]
+        X, q = _PairsFn.apply(e, offsets)  # (the gradient of q joins e's in the pairs' backward)
+        w = self._scores(X, q, offsets, seg)  # [N]
         if self.softmax:
             w = segment_softmax(w, seg, B)
-        return self.mlp(torch.cat([q, pooled.index_add(0, seg, keys * w[:, None])], 1)).squeeze(1)
+        return self.mlp(torch.cat([q, _PoolFn.apply(e, w, offsets)], 1)).squeeze(1)
 
-    def _scores(self, e: torch.Tensor, offsets: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    def _scores(self, X: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         """The attention MLP on [q, k, q - k, q * k] [N, 4 De] without building it: the first
-        layer is q (W1 + W3) + b per sample [B, H] plus [k, q * k] [W2 - W3; W4] [N, H] (half
-        the FLOPs), the per-sample part added by Dice's first pass (or gathered, for PReLU)."""
+        layer is q (W1 + W3) + b per sample [B, H] plus X = [k, q * k] times [W2 - W3; W4]
+        [N, H] (half the FLOPs), the per-sample part added by Dice's first pass (or
+        gathered, for PReLU)."""
         lin, act = self.attention[0], self.attention[1]
-        B = offsets.numel() - 1
-        W1, W2, W3, W4 = lin.weight.split(e.shape[1], 1)
-        qw = torch.addmm(lin.bias, e[:B], (W1 + W3).T)  # [B, H]
-        pre = _PairsFn.apply(e, offsets) @ torch.cat([W2 - W3, W4], 1).T  # [N, H]
+        W1, W2, W3, W4 = lin.weight.split(q.shape[1], 1)
+        qw = torch.addmm(lin.bias, q, (W1 + W3).T)  # [B, H]
+        pre = X @ torch.cat([W2 - W3, W4], 1).T  # [N, H]
         h = act(pre, qw, offsets) if isinstance(act, Dice) else act(pre + qw.index_select(0, seg))
         return self.attention[2:](h).squeeze(1)
 

@@ -9,7 +9,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import rectables
 from data.sequences import SequenceBatches, Sequences, make_splits
-from models.din import DIN, Dice, _DiceFn, _PairsFn, segment_softmax
+from models.din import DIN, Dice, _DiceFn, _PairsFn, _PoolFn, segment_softmax
 from rectables.metrics import grouped_auc
 from rectables.registry import table_class
 from rectables.sizing import tables_for_budget
@@ -146,17 +146,22 @@ def _offsets(lengths):
     return torch.cat([torch.zeros(1, dtype=torch.long), torch.tensor(lengths).cumsum(0)])
 
 
-def test_pair_inputs_backward_is_their_gradient():
+def test_pair_inputs_and_pooling_backward_is_their_gradient():
     torch.manual_seed(0)
     offsets = _offsets([2, 0, 3])
     e = torch.randn(3 + 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda e: _PairsFn.apply(e, offsets), (e,))  # float64: the torch path
-    X = _PairsFn.apply(e, offsets).detach()
-    assert torch.equal(X[2], torch.cat([e[3 + 2], e[2] * e[3 + 2]]).detach())  # key 2 is in segment 2
+    assert torch.autograd.gradcheck(lambda e, w: _PoolFn.apply(e, w, offsets), (e, w))
+    X, q = _PairsFn.apply(e, offsets)
+    assert torch.equal(X[2], torch.cat([e[3 + 2], e[2] * e[3 + 2]])) and torch.equal(q, e[:3])  # key 2: segment 2
+    p = _PoolFn.apply(e, w, offsets)
+    assert torch.equal(p[1], torch.zeros(4, dtype=torch.float64))  # an empty history pools to zeros
+    torch.testing.assert_close(p[2], (w[2:, None] * e[5:]).sum(0))
 
 
 @pytest.mark.parametrize("rows", [30, 9000])  # one thread; two
-def test_pair_kernels_give_the_torch_values_and_gradients(rows):
+def test_pair_and_pool_kernels_give_the_torch_values_and_gradients(rows):
     from models import din as din_module
 
     g = torch.Generator().manual_seed(2)
@@ -165,16 +170,19 @@ def test_pair_kernels_give_the_torch_values_and_gradients(rows):
     lengths[-1] = rows - sum(lengths)
     offsets = _offsets(lengths)
     e = torch.randn(len(lengths) + rows, 32, generator=g)
-    gX = torch.randn(rows, 64, generator=g)
+    w = torch.randn(rows, generator=g)
+    gX, gq, gp = torch.randn(rows, 64, generator=g), torch.randn(len(lengths), 32, generator=g), torch.randn(
+        len(lengths), 32, generator=g)
     outs = []
     keep = din_module._native
     for native in (True, False):
         din_module._native = keep if native else None
         try:
-            ei = e.clone().requires_grad_()
-            X = _PairsFn.apply(ei, offsets)
-            X.backward(gX)
-            outs.append((X.detach(), ei.grad))
+            ei, wi = e.clone().requires_grad_(), w.clone().requires_grad_()
+            X, q = _PairsFn.apply(ei, offsets)
+            p = _PoolFn.apply(ei, wi, offsets)
+            torch.autograd.backward([X, q, p], [gX, gq, gp])
+            outs.append((X.detach(), q.detach(), p.detach(), ei.grad, wi.grad))
         finally:
             din_module._native = keep
     for a, b in zip(*outs):
