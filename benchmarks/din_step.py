@@ -1,11 +1,12 @@
 """DIN train step: rectables DIN (models/din.py) over a `full` unpooled collection against
-deepctr-torch 0.3.0's DIN at the same shapes: 100,000 items and 1,000 categories (item
-and category embeddings concatenated), dim 16, histories of 1-50 items (uniform), Zipf
-(1.05) ids, batch 1024, attention MLP 80-40 and MLP 200-80, raw
-attention weights (no softmax); Dice in both of our MLPs, in deepctr's attention and PReLU in its
-MLP (its Dice rejects 2-d input there); Adam on every dense parameter and row-wise Adagrad (ours,
-fused) vs Adam on the dense tables (deepctr's fit() uses one optimizer for all).
-L2 regularisation off on both sides.  Interleaved in one process, median per-step time.
+deepctr-torch 0.3.0's DIN at the same shapes: 100,000 items and 1,000 categories (item and
+category embeddings concatenated), dim 16, histories of 1-50 items (uniform), Zipf (1.05)
+ids, batch 1024, attention MLP 80-40 and MLP 200-80, raw attention weights (no softmax);
+Dice in both of our MLPs, in deepctr's attention and PReLU in its MLP (its Dice rejects 2-d
+input there).  Optimizers: ours row-wise Adagrad (fused) on the tables and torch's fused
+Adam on the dense parameters, as rectables' training loop; deepctr Adam on everything,
+its dense tables included, as its fit() does.  L2 regularisation off on both sides.
+Interleaved in one process, median per-step time.
 
     python benchmarks/din_step.py [steps]  ->  one JSON line
 """
@@ -46,7 +47,7 @@ def ours():
     tables = [rectables.create_table("full", name="t_item", embedding_dim=DIM, feature_names=["item"], num_ids=ITEMS),
               rectables.create_table("full", name="t_cat", embedding_dim=DIM, feature_names=["cat"], num_ids=CATS)]
     model = DIN(rectables.EmbeddingCollection(tables, opt), ATT, HIDDEN, "dice")
-    dense = torch.optim.Adam(rectables.dense_parameters(model), lr=1e-3)
+    dense = torch.optim.Adam(rectables.dense_parameters(model), lr=1e-3, fused=True)  # as the training loop
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def prepare(b):
