@@ -9,8 +9,6 @@ layers: torch Adam; tables: our sparse row-wise Adam), 5 epochs, batch 8192, 5 s
 from __future__ import annotations
 
 import json
-import math
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -323,8 +323,8 @@ static PyObject *backward(PyObject *self, PyObject *args) {
     unsigned long long pg, ps, pp, palpha, pmean, prstd, pgs, pga, poff, pgadd;
     long long N, H, B;
     int stats;
-    if (!PyArg_ParseTuple(args, "KKKLLKKKpKKKLK", &pg, &ps, &pp, &N, &H, &palpha, &pmean, &prstd, &stats, &pgs, &pga, &poff,
-                          &B, &pgadd))
+    if (!PyArg_ParseTuple(args, "KKKLLKKKpKKKLK", &pg, &ps, &pp, &N, &H, &palpha, &pmean, &prstd, &stats, &pgs, &pga,
+                          &poff, &B, &pgadd))
         return NULL;
     if (pgadd && !poff) {
         PyErr_SetString(PyExc_ValueError, "gadd needs the segment offsets");

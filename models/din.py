@@ -59,10 +59,11 @@ class _DiceFn(torch.autograd.Function):
             s = x if add is None else torch.empty_like(x)
             a = None if add is None else add.detach().contiguous()
             y, p = torch.empty_like(x), torch.empty_like(x)
+            B = 0 if offsets is None else offsets.numel() - 1
             _native.dice_forward(x.data_ptr(), s.data_ptr(), N, H, 0 if a is None else a.data_ptr(),
-                            0 if offsets is None else offsets.data_ptr(), 0 if offsets is None else offsets.numel() - 1,
-                            alpha.data_ptr(), mean.data_ptr(), rstd.data_ptr(), 0 if var is None else var.data_ptr(),
-                            y.data_ptr(), p.data_ptr(), eps, stats is None)
+                                 0 if offsets is None else offsets.data_ptr(), B, alpha.data_ptr(), mean.data_ptr(),
+                                 rstd.data_ptr(), 0 if var is None else var.data_ptr(), y.data_ptr(), p.data_ptr(),
+                                 eps, stats is None)
         else:
             s = x if add is None else x + add.index_select(0, _segments(offsets, N))
             if stats is None:
@@ -85,13 +86,14 @@ class _DiceFn(torch.autograd.Function):
         if ctx.native:
             g_s, g_alpha = torch.empty_like(s), torch.empty(H)
             g_add = torch.empty(offsets.numel() - 1, H) if ctx.has_add else None
-            _native.dice_backward(g.data_ptr(), s.data_ptr(), p.data_ptr(), N, H, alpha.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                             ctx.batch_stats, g_s.data_ptr(), g_alpha.data_ptr(),
-                             0 if offsets is None else offsets.data_ptr(), 0 if offsets is None else offsets.numel() - 1,
-                             0 if g_add is None else g_add.data_ptr())
+            _native.dice_backward(g.data_ptr(), s.data_ptr(), p.data_ptr(), N, H, alpha.data_ptr(), mean.data_ptr(),
+                                  rstd.data_ptr(), ctx.batch_stats, g_s.data_ptr(), g_alpha.data_ptr(),
+                                  0 if offsets is None else offsets.data_ptr(), 0 if g_add is None else g_add.shape[0],
+                                  0 if g_add is None else g_add.data_ptr())
         else:
             g_s, g_alpha = _dice_backward(g, s, alpha, mean, rstd, ctx.batch_stats)
-            g_add = g_s.new_zeros(offsets.numel() - 1, H).index_add_(0, _segments(offsets, N), g_s) if ctx.has_add else None
+            g_add = None if not ctx.has_add else g_s.new_zeros(offsets.numel() - 1, H).index_add_(
+                0, _segments(offsets, N), g_s)
         return g_s, g_alpha, g_add, None, None, None
 
 
