@@ -185,8 +185,7 @@ class Dice(nn.Module):
         self.register_buffer("running_var", torch.ones(width))
 
     def forward(self, x: torch.Tensor, add: torch.Tensor | None = None, offsets: torch.Tensor | None = None):
-        if (add is None) != (offsets is None):
-            raise ValueError("Dice: add and offsets go together")
+        _check_dice_args(x, self.alpha.numel(), add, offsets)
         if self.training and x.shape[0] > 1:
             y, mean, var = _DiceFn.apply(x, self.alpha, add, offsets, None, self.eps)
             with torch.no_grad():
@@ -196,6 +195,22 @@ class Dice(nn.Module):
             return y
         stats = (self.running_mean, (self.running_var + self.eps).rsqrt())
         return _DiceFn.apply(x, self.alpha, add, offsets, stats, self.eps)[0]
+
+
+def _check_dice_args(x, H: int, add, offsets) -> None:
+    """The kernels read what these shapes promise: refuse anything else, naming it."""
+    if x.dim() != 2 or x.shape[1] != H:
+        raise ValueError(f"Dice({H}) takes [N, {H}] rows, got {tuple(x.shape)}")
+    if (add is None) != (offsets is None):
+        raise ValueError("Dice: add and offsets go together")
+    if add is None:
+        return
+    if add.dim() != 2 or add.shape[1] != H or offsets.dim() != 1 or offsets.numel() != add.shape[0] + 1 or \
+            offsets.dtype != torch.long:
+        raise ValueError(f"Dice: add must be [B, {H}] and offsets int64 [B + 1], got {tuple(add.shape)} and "
+                         f"{offsets.dtype} {tuple(offsets.shape)}")
+    if offsets[0] != 0 or offsets[-1] != x.shape[0] or (offsets.diff() < 0).any():
+        raise ValueError(f"Dice: offsets must rise from 0 to the {x.shape[0]} rows, got {offsets[0]} .. {offsets[-1]}")
 
 
 def _mlp(widths: list[int], activation: str) -> nn.Sequential:

@@ -133,6 +133,20 @@ def test_dice_kernels_give_the_torch_values_and_gradients(rows, training, with_a
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
+def test_dice_refuses_shapes_its_kernels_would_read_past():
+    d = Dice(4)
+    with pytest.raises(ValueError, match=r"Dice\(4\) takes \[N, 4\]"):
+        d(torch.randn(10, 5))
+    x, add = torch.randn(10, 4), torch.randn(3, 4)
+    for offsets in (torch.tensor([0, 4, 8]), torch.tensor([0, 4, 8, 11]), torch.tensor([0, 6, 4, 10]),
+                    torch.tensor([1, 4, 8, 10]), torch.tensor([0, 4, 8, 10], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="offsets"):
+            d(x, add, offsets)
+    with pytest.raises(ValueError, match="add must be"):
+        d(x, torch.randn(3, 5), torch.tensor([0, 4, 8, 10]))
+    assert d(x, add, torch.tensor([0, 4, 8, 10])).shape == (10, 4)
+
+
 def test_dice_kernels_keep_a_nan():
     x = torch.randn(5000, 8)
     x[7, 3] = float("nan")
