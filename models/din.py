@@ -244,6 +244,9 @@ class DIN(nn.Module):
     def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
         out = self.embedding(sparse)
         B = sparse.stride() // 2
+        for f in self.features[1:]:  # cat[n] is item[n]'s category: the bags must line up
+            if not torch.equal(sparse[f].lengths(), sparse["item"].lengths()):
+                raise ValueError(f"DIN: feature {f!r} has other bag lengths than 'item' (each item needs its {f})")
         lengths = sparse["item"].lengths()[B:]
         e = torch.cat([out[f].values() for f in self.features], 1)  # [B + N, De]
         seg = torch.repeat_interleave(torch.arange(B), lengths, output_size=e.shape[0] - B)  # [N]

@@ -72,6 +72,15 @@ def test_a_sample_depends_only_on_its_own_history_and_gets_no_gradient_from_othe
     assert moved == [1, 4, 5]  # its target and history; not 2, 20, 21
 
 
+def test_categories_must_line_up_with_the_items():
+    m = din()
+    values, lengths = torch.tensor([1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 0, 1, 2, 3]), torch.tensor([1, 1, 3, 2, 1, 1, 3, 2])
+    assert m(torch.zeros(2, 0), KeyedJaggedTensor.from_lengths_sync(["item", "cat"], values, lengths)).shape == (2,)
+    shifted = torch.tensor([1, 1, 3, 2, 1, 1, 2, 3])  # the same total, the categories in other histories
+    with pytest.raises(ValueError, match="'cat' has other bag lengths"):
+        m(torch.zeros(2, 0), KeyedJaggedTensor.from_lengths_sync(["item", "cat"], values, shifted))
+
+
 def test_segment_softmax_sums_to_one_per_history():
     w, seg = torch.randn(7), torch.tensor([0, 0, 0, 2, 2, 3, 3])
     s = segment_softmax(w, seg, 4)
