@@ -102,7 +102,7 @@ class GraphCF(nn.Module):
                 outs.append(e)
                 continue
             e = F.leaky_relu(self.w1[layer](side + e) + self.w2[layer](side * e), 0.2)
-            e = F.dropout(e, self.message_dropout, self.training)
+            e = message_dropout(e, self.message_dropout, self.training)
             outs.append(F.normalize(e, dim=1))
         return torch.stack(outs).mean(0) if self.kind == "lightgcn" else torch.cat(outs, 1)
 
@@ -119,6 +119,17 @@ class GraphCF(nn.Module):
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         final = self.propagate(self.ego())
         return final[: self.U], final[self.U :]
+
+
+def message_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout(x, p) with its mask drawn by numpy's PCG64, seeded from torch's generator
+    (torch.manual_seed still fixes it): torch's CPU bernoulli_ took 33-51 ms per [U + I, 64]
+    mask on Gowalla, a quarter of an NGCF step; this whole function takes ~20 ms."""
+    if not training or p == 0:
+        return x
+    gen = np.random.Generator(np.random.PCG64(int(torch.randint(0, 2**62, (1,)))))
+    mask = torch.from_numpy(gen.random(tuple(x.shape), dtype=np.float32)).ge_(p).mul_(1 / (1 - p))  # 0 or 1 / (1 - p)
+    return x * mask.to(x.dtype)
 
 
 def _all_ids(U: int, I: int):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data.gowalla import Interactions, load_interactions, normalized_adjacency
-from models.ngcf import GraphCF, bpr_triples
+from models.ngcf import GraphCF, bpr_triples, message_dropout
 from rectables.embedding_modules import EmbeddingCollection
 from rectables.optim import SparseOptimizer
 from rectables.ranking import recall_ndcg
@@ -79,6 +79,21 @@ def test_node_dropout_drops_undirected_edges_and_an_asymmetric_matrix_is_refused
     with pytest.raises(ValueError, match="symmetric"):
         GraphCF(EmbeddingCollection(tables_for_budget(table_class("full"), 4, ["user", "item"], [U, I], 1.0, o), o),
                 U, I, bad.to_sparse_csr())
+
+
+def test_message_dropout_drops_a_share_p_scales_the_rest_and_follows_torch_seed():
+    x = torch.rand(500, 64) + 1
+    torch.manual_seed(3)
+    a = message_dropout(x.requires_grad_(), 0.25, True)
+    torch.manual_seed(3)
+    b = message_dropout(x, 0.25, True)
+    assert torch.equal(a, b) and not torch.equal(a, message_dropout(x, 0.25, True))  # seeded, fresh per call
+    dropped = a == 0
+    assert abs(dropped.float().mean().item() - 0.25) < 0.01
+    torch.testing.assert_close(a[~dropped], x[~dropped] / 0.75)
+    a.sum().backward()
+    torch.testing.assert_close(x.grad, (~dropped).float() / 0.75)  # the gradient goes through the kept values only
+    assert message_dropout(x, 0.25, False) is x and message_dropout(x, 0.0, True) is x
 
 
 def test_recall_and_ndcg_by_hand_with_training_items_excluded():
