@@ -14,13 +14,13 @@
  *   backward: g_alpha = sum g s (1 - p),  g_z = g s (1 - alpha) p (1 - p),
  *             g_s = g (alpha + p (1 - alpha)) + rstd (g_z - mean(g_z) - z mean(g_z z))
  *             (batch statistics) or + rstd g_z (fixed statistics), with the forward's p.
- * Optionally pass 1 first adds a per-segment row: s[n] += add[b] for the rows n of segment b
- * (DIN's query term, rows off[b] .. off[b+1] - 1, in place), and the backward returns the
+ * Optionally pass 1 first adds a per-segment row, s[n] = x[n] + add[b] for the rows n of
+ * segment b (DIN's query term; rows off[b] .. off[b+1] - 1), and the backward returns the
  * segment sums of g_s as that row's gradient.  Torch's eager ops make ~5 passes over [N, H]
  * each way, and its column reductions are slow; this is two.
  * Rows are split over two threads (at a segment boundary): torch's OpenMP workers, not
  * threads of our own (see rectables/_evict.c); where torch runs one thread, the caller's.
- * Sums are accumulated in double per thread; a call is deterministic. */
+ * Dice's sums are accumulated in double per thread; a call is deterministic for a thread count. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
