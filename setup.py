@@ -1,5 +1,5 @@
 """Only the C fast paths (Criteo reader, id map of dynamic tables, OptEmbed's masks, the
-fused sparse update, DIN's Dice and attention inputs); everything else is in
+fused sparse update, DIN's Dice, attention inputs and pooling); everything else is in
 pyproject.toml.  ``optional``: without a compiler all still work, through their
 pure-Python/torch/fbgemm paths, which give the same results."""
 from setuptools import Extension, setup
