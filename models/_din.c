@@ -234,7 +234,7 @@ static int split(Job *jobs, int64_t N, int64_t B, const int64_t *off) {
     jobs[1] = jobs[0];
     jobs[0].lo = 0, jobs[0].hi = mid, jobs[0].b0 = 0, jobs[0].b1 = bm;
     jobs[1].lo = mid, jobs[1].hi = N, jobs[1].b0 = bm, jobs[1].b1 = B;
-    jobs[1].acc = jobs[0].acc + 3 * jobs[0].W;
+    if (jobs[0].acc) jobs[1].acc = jobs[0].acc + 3 * jobs[0].W; /* Dice's sums, one block per part */
     return parts;
 }
 
@@ -364,34 +364,29 @@ static PyObject *backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* pairs_forward(e, B, N, D, off, X); pairs_backward(dX, gq or 0, e, B, N, D, off, de);
- * pool_forward(e, w, B, N, D, off, p); pool_backward(gp, e, w, B, N, D, off, de, gw):
- * e [B + N, D], X [N, 2 D], off [B + 1], gq and p [B, D], w and gw [N] */
-static PyObject *segments(PyObject *args, void (*fn)(Job *), int kind) {
-    unsigned long long pe, poff, pin = 0, pin2 = 0, pout, pout2 = 0;
+/* The segment kernels, one argument list: (in, in2, e, B, N, D, off, out, out2), 0 for what a
+ * kernel does not read; e [B + N, D], off [B + 1].
+ *   pairs_forward:  out = X [N, 2 D]
+ *   pairs_backward: in = dX, in2 = gq [B, D] or 0, out = de [B + N, D]
+ *   pool_forward:   in2 = w [N], out = p [B, D]
+ *   pool_backward:  in = gp [B, D], in2 = w, out = de, out2 = gw [N] */
+static PyObject *segments(PyObject *args, void (*fn)(Job *)) {
+    unsigned long long pin, pin2, pe, poff, pout, pout2;
     long long B, N, D;
-    int ok = kind == 0 ? PyArg_ParseTuple(args, "KLLLKK", &pe, &B, &N, &D, &poff, &pout)
-           : kind == 1 ? PyArg_ParseTuple(args, "KKKLLLKK", &pin, &pin2, &pe, &B, &N, &D, &poff, &pout)
-           : kind == 2 ? PyArg_ParseTuple(args, "KKLLLKK", &pe, &pin2, &B, &N, &D, &poff, &pout)
-                       : PyArg_ParseTuple(args, "KKKLLLKKK", &pin, &pe, &pin2, &B, &N, &D, &poff, &pout, &pout2);
-    if (!ok) return NULL;
-    Job jobs[2] = {{.src = (const float *)pe, .off = (const int64_t *)poff, .H = D, .nq = B, .g = (const float *)pin}};
-    if (kind == 1) jobs[0].add = (const float *)pin2, jobs[0].gs = (float *)pout;
-    if (kind == 0 || kind == 2) jobs[0].y = (float *)pout;
-    if (kind >= 2) jobs[0].w = (const float *)pin2;
-    if (kind == 3) jobs[0].gs = (float *)pout, jobs[0].gw = (float *)pout2;
-    double acc[1]; /* (split gives each part sums; these need none) */
-    jobs[0].acc = acc, jobs[0].W = 0;
+    if (!PyArg_ParseTuple(args, "KKKLLLKKK", &pin, &pin2, &pe, &B, &N, &D, &poff, &pout, &pout2)) return NULL;
+    Job jobs[2] = {{.g = (const float *)pin, .add = (const float *)pin2, .w = (const float *)pin2,
+                    .src = (const float *)pe, .off = (const int64_t *)poff, .y = (float *)pout, .gs = (float *)pout,
+                    .gw = (float *)pout2, .H = D, .nq = B}};
     Py_BEGIN_ALLOW_THREADS
     run(fn, jobs, split(jobs, N, B, jobs[0].off));
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-static PyObject *pairs_forward(PyObject *self, PyObject *args) { return segments(args, pairs_fwd, 0); }
-static PyObject *pairs_backward(PyObject *self, PyObject *args) { return segments(args, pairs_bwd, 1); }
-static PyObject *pool_forward(PyObject *self, PyObject *args) { return segments(args, pool_fwd, 2); }
-static PyObject *pool_backward(PyObject *self, PyObject *args) { return segments(args, pool_bwd, 3); }
+static PyObject *pairs_forward(PyObject *self, PyObject *args) { return segments(args, pairs_fwd); }
+static PyObject *pairs_backward(PyObject *self, PyObject *args) { return segments(args, pairs_bwd); }
+static PyObject *pool_forward(PyObject *self, PyObject *args) { return segments(args, pool_fwd); }
+static PyObject *pool_backward(PyObject *self, PyObject *args) { return segments(args, pool_bwd); }
 
 static PyMethodDef methods[] = {
     {"dice_forward", forward, METH_VARARGS, "Dice forward over [N, H] rows (two passes)."},

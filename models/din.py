@@ -110,7 +110,7 @@ class _PairsFn(torch.autograd.Function):
         e = e.contiguous()
         if ctx.native:
             X = e.new_empty(N, 2 * e.shape[1])
-            _native.pairs_forward(e.data_ptr(), B, N, e.shape[1], offsets.data_ptr(), X.data_ptr())
+            _native.pairs_forward(0, 0, e.data_ptr(), B, N, e.shape[1], offsets.data_ptr(), X.data_ptr(), 0)
         else:
             keys = e[B:]
             X = torch.cat([keys, e[:B].index_select(0, _segments(offsets, N)) * keys], 1)
@@ -126,7 +126,7 @@ class _PairsFn(torch.autograd.Function):
             ge = torch.empty_like(e)
             gq = None if gq is None else gq.contiguous()
             _native.pairs_backward(gX.data_ptr(), 0 if gq is None else gq.data_ptr(), e.data_ptr(), B, N - B, D,
-                                   offsets.data_ptr(), ge.data_ptr())
+                                   offsets.data_ptr(), ge.data_ptr(), 0)
             return ge, None
         seg = _segments(offsets, N - B)
         g1, g2 = gX.split(D, 1)
@@ -145,7 +145,7 @@ class _PoolFn(torch.autograd.Function):
         e, w = e.contiguous(), w.contiguous()
         if ctx.native:
             p = e.new_empty(B, D)
-            _native.pool_forward(e.data_ptr(), w.data_ptr(), B, N, D, offsets.data_ptr(), p.data_ptr())
+            _native.pool_forward(0, w.data_ptr(), e.data_ptr(), B, N, D, offsets.data_ptr(), p.data_ptr(), 0)
         else:
             p = e.new_zeros(B, D).index_add_(0, _segments(offsets, N), e[B:] * w[:, None])
         ctx.save_for_backward(e, w, offsets)
@@ -158,7 +158,7 @@ class _PoolFn(torch.autograd.Function):
         gp = gp.contiguous()
         if ctx.native:
             ge, gw = torch.empty_like(e), torch.empty_like(w)
-            _native.pool_backward(gp.data_ptr(), e.data_ptr(), w.data_ptr(), B, N, D, offsets.data_ptr(),
+            _native.pool_backward(gp.data_ptr(), w.data_ptr(), e.data_ptr(), B, N, D, offsets.data_ptr(),
                                   ge.data_ptr(), gw.data_ptr())
             return ge, gw, None
         gps = gp.index_select(0, _segments(offsets, N))
@@ -243,25 +243,26 @@ class DIN(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
         out = self.embedding(sparse)
-        B = sparse.stride() // 2
+        B, names = sparse.stride() // 2, sparse.keys()
+        per_key = sparse.lengths().view(len(names), 2 * B)  # [features, 2B]: targets, then histories
+        item = per_key[names.index("item")]
         for f in self.features[1:]:  # cat[n] is item[n]'s category: the bags must line up
-            if not torch.equal(sparse[f].lengths(), sparse["item"].lengths()):
+            if not torch.equal(per_key[names.index(f)], item):
                 raise ValueError(f"DIN: feature {f!r} has other bag lengths than 'item' (each item needs its {f})")
-        lengths = sparse["item"].lengths()[B:]
         e = torch.cat([out[f].values() for f in self.features], 1)  # [B + N, De]
-        seg = torch.repeat_interleave(torch.arange(B), lengths, output_size=e.shape[0] - B)  # [N]
+        offsets = torch.zeros(B + 1, dtype=torch.long)
+        torch.cumsum(item[B:], 0, out=offsets[1:])
         if self.pooling == "sum":
             q, keys = e[:B], e[B:]
-            return self.mlp(torch.cat([q, torch.zeros_like(q).index_add(0, seg, keys)], 1)).squeeze(1)
-        offsets = torch.zeros(B + 1, dtype=torch.long)
-        torch.cumsum(lengths, 0, out=offsets[1:])
+            pooled = torch.zeros_like(q).index_add(0, _segments(offsets, len(keys)), keys)
+            return self.mlp(torch.cat([q, pooled], 1)).squeeze(1)
         X, q = _PairsFn.apply(e, offsets)  # (the gradient of q joins e's in the pairs' backward)
-        w = self._scores(X, q, offsets, seg)  # [N]
+        w = self._scores(X, q, offsets)  # [N]
         if self.softmax:
-            w = segment_softmax(w, seg, B)
+            w = segment_softmax(w, _segments(offsets, len(w)), B)
         return self.mlp(torch.cat([q, _PoolFn.apply(e, w, offsets)], 1)).squeeze(1)
 
-    def _scores(self, X: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    def _scores(self, X: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """The attention MLP on [q, k, q - k, q * k] [N, 4 De] without building it: the first
         layer is q (W1 + W3) + b per sample [B, H] plus X = [k, q * k] times [W2 - W3; W4]
         [N, H] (half the FLOPs), the per-sample part added by Dice's first pass (or
@@ -270,7 +271,10 @@ class DIN(nn.Module):
         W1, W2, W3, W4 = lin.weight.split(q.shape[1], 1)
         qw = torch.addmm(lin.bias, q, (W1 + W3).T)  # [B, H]
         pre = X @ torch.cat([W2 - W3, W4], 1).T  # [N, H]
-        h = act(pre, qw, offsets) if isinstance(act, Dice) else act(pre + qw.index_select(0, seg))
+        if isinstance(act, Dice):
+            h = act(pre, qw, offsets)
+        else:
+            h = act(pre + qw.index_select(0, _segments(offsets, len(pre))))
         return self.attention[2:](h).squeeze(1)
 
 
