@@ -205,6 +205,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--l2", type=float, default=None, help="L2 on the batch's ego embeddings (default: 1e-4)")
     g.add_argument("--message-dropout", type=float, default=None, help="NGCF's message dropout (default: 0.1)")
     g.add_argument("--node-dropout", type=float, default=None, help="share of edges dropped per step (default: 0)")
+    g.add_argument("--sampling", choices=["user", "interaction"], default=None,
+                   help="BPR triples: user uniform, then one of their items (the papers' code; default), or every "
+                        "training interaction once")
     g.add_argument("--eval-every", type=int, default=None, help="epochs between test evaluations (default: 1)")
     g.add_argument("--k", type=int, default=None, help="cut-off of Recall@k and NDCG@k (default: 20)")
     d = p.add_argument_group("sequence models (din, din-base) only")

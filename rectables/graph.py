@@ -25,7 +25,7 @@ GRAPH_MODELS = ("ngcf", "lightgcn")
 GRAPH_SPEC = {"model": "lightgcn", "method": "full", "budget": 1.0, "dim": 64, "layers": 3, "epochs": 20,
               "batch_size": 8192, "sparse_optimizer": "adam", "sparse_lr": 0.01,
               "sparse_eps": SparseOptimizer.eps, "dense_lr": 0.001, "l2": 1e-4,
-              "message_dropout": None, "node_dropout": 0.0, "seed": 0, "eval_every": 1, "k": 20, "progress": True}
+              "message_dropout": None, "node_dropout": 0.0, "sampling": "user", "seed": 0, "eval_every": 1, "k": 20, "progress": True}
 #: NGCF's message dropout where the spec gives none (its paper: 0.1); LightGCN has none
 MESSAGE_DROPOUT = {"ngcf": 0.1, "lightgcn": 0.0}
 
@@ -57,6 +57,10 @@ def resolve_spec(spec: dict) -> dict:
     out = {**GRAPH_SPEC, **{k: v for k, v in spec.items() if v is not None}}
     if out["model"] not in GRAPH_MODELS:
         raise ValueError(f"model must be one of {GRAPH_MODELS}, got {out['model']!r}")
+    from models.ngcf import SAMPLINGS
+
+    if out["sampling"] not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {out['sampling']!r}")
     if out["message_dropout"] is None:
         out["message_dropout"] = MESSAGE_DROPOUT[out["model"]]
     if out["epochs"] < 1 or out["batch_size"] < 1 or out["eval_every"] < 1 or out["k"] < 1:
@@ -102,7 +106,7 @@ def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: 
     while state["epoch"] < spec["epochs"]:
         model.train()
         torch.manual_seed(spec["seed"] * 100_003 + state["epoch"])  # dropout masks, per epoch
-        users, pos, neg = bpr_triples(train, I, np.random.default_rng([spec["seed"], state["epoch"]]))
+        users, pos, neg = bpr_triples(train, I, np.random.default_rng([spec["seed"], state["epoch"]]), spec["sampling"])
         t0, losses = time.perf_counter(), []
         bar = tqdm(range(0, len(users), B), desc=f"{label} epoch {state['epoch'] + 1}/{spec['epochs']}",
                    disable=not spec["progress"], leave=False)

@@ -12,7 +12,8 @@ CTR_DEFAULTS = {"dim": 16, "epochs": 1, "optimizer": "rowwise_adagrad", "over_ar
                 "max_steps": 0}
 #: flags that only some model families take (ctr: dlrm, deepfm; graph: ngcf, lightgcn; sequence: din, din-base)
 ONLY = {"dense_arch": ("ctr",), "over_arch": ("ctr",), "patience": ("ctr", "sequence"), "max_steps": ("ctr", "sequence"),
-        **{f: ("graph",) for f in ("layers", "l2", "message_dropout", "node_dropout", "eval_every", "k")},
+        **{f: ("graph",) for f in ("layers", "l2", "message_dropout", "node_dropout", "sampling", "eval_every",
+                                       "k")},
         "activation": ("sequence",), "softmax": ("sequence",)}
 
 
@@ -45,7 +46,8 @@ def graph_spec(args) -> dict:
             "epochs": args.epochs, "batch_size": None if args.batch_size == "auto" else args.batch_size,
             "sparse_optimizer": args.optimizer, "sparse_lr": args.sparse_lr, "sparse_eps": args.sparse_eps,
             "dense_lr": args.dense_lr, "l2": args.l2,
-            "message_dropout": args.message_dropout, "node_dropout": args.node_dropout, "seed": args.seed,
+            "message_dropout": args.message_dropout, "node_dropout": args.node_dropout,
+            "sampling": args.sampling, "seed": args.seed,
             "eval_every": args.eval_every, "k": args.k, "progress": not args.quiet}
 
 

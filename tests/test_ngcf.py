@@ -64,6 +64,27 @@ def test_propagation_and_its_gradient_match_a_dense_matrix_reference(kind):
     assert torch.allclose(g_got, g_ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["lightgcn", "ngcf"])
+def test_the_loss_propagates_only_the_rows_it_reads_and_matches_full_propagation(kind):
+    torch.manual_seed(0)
+    m = model(kind, layers=3)
+    e0 = torch.randn(U + I, 4, requires_grad=True)
+    rows = torch.tensor([0, 2, 3, 6])
+    full, part = m.propagate(e0), m.propagate(e0, rows)
+    assert part.shape == (4, full.shape[1]) and torch.allclose(part, full[rows], atol=1e-6)
+    w = torch.randn_like(part)
+    g_full, = torch.autograd.grad((full[rows] * w).sum(), e0)
+    g_part, = torch.autograd.grad((part * w).sum(), e0)
+    assert torch.allclose(g_part, g_full, atol=1e-6)
+    # the loss on a batch with repeated users and items equals BPR on the full propagation
+    users, pos, neg = torch.tensor([0, 0, 2]), torch.tensor([1, 0, 3]), torch.tensor([2, 3, 0])
+    m.ego = lambda: e0
+    f = m.propagate(e0)
+    diff = (f[users] * (f[pos + U] - f[neg + U])).sum(1)
+    reg = e0[torch.cat([users, pos + U, neg + U])].square().sum() / 6
+    assert torch.allclose(m.loss(users, pos, neg), torch.nn.functional.softplus(-diff).mean() + m.l2 * reg)
+
+
 def test_node_dropout_drops_undirected_edges_and_an_asymmetric_matrix_is_refused():
     torch.manual_seed(0)
     m = model("ngcf", node_dropout=0.5)
@@ -116,14 +137,24 @@ def test_recall_and_ndcg_by_hand_with_training_items_excluded():
         == pytest.approx(1 / math.log2(5))
 
 
-def test_bpr_triples_cover_every_interaction_and_never_draw_a_training_item():
+@pytest.mark.parametrize("sampling", ["user", "interaction"])
+def test_bpr_triples_follow_their_sampling_and_never_draw_a_training_item(sampling):
+    train = Interactions(np.array([0, 2, 2, 3, 5]), np.array([0, 1, 1, 2, 3]))  # u1 has no items
     rng = np.random.default_rng(0)
-    users, pos, neg = bpr_triples(TRAIN, I, rng)
-    assert sorted(zip(users, pos)) == sorted(zip(TRAIN.users, TRAIN.items))
-    seen = set(zip(TRAIN.users, TRAIN.items))
-    for _ in range(20):
-        users, pos, neg = bpr_triples(TRAIN, I, rng)
+    seen = set(zip(train.users, train.items))
+    draws = [bpr_triples(train, I, rng, sampling) for _ in range(400)]
+    for users, pos, neg in draws:
+        assert len(users) == len(train.items) and {(u, i) for u, i in zip(users, pos)} <= seen
         assert not any((u, j) in seen for u, j in zip(users, neg))
+        if sampling == "interaction":  # every interaction once
+            assert sorted(zip(users, pos)) == sorted(zip(train.users, train.items))
+    if sampling == "user":  # users uniform among those with items, then items uniform within the user
+        users, pos = np.concatenate([d[0] for d in draws]), np.concatenate([d[1] for d in draws])
+        share = np.bincount(users, minlength=4) / len(users)
+        assert share[1] == 0 and np.allclose(share[[0, 2, 3]], 1 / 3, atol=0.03)
+        assert abs((pos[users == 0] == 0).mean() - 0.5) < 0.05 and abs((pos[users == 3] == 2).mean() - 0.5) < 0.05
+    with pytest.raises(ValueError, match="sampling"):
+        bpr_triples(train, I, rng, "edges")
 
 
 @pytest.mark.parametrize("method, budget", [("full", 1.0), ("hash", 0.5), ("multihash", 0.5), ("unified", 0.5),
@@ -170,6 +201,9 @@ def test_reader_and_a_graph_run_that_resumes_exactly(tmp_path):
     assert json.loads((tmp_path / "a" / "config.json").read_text())["message_dropout"] == 0.1  # NGCF's default
     with pytest.raises(ValueError, match="unknown entries.*'layer'"):
         run_graph({**spec, "layer": 2}, tmp_path / "c")
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        run_graph({**spec, "sampling": "users"}, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_bad_interaction_file_is_named(tmp_path):
@@ -185,16 +219,17 @@ def test_command_line_trains_a_graph_model_and_refuses_flags_of_the_other_family
 
     _write_dataset(tmp_path / "g")
     assert main(["train", "--model", "lightgcn", "--data", str(tmp_path / "g"), "--run", str(tmp_path / "r"),
-                 "--epochs", "2", "--dim", "8", "--batch-size", "4", "--quiet"]) == 0
+                 "--epochs", "2", "--dim", "8", "--batch-size", "4", "--sampling", "interaction", "--quiet"]) == 0
     assert "epoch 2: recall@20" in capsys.readouterr().out
     config = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert (config["dim"], config["sparse_optimizer"], config["batch_size"]) == (8, "adam", 4)
+    assert (config["dim"], config["sparse_optimizer"], config["batch_size"], config["sampling"]) == (8, "adam", 4,
+                                                                                                    "interaction")
     assert main(["train", "--model", "lightgcn", "--data", str(tmp_path / "g"), "--run", str(tmp_path / "r2"),
                  "--over-arch", "32,1", "--patience", "2"]) == 1
     assert "--over-arch, --patience do not apply to --model lightgcn" in capsys.readouterr().err
     assert main(["train", "--model", "dlrm", "--data", str(tmp_path / "g"), "--run", str(tmp_path / "r3"),
-                 "--layers", "2"]) == 1
-    assert "--layers does not apply to --model dlrm" in capsys.readouterr().err
+                 "--layers", "2", "--sampling", "user"]) == 1
+    assert "--layers, --sampling do not apply to --model dlrm" in capsys.readouterr().err
 
 
 def test_compare_runs_a_graph_model_with_ranking_columns(tmp_path):
