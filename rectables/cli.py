@@ -208,6 +208,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampling", choices=["user", "interaction"], default=None,
                    help="BPR triples: user uniform, then one of their items (the papers' code; default), or every "
                         "training interaction once")
+    g.add_argument("--lr-decay", type=float, default=None,
+                   help="factor on both learning rates after each epoch of --lr-decay-at (a step schedule)")
+    g.add_argument("--lr-decay-at", default=None, help="epochs after which --lr-decay applies, e.g. 40,60")
     g.add_argument("--eval-every", type=int, default=None, help="epochs between test evaluations (default: 1)")
     g.add_argument("--k", type=int, default=None, help="cut-off of Recall@k and NDCG@k (default: 20)")
     d = p.add_argument_group("sequence models (din, din-base) only")

@@ -1,8 +1,11 @@
 """One run of a graph collaborative-filtering model (NGCF, LightGCN: ``models/ngcf.py``) on
 implicit-feedback data in the NGCF format (Gowalla), from a plain JSON-able spec.
 
-Each epoch takes every training interaction once with a freshly sampled negative (seeded
-by (seed, epoch), so ``resume`` continues exactly), and every ``eval_every`` epochs the
+Each epoch draws as many BPR triples as there are training interactions (``sampling``:
+"user", a user uniformly and then one of their items, as the papers' code does, or
+"interaction", each once), each with a freshly sampled negative (seeded by (seed, epoch),
+so ``resume`` continues exactly); both learning rates follow an optional step schedule
+(``lr_decay`` after each epoch of ``lr_decay_at``); and every ``eval_every`` epochs the
 full-ranking Recall@k and NDCG@k on the test split (``rectables/ranking.py``) are logged
 with the wall time.  The NGCF-format data have no validation split: nothing is selected
 on the test split; the summary reports the last evaluation and the whole curve.
@@ -25,7 +28,8 @@ GRAPH_MODELS = ("ngcf", "lightgcn")
 GRAPH_SPEC = {"model": "lightgcn", "method": "full", "budget": 1.0, "dim": 64, "layers": 3, "epochs": 20,
               "batch_size": 8192, "sparse_optimizer": "adam", "sparse_lr": 0.01,
               "sparse_eps": SparseOptimizer.eps, "dense_lr": 0.001, "l2": 1e-4,
-              "message_dropout": None, "node_dropout": 0.0, "sampling": "user", "seed": 0, "eval_every": 1, "k": 20, "progress": True}
+              "message_dropout": None, "node_dropout": 0.0, "sampling": "user", "lr_decay": 1.0, "lr_decay_at": [],
+              "seed": 0, "eval_every": 1, "k": 20, "progress": True}
 #: NGCF's message dropout where the spec gives none (its paper: 0.1); LightGCN has none
 MESSAGE_DROPOUT = {"ngcf": 0.1, "lightgcn": 0.0}
 
@@ -63,12 +67,33 @@ def resolve_spec(spec: dict) -> dict:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, got {out['sampling']!r}")
     if out["message_dropout"] is None:
         out["message_dropout"] = MESSAGE_DROPOUT[out["model"]]
+    decay, at = out["lr_decay"], out["lr_decay_at"]
+    if not (isinstance(decay, (int, float)) and 0 < decay <= 1 and isinstance(at, (list, tuple))
+            and all(isinstance(e, int) and e >= 1 for e in at) and list(at) == sorted(set(at))):
+        raise ValueError(f"lr_decay must lie in (0, 1] and lr_decay_at be increasing epochs >= 1, got {decay}, {at}")
+    if (decay == 1) != (len(at) == 0):
+        raise ValueError("lr_decay and lr_decay_at go together: a factor < 1 and the epochs after which it applies")
+    out["lr_decay_at"] = list(at)
     if out["epochs"] < 1 or out["batch_size"] < 1 or out["eval_every"] < 1 or out["k"] < 1:
         raise ValueError("epochs, batch_size, eval_every and k must be >= 1")
     from data.sources import resolve
 
     out["data"] = str(resolve(spec["data"]).absolute())
     return out
+
+
+def set_rates(model, spec: dict, dense_opt, dense_lrs: list[float], done: int) -> float:
+    """Both optimizers' rates for the epoch after ``done`` epochs: the spec's rates times
+    lr_decay for every epoch of lr_decay_at that has passed (a step schedule); returns the factor."""
+    from rectables.memory import _collections
+
+    scale = spec["lr_decay"] ** sum(e <= done for e in spec["lr_decay_at"])
+    for c in _collections(model):
+        for st in c.storages.values():
+            st.set_learning_rate(spec["sparse_lr"] * scale)
+    for g, lr in zip(dense_opt.param_groups if dense_opt else [], dense_lrs):
+        g["lr"] = lr * scale
+    return scale
 
 
 def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: bool = False) -> dict:
@@ -95,6 +120,7 @@ def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: 
     torch.manual_seed(spec["seed"])
     model = build_graph_model(spec, train, U, I)
     params = dense_param_groups(model, spec["dense_lr"])
+    dense_lrs = [g["lr"] for g in params]  # the optimizer keeps these dicts as its groups
     dense_opt = torch.optim.Adam(params, lr=spec["dense_lr"]) if params else None
     state = {"epoch": 0, "step": 0, "history": []}
     if resume:
@@ -104,6 +130,7 @@ def run_graph(spec: dict, run_dir: str | Path, resume: bool = False, overwrite: 
     write_jsonl(run / "metrics.jsonl", state["history"])
     B, label = spec["batch_size"], f"{spec['model']} {spec['method']}"
     while state["epoch"] < spec["epochs"]:
+        set_rates(model, spec, dense_opt, dense_lrs, state["epoch"])
         model.train()
         torch.manual_seed(spec["seed"] * 100_003 + state["epoch"])  # dropout masks, per epoch
         users, pos, neg = bpr_triples(train, I, np.random.default_rng([spec["seed"], state["epoch"]]), spec["sampling"])

@@ -148,7 +148,8 @@ def table_settings(model) -> dict:
 RESUMABLE = {"train.epochs", "train.progress", "versions"}
 #: settings added after runs were made, at the value every earlier run had: a run that
 #: lacks one resumes when it is asked at that value
-ADDED = {"train.sparse_eps": SparseOptimizer.eps, "sparse_eps": SparseOptimizer.eps}
+ADDED = {"train.sparse_eps": SparseOptimizer.eps, "sparse_eps": SparseOptimizer.eps,
+         "sampling": "interaction", "lr_decay": 1.0, "lr_decay_at": []}  # graph runs
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

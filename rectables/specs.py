@@ -12,8 +12,8 @@ CTR_DEFAULTS = {"dim": 16, "epochs": 1, "optimizer": "rowwise_adagrad", "over_ar
                 "max_steps": 0}
 #: flags that only some model families take (ctr: dlrm, deepfm; graph: ngcf, lightgcn; sequence: din, din-base)
 ONLY = {"dense_arch": ("ctr",), "over_arch": ("ctr",), "patience": ("ctr", "sequence"), "max_steps": ("ctr", "sequence"),
-        **{f: ("graph",) for f in ("layers", "l2", "message_dropout", "node_dropout", "sampling", "eval_every",
-                                       "k")},
+        **{f: ("graph",) for f in ("layers", "l2", "message_dropout", "node_dropout", "sampling", "lr_decay",
+                                       "lr_decay_at", "eval_every", "k")},
         "activation": ("sequence",), "softmax": ("sequence",)}
 
 
@@ -38,6 +38,13 @@ def check_family(args) -> str:
     return family
 
 
+def _epoch_list(text: str) -> list[int]:
+    try:
+        return [int(e) for e in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--lr-decay-at takes epochs separated by commas, e.g. 40,60; got {text!r}") from None
+
+
 def graph_spec(args) -> dict:
     from data.sources import resolve
 
@@ -47,7 +54,8 @@ def graph_spec(args) -> dict:
             "sparse_optimizer": args.optimizer, "sparse_lr": args.sparse_lr, "sparse_eps": args.sparse_eps,
             "dense_lr": args.dense_lr, "l2": args.l2,
             "message_dropout": args.message_dropout, "node_dropout": args.node_dropout,
-            "sampling": args.sampling, "seed": args.seed,
+            "sampling": args.sampling, "lr_decay": args.lr_decay, "seed": args.seed,
+            "lr_decay_at": None if args.lr_decay_at is None else _epoch_list(args.lr_decay_at),
             "eval_every": args.eval_every, "k": args.k, "progress": not args.quiet}
 
 

@@ -206,6 +206,48 @@ def test_reader_and_a_graph_run_that_resumes_exactly(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_step_schedule_scales_both_rates_after_its_epochs_and_resumes_exactly(tmp_path):
+    from rectables.graph import run_graph, set_rates, build_graph_model, resolve_spec
+
+    _write_dataset(tmp_path / "g")
+    spec = {"data": str(tmp_path / "g"), "model": "ngcf", "dim": 4, "batch_size": 2, "progress": False,
+            "sparse_lr": 0.1, "dense_lr": 0.01, "lr_decay": 0.5, "lr_decay_at": [1, 2]}
+    whole = run_graph({**spec, "epochs": 3}, tmp_path / "a")
+    plain = run_graph({**spec, "epochs": 3, "lr_decay": 1.0, "lr_decay_at": []}, tmp_path / "p")
+    assert plain["history"][0]["loss"] == whole["history"][0]["loss"] != whole["history"][1]["loss"]
+    assert plain["history"][1]["loss"] != whole["history"][1]["loss"]
+    run_graph({**spec, "epochs": 2}, tmp_path / "b")
+    resumed = run_graph({**spec, "epochs": 3}, tmp_path / "b", resume=True)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in whole["history"]]
+    full = resolve_spec({**spec, "epochs": 3})
+    train, _, n_users, n_items = load_interactions(tmp_path / "g")
+    m = build_graph_model(full, train, n_users, n_items)
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.01)
+    assert set_rates(m, full, opt, [0.01], 2) == 0.25
+    assert opt.param_groups[0]["lr"] == 0.0025 and m.embedding.storage.optimizer.lr == 0.025
+    for bad in ({"lr_decay": 0.5, "lr_decay_at": []}, {"lr_decay": 1.0, "lr_decay_at": [3]},
+                {"lr_decay": 1.5, "lr_decay_at": [1]},
+                {"lr_decay": 0.5, "lr_decay_at": [2, 1]}):
+        with pytest.raises(ValueError, match="lr_decay"):
+            run_graph({**spec, **bad}, tmp_path / "c")
+
+
+def test_a_run_from_before_sampling_and_decay_existed_resumes_only_as_it_was_made(tmp_path):
+    from rectables.graph import run_graph
+    from rectables.runs import RunError
+
+    _write_dataset(tmp_path / "g")
+    spec = {"data": str(tmp_path / "g"), "model": "lightgcn", "dim": 4, "batch_size": 2, "progress": False}
+    run_graph({**spec, "epochs": 1, "sampling": "interaction"}, tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    for k in ("sampling", "lr_decay", "lr_decay_at"):
+        del config[k]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunError, match="sampling: None -> 'user'"):
+        run_graph({**spec, "epochs": 2}, tmp_path / "old", resume=True)
+    assert len(run_graph({**spec, "epochs": 2, "sampling": "interaction"}, tmp_path / "old", resume=True)["history"]) == 2
+
+
 def test_a_bad_interaction_file_is_named(tmp_path):
     d = tmp_path / "g"
     _write_dataset(d)
@@ -230,6 +272,13 @@ def test_command_line_trains_a_graph_model_and_refuses_flags_of_the_other_family
     assert main(["train", "--model", "dlrm", "--data", str(tmp_path / "g"), "--run", str(tmp_path / "r3"),
                  "--layers", "2", "--sampling", "user"]) == 1
     assert "--layers, --sampling do not apply to --model dlrm" in capsys.readouterr().err
+    assert main(["train", "--model", "ngcf", "--data", str(tmp_path / "g"), "--run", str(tmp_path / "r4"),
+                 "--lr-decay", "0.1", "--lr-decay-at", "40;60"]) == 1
+    assert "--lr-decay-at takes epochs separated by commas" in capsys.readouterr().err
+    assert main(["train", "--model", "ngcf", "--data", str(tmp_path / "g"), "--run", str(tmp_path / "r5"), "--epochs",
+                 "2", "--dim", "4", "--lr-decay", "0.1", "--lr-decay-at", "1", "--quiet"]) == 0
+    config = json.loads((tmp_path / "r5" / "config.json").read_text())
+    assert (config["lr_decay"], config["lr_decay_at"]) == (0.1, [1])
 
 
 def test_compare_runs_a_graph_model_with_ranking_columns(tmp_path):
