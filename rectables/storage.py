@@ -3,7 +3,8 @@
 fbgemm's ``SplitTableBatchedEmbeddingBagsCodegen`` (HOST placement, CPU compute) holds
 the rows of all physical tables in one flat buffer and applies SGD / Adagrad /
 row-wise Adagrad inside its backward, so no table gradient is ever materialised.
-Adam runs through :func:`rectables.optim.sparse_adam_step` on the touched rows only.
+Row-wise Adam runs on the touched rows only: in the compiled update (``rectables/_rowupdate.c``)
+with the others, or through :func:`rectables.optim.sparse_adam_step` where it is not built.
 
 Shapes: T lanes (one TBE "feature" each, several lanes may read one physical table),
 B bags per lane, N ids in all, D_t the dim of lane t, M_k rows of physical table k.
@@ -33,7 +34,7 @@ try:
 except ImportError:  # no compiler at install: fbgemm's backward applies the update
     _rowupdate = None
 
-_KERNEL_OPT = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2}  # the optimizers of _rowupdate.update
+_KERNEL_OPT = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3}  # the optimizers of _rowupdate.update
 
 _FBGEMM_OPT = {
     "sgd": "EXACT_SGD",
@@ -110,14 +111,21 @@ class FusedStorage(nn.Module):
         for k in self._tbe_lanes:
             self._col.append(self._col[-1] + self._padded[k])
         self._lane_perm = None if perm == sorted(perm) else perm
-        self._native = (_rowupdate is not None and optimizer.name != "adam" and dtype == torch.float32
-                        and device.type == "cpu")
+        self._row_off = [0]  # table k's first row among all tables' rows (Adam's exp_avg_sq)
+        for m, _ in self.shapes:
+            self._row_off.append(self._row_off[-1] + m)
+        self._native = _rowupdate is not None and dtype == torch.float32 and device.type == "cpu"
         if self._native:  # per TBE lane: rows' offset in the flat rows, row width, state offset, first column
             pos = [rank[k] for k in self._tbe_lanes]
-            m_off = self.tbe.momentum1_physical_offsets if optimizer.name != "sgd" else torch.zeros(len(self.shapes))
+            if optimizer.name == "adam":
+                state = [self._row_off[k] for k in self._tbe_lanes]
+            elif optimizer.name == "sgd":
+                state = [0] * len(pos)
+            else:
+                state = [int(self.tbe.momentum1_physical_offsets[p]) for p in pos]
             self._lane_args = torch.tensor([[int(self.tbe.weights_physical_offsets[p]) for p in pos],
                                             [self._padded[k] for k in self._tbe_lanes],
-                                            [int(m_off[p]) for p in pos], self._col[:-1]], dtype=torch.int64)
+                                            state, self._col[:-1]], dtype=torch.int64)
         self._col_back = None  # TBE output columns of the caller's lanes, in order, padding dropped
         if self._lane_perm is not None or self._padded != [d for _, d in self.shapes]:
             where = {lane: j for j, lane in enumerate(perm)}
@@ -128,9 +136,6 @@ class FusedStorage(nn.Module):
             self.register_buffer("adam_exp_avg", torch.zeros(self.tbe.weights_host.numel(), device=device), False)
             self.register_buffer("adam_exp_avg_sq", torch.zeros(rows, device=device), False)
             self.register_buffer("adam_step", torch.zeros((), dtype=torch.int64, device=device), False)
-            self._row_off = [0]
-            for m, _ in self.shapes:
-                self._row_off.append(self._row_off[-1] + m)
         self._anchor = torch.zeros(0, requires_grad=True)  # makes autograd call _OwnUpdate's backward
         self._unregister_tbe_state()
 
@@ -245,8 +250,15 @@ class FusedStorage(nn.Module):
         """Sum the gradient per touched row and apply row-wise Adam, table by table."""
         self.adam_step += 1
         step = int(self.adam_step)
+        if self._native:
+            o = self.optimizer
+            self.row_update(indices, offsets, grad, weights, self.adam_exp_avg.data_ptr(), o.beta1, o.beta2,
+                            1 - o.beta2**step, o.lr / (1 - o.beta1**step))
+            return
         T = len(self._tbe_lanes)
         B = (offsets.numel() - 1) // T
+        if B == 0:  # an empty batch touches no row
+            return
         bounds = offsets[::B].tolist()
         per_table: dict[int, tuple[list, list]] = {}
         for lane, k in enumerate(self._tbe_lanes):  # TBE lane order
@@ -268,20 +280,25 @@ class FusedStorage(nn.Module):
             sparse_adam_step(self._stored(k), st["exp_avg"], st["exp_avg_sq"], rows, g, step, self.optimizer)
 
     @torch.no_grad()
-    def row_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor, weights=None) -> None:
-        """SGD, Adagrad or row-wise Adagrad on the rows the lookup (TBE lane order) read."""
+    def row_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor, weights=None,
+                   *adam) -> None:
+        """SGD, Adagrad or row-wise Adagrad on the rows the lookup (TBE lane order) read in the
+        compiled kernel; row-wise Adam there too, given ``adam`` = (exp_avg's address, beta1,
+        beta2, 1 - beta2^step, lr / (1 - beta1^step)) by :meth:`adam_update`."""
         indices, offsets = indices.contiguous().long(), offsets.contiguous().long()
         grad = grad.float().contiguous()
         weights = None if weights is None else weights.detach().float().contiguous()
-        m = self.tbe.momentum1_host if self.optimizer.name != "sgd" else None
+        name = self.optimizer.name
+        m = None if name == "sgd" else self.adam_exp_avg_sq if name == "adam" else self.tbe.momentum1_host
+        lr = adam[4] if adam else self.optimizer.lr
         T = len(self._tbe_lanes)
         la = self._lane_args
-        _rowupdate.update(_KERNEL_OPT[self.optimizer.name], self.optimizer.lr, self.optimizer.eps,
+        _rowupdate.update(_KERNEL_OPT[self.optimizer.name], lr, self.optimizer.eps,
                           self.tbe.weights_host.data_ptr(), 0 if m is None else m.data_ptr(), indices.data_ptr(),
                           offsets.data_ptr(), 0 if weights is None else weights.data_ptr(), grad.data_ptr(),
                           la[0].data_ptr(), la[1].data_ptr(), la[2].data_ptr(), la[3].data_ptr(),
                           T, (offsets.numel() - 1) // T, grad.shape[1], indices.numel(), max(self._padded),
-                          torch.get_num_threads())
+                          torch.get_num_threads(), *adam[:4])
 
 
 class _OwnUpdate(torch.autograd.Function):

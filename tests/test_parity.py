@@ -134,11 +134,11 @@ def test_reset_rows_reinitialises_rows_and_zeroes_their_state(name):
 
 
 @settings(max_examples=30, deadline=None)
-@given(name=st.sampled_from(["sgd", "adagrad", "rowwise_adagrad"]), seed=st.integers(0, 2**16),
+@given(name=st.sampled_from(["sgd", "adagrad", "rowwise_adagrad", "adam"]), seed=st.integers(0, 2**16),
        B=st.integers(0, 9), L=st.integers(0, 5), weighted=st.booleans(), threads=st.sampled_from([1, 2]))
 def test_compiled_update_matches_fbgemms_backward(name, seed, B, L, weighted, threads):
     """The compiled kernel's update (rectables/_rowupdate.c) against fbgemm's own backward
-    on a copy: tables of dims 6 (stored 8) and 4, lanes out of table order, two lanes of one
+    (Adam: against the torch path, rectables.optim.sparse_adam_step) on a copy: tables of dims 6 (stored 8) and 4, lanes out of table order, two lanes of one
     table (their ids' gradients summed per row), repeated ids, per-id weights, two steps."""
     from rectables.storage import FusedStorage
 
@@ -147,7 +147,7 @@ def test_compiled_update_matches_fbgemms_backward(name, seed, B, L, weighted, th
     gen = torch.Generator().manual_seed(seed)
     shapes, lanes = [(7, 6), (40, 4), (5, 4)], [1, 0, 1, 2]
     pair = [FusedStorage(shapes, lanes, rectables.SparseOptimizer(name, lr=0.3)) for _ in range(2)]
-    pair[1]._native = False  # fbgemm's backward
+    pair[1]._native = False  # fbgemm's backward; Adam's torch path
     pair[1].tbe.weights_host.detach().copy_(pair[0].tbe.weights_host.detach())
     torch.set_num_threads(threads)
     try:
