@@ -1,9 +1,9 @@
-/* The fused sparse update of a storage's rows (rectables/storage.py, FusedStorage.row_update
- * and adam_update): SGD, Adagrad, row-wise Adagrad and row-wise Adam applied to the rows a
- * lookup read, in place, from the gradient of the lookup's output.  fbgemm's CPU backward does the same but spends about
- * 1 us per distinct row (a Criteo-size step with row-wise Adagrad, profiled: 42 ms of
- * backward in a 46 ms step); this takes one pass over the ids and a small hash table per
- * run of lanes that read one table.
+/* The fused sparse update of a storage's rows (rectables/storage.py, FusedStorage.row_update):
+ * SGD, Adagrad, row-wise Adagrad and row-wise Adam applied to the rows a lookup read, in
+ * place, from the gradient of the lookup's output.  fbgemm's CPU backward does the same (not
+ * Adam) but spends about 1 us per distinct row (a Criteo-size step with row-wise Adagrad,
+ * profiled: 42 ms of backward in a 46 ms step); this takes one pass over the ids and a small
+ * hash table per run of lanes that read one table.
  *
  * Inputs (addresses of contiguous tensors the caller keeps alive):
  *   w     float [*]     every table's rows, flat (fbgemm's weights_host);
@@ -239,7 +239,7 @@ static PyObject *update(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"update", update, METH_VARARGS, "Fused sparse SGD / Adagrad / row-wise Adagrad / row-wise Adam on the rows a lookup read."},
+    {"update", update, METH_VARARGS, "Fused sparse SGD, Adagrad, row-wise Adagrad, row-wise Adam on the rows read."},
     {NULL, NULL, 0, NULL},
 };
 

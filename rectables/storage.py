@@ -249,12 +249,10 @@ class FusedStorage(nn.Module):
     def adam_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor, weights=None) -> None:
         """Sum the gradient per touched row and apply row-wise Adam, table by table."""
         self.adam_step += 1
-        step = int(self.adam_step)
         if self._native:
-            o = self.optimizer
-            self.row_update(indices, offsets, grad, weights, self.adam_exp_avg.data_ptr(), o.beta1, o.beta2,
-                            1 - o.beta2**step, o.lr / (1 - o.beta1**step))
+            self.row_update(indices, offsets, grad, weights)
             return
+        step = int(self.adam_step)
         T = len(self._tbe_lanes)
         B = (offsets.numel() - 1) // T
         if B == 0:  # an empty batch touches no row
@@ -280,17 +278,19 @@ class FusedStorage(nn.Module):
             sparse_adam_step(self._stored(k), st["exp_avg"], st["exp_avg_sq"], rows, g, step, self.optimizer)
 
     @torch.no_grad()
-    def row_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor, weights=None,
-                   *adam) -> None:
-        """SGD, Adagrad or row-wise Adagrad on the rows the lookup (TBE lane order) read in the
-        compiled kernel; row-wise Adam there too, given ``adam`` = (exp_avg's address, beta1,
-        beta2, 1 - beta2^step, lr / (1 - beta1^step)) by :meth:`adam_update`."""
+    def row_update(self, indices: torch.Tensor, offsets: torch.Tensor, grad: torch.Tensor, weights=None) -> None:
+        """SGD, Adagrad, row-wise Adagrad or row-wise Adam (at the step :meth:`adam_update`
+        counted) on the rows the lookup (TBE lane order) read, in the compiled kernel."""
         indices, offsets = indices.contiguous().long(), offsets.contiguous().long()
         grad = grad.float().contiguous()
         weights = None if weights is None else weights.detach().float().contiguous()
-        name = self.optimizer.name
-        m = None if name == "sgd" else self.adam_exp_avg_sq if name == "adam" else self.tbe.momentum1_host
-        lr = adam[4] if adam else self.optimizer.lr
+        o, m, lr, adam = self.optimizer, None, self.optimizer.lr, ()
+        if o.name == "adam":  # (exp_avg, betas, bias correction of exp_avg_sq); lr takes exp_avg's
+            step = int(self.adam_step)
+            m, lr = self.adam_exp_avg_sq, o.lr / (1 - o.beta1**step)
+            adam = (self.adam_exp_avg.data_ptr(), o.beta1, o.beta2, 1 - o.beta2**step)
+        elif o.name != "sgd":
+            m = self.tbe.momentum1_host
         T = len(self._tbe_lanes)
         la = self._lane_args
         _rowupdate.update(_KERNEL_OPT[self.optimizer.name], lr, self.optimizer.eps,
@@ -298,7 +298,7 @@ class FusedStorage(nn.Module):
                           offsets.data_ptr(), 0 if weights is None else weights.data_ptr(), grad.data_ptr(),
                           la[0].data_ptr(), la[1].data_ptr(), la[2].data_ptr(), la[3].data_ptr(),
                           T, (offsets.numel() - 1) // T, grad.shape[1], indices.numel(), max(self._padded),
-                          torch.get_num_threads(), *adam[:4])
+                          torch.get_num_threads(), *adam)
 
 
 class _OwnUpdate(torch.autograd.Function):
