@@ -1,5 +1,5 @@
 """Only the C fast paths (Criteo reader, id map of dynamic tables, OptEmbed's masks, the
-fused sparse update, DIN's Dice, attention inputs and pooling); everything else is in
+fused sparse update, DIN's Dice, first attention layer and pooling); everything else is in
 pyproject.toml.  ``optional``: without a compiler all still work, through their
 pure-Python/torch/fbgemm paths, which give the same results."""
 from setuptools import Extension, setup
@@ -11,7 +11,7 @@ setup(ext_modules=[
               extra_link_args=["-fopenmp"]),  # torch's OpenMP runtime: see run_threads
     Extension("rectables._masks", ["rectables/_masks.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"]),
-    Extension("models._din", ["models/_din.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
+    Extension("models._din", ["models/_din.c", "models/_din_query.c"], depends=["models/_din.h"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"]),
     Extension("rectables._rowupdate", ["rectables/_rowupdate.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"]),

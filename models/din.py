@@ -43,95 +43,109 @@ except ImportError:  # not built: the torch functions here, same values
 
 
 class _DiceFn(torch.autograd.Function):
-    """y = s (alpha + p (1 - alpha)), p = sigmoid((s - mean) rstd), s = x + add[segment]
-    where ``add`` [B, H] is given (rows of segment b: offsets[b] .. offsets[b+1]-1), with a
-    hand-written backward (batch-norm's included where the statistics are the batch's).
-    forward -> (y [N, H], batch mean [H], batch biased var [H]) (the last two: no grad)."""
+    """y = s (alpha + p (1 - alpha)), p = sigmoid((s - mean) rstd), with a hand-written
+    backward (batch-norm's included where the statistics are the batch's), and optionally
+    a head Linear(H, 1) after it (weights v [H], bias c []): out = c + y v [N], y never
+    stored.  forward -> (y [N, H] or out [N], batch mean [H], batch biased var [H]) (the
+    last two: no grad)."""
 
     @staticmethod
-    def forward(ctx, x, alpha, add, offsets, stats, eps: float):
-        native = _native is not None and x.dtype == torch.float32 and alpha.dtype == torch.float32 and (
-            add is None or add.dtype == torch.float32)
-        N, H = x.shape
-        mean, rstd, var = (x.new_empty(H), x.new_empty(H), x.new_empty(H)) if stats is None else (*stats, None)
+    def forward(ctx, s, alpha, v, c, stats, eps: float):
+        native = _native is not None and s.dtype == alpha.dtype == torch.float32 and (
+            v is None or v.dtype == c.dtype == torch.float32)
+        N, H = s.shape
+        mean, rstd, var = (s.new_empty(H), s.new_empty(H), s.new_empty(H)) if stats is None else (*stats, None)
+        s = s.contiguous() if native else s
         if native:
-            x, alpha = x.contiguous(), alpha.detach().contiguous()
-            s = x if add is None else torch.empty_like(x)
-            a = None if add is None else add.detach().contiguous()
-            y, p = torch.empty_like(x), torch.empty_like(x)
-            B = 0 if offsets is None else offsets.numel() - 1
-            _native.dice_forward(x.data_ptr(), s.data_ptr(), N, H, 0 if a is None else a.data_ptr(),
-                                 0 if offsets is None else offsets.data_ptr(), B, alpha.data_ptr(), mean.data_ptr(),
-                                 rstd.data_ptr(), 0 if var is None else var.data_ptr(), y.data_ptr(), p.data_ptr(),
-                                 eps, stats is None)
+            out, p = s.new_empty(N) if v is not None else torch.empty_like(s), torch.empty_like(s)
+            vd = None if v is None else v.detach().reshape(H).contiguous()
+            _native.dice_forward(s.data_ptr(), N, H, alpha.detach().contiguous().data_ptr(), mean.data_ptr(),
+                                 rstd.data_ptr(), 0 if var is None else var.data_ptr(), out.data_ptr(), p.data_ptr(),
+                                 0 if vd is None else vd.data_ptr(), 0.0 if c is None else float(c), eps, stats is None)
         else:
-            s = x if add is None else x + add.index_select(0, _segments(offsets, N))
             if stats is None:
                 mean.copy_(s.mean(0))
                 var.copy_((s * s).mean(0).sub_(mean * mean).clamp_(min=0))
                 rstd.copy_((var + eps).rsqrt())
-            y, p = _dice_forward(s, alpha, mean, rstd), None
-        ctx.save_for_backward(s, p, alpha, mean, rstd, offsets)
-        ctx.batch_stats, ctx.native, ctx.has_add = stats is None, native, add is not None
+            out, p = _dice_forward(s, alpha, mean, rstd), None
+            out = out if v is None else out @ v.reshape(H) + c.reshape(())
+        ctx.save_for_backward(s, p, alpha, mean, rstd, v)
+        ctx.batch_stats, ctx.native, ctx.c_shape = stats is None, native, None if c is None else c.shape
         if stats is not None:  # (no batch statistics to return)
-            mean = var = x.new_empty(0)
+            mean = var = s.new_empty(0)
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return out, mean, var
 
     @staticmethod
     def backward(ctx, g, _gm, _gv):
-        s, p, alpha, mean, rstd, offsets = ctx.saved_tensors
-        g = g.contiguous()
+        s, p, alpha, mean, rstd, v = ctx.saved_tensors
         N, H = s.shape
+        g = g.contiguous()
+        gv = gc = None
+        if v is not None:  # g is the head's: g_out [N]
+            gc = g.sum().reshape(ctx.c_shape)
         if ctx.native:
             g_s, g_alpha = torch.empty_like(s), torch.empty(H)
-            g_add = torch.empty(offsets.numel() - 1, H) if ctx.has_add else None
-            _native.dice_backward(g.data_ptr(), s.data_ptr(), p.data_ptr(), N, H, alpha.data_ptr(), mean.data_ptr(),
-                                  rstd.data_ptr(), ctx.batch_stats, g_s.data_ptr(), g_alpha.data_ptr(),
-                                  0 if offsets is None else offsets.data_ptr(), 0 if g_add is None else g_add.shape[0],
-                                  0 if g_add is None else g_add.data_ptr())
+            vd = None if v is None else v.detach().reshape(H).contiguous()
+            gv = None if v is None else torch.empty(H)
+            _native.dice_backward(g.data_ptr(), s.data_ptr(), p.data_ptr(), N, H, alpha.detach().contiguous().data_ptr(),
+                                  mean.data_ptr(), rstd.data_ptr(), ctx.batch_stats, g_s.data_ptr(), g_alpha.data_ptr(),
+                                  0 if vd is None else vd.data_ptr(), 0 if gv is None else gv.data_ptr())
         else:
+            if v is not None:  # through the head first
+                gv = _dice_forward(s, alpha, mean, rstd).T @ g
+                g = g[:, None] * v.reshape(1, H)
             g_s, g_alpha = _dice_backward(g, s, alpha, mean, rstd, ctx.batch_stats)
-            g_add = None if not ctx.has_add else g_s.new_zeros(offsets.numel() - 1, H).index_add_(
-                0, _segments(offsets, N), g_s)
-        return g_s, g_alpha, g_add, None, None, None
+        return g_s, g_alpha, None if gv is None else gv.reshape(v.shape), gc, None, None
 
 
-class _PairsFn(torch.autograd.Function):
-    """e [B + N, De] (the B queries, then the N history keys; key n in segment b) -> (the
-    attention's pair inputs X [N, 2 De] = [k_n, q_b * k_n], the queries q [B, De]); the
-    backward gives de in one pass (C), not through slices, a gather, a product and a
-    concatenation."""
+class _QueryLayerFn(torch.autograd.Function):
+    """DIN's first attention layer on the pairs (q_b, k_n), q_b = e[b] and k_n = e[B + n]
+    (key n in segment b).  With the layer's W = [W1 W2 W3 W4] [H, 4 De] and bias, its value
+    on [q, k, q - k, q k] regroups as s [N, H] = c_b + (A + C diag(q_b)) k_n, A = W2 - W3,
+    C = W4 and c = bias + q (W1 + W3)^T [B, H]: De multiply-adds a key and unit instead of
+    the 4 De of the input as written (2 De of [k, q k]).  In C (models/_din_query.c);
+    :func:`_query_layer` picks it, or torch's ops for other dtypes or without the kernels.
+    forward(e, offsets, A, C, Wq = W1 + W3, bias) -> (s, q = e[:B]); q's gradient (from
+    its other uses) joins e's in this backward rather than through a slice's."""
 
     @staticmethod
-    def forward(ctx, e, offsets):
-        B, N = offsets.numel() - 1, e.shape[0] - offsets.numel() + 1
-        ctx.native = _native is not None and e.dtype == torch.float32
+    def forward(ctx, e, offsets, A, C, Wq, bias):
+        (H, D), B = A.shape, offsets.numel() - 1
         e = e.contiguous()
-        if ctx.native:
-            X = e.new_empty(N, 2 * e.shape[1])
-            _native.pairs_forward(0, 0, e.data_ptr(), B, N, e.shape[1], offsets.data_ptr(), X.data_ptr(), 0)
-        else:
-            keys = e[B:]
-            X = torch.cat([keys, e[:B].index_select(0, _segments(offsets, N)) * keys], 1)
-        ctx.save_for_backward(e, offsets)
-        return X, e[:B].clone()
+        c = torch.addmm(bias.detach(), e[:B], Wq.detach().T)
+        Hp = -(-H // 16) * 16  # the kernel reads whole vectors: A^T and C^T rows padded
+        At, Ct = (torch.nn.functional.pad(m.detach().T, (0, Hp - H)).contiguous() for m in (A, C))
+        s = e.new_empty(e.shape[0] - B, H)
+        _native.query_forward(e.data_ptr(), B, s.shape[0], D, offsets.data_ptr(), At.data_ptr(), Ct.data_ptr(),
+                              c.data_ptr(), H, s.data_ptr())
+        ctx.save_for_backward(e, offsets, A, C, Wq)
+        return s, e[:B].clone()
 
     @staticmethod
-    def backward(ctx, gX, gq):
-        e, offsets = ctx.saved_tensors
-        B, (N, D) = offsets.numel() - 1, e.shape
-        gX = gX.contiguous() if gX is not None else e.new_zeros(N - B, 2 * D)
-        if ctx.native:
-            ge = torch.empty_like(e)
-            gq = None if gq is None else gq.contiguous()
-            _native.pairs_backward(gX.data_ptr(), 0 if gq is None else gq.data_ptr(), e.data_ptr(), B, N - B, D,
-                                   offsets.data_ptr(), ge.data_ptr(), 0)
-            return ge, None
-        seg = _segments(offsets, N - B)
-        g1, g2 = gX.split(D, 1)
-        ge_q = e.new_zeros(B, D).index_add_(0, seg, g2 * e[B:])
-        return torch.cat([ge_q if gq is None else ge_q + gq, g1 + g2 * e[:B].index_select(0, seg)]), None
+    def backward(ctx, gs, gq):
+        e, offsets, A, C, Wq = ctx.saved_tensors
+        (H, D), B = A.shape, offsets.numel() - 1
+        Dp = -(-D // 16) * 16
+        Ap, Cp = (torch.nn.functional.pad(m.detach(), (0, Dp - D)).contiguous() for m in (A, C))
+        gs = gs.contiguous()
+        ge, gc, gA, gC = torch.empty_like(e), e.new_empty(B, H), e.new_empty(2, H, Dp), e.new_empty(2, H, Dp)
+        _native.query_backward(gs.data_ptr(), e.data_ptr(), B, e.shape[0] - B, D, offsets.data_ptr(), Ap.data_ptr(),
+                               Cp.data_ptr(), H, ge.data_ptr(), gc.data_ptr(), gA.data_ptr(), gC.data_ptr())
+        ge[:B].addmm_(gc, Wq.detach())  # through c
+        if gq is not None:
+            ge[:B] += gq
+        return ge, None, gA.sum(0)[:, :D], gC.sum(0)[:, :D], gc.T @ e[:B], gc.sum(0)
+
+
+def _query_layer(e, offsets, A, C, Wq, bias):
+    """:class:`_QueryLayerFn`'s values, in C for float32, else in torch's ops."""
+    if _native is not None and e.dtype == A.dtype == C.dtype == Wq.dtype == torch.float32:
+        return _QueryLayerFn.apply(e, offsets, A, C, Wq, bias)
+    B = offsets.numel() - 1
+    q, keys, seg = e[:B], e[B:], _segments(offsets, e.shape[0] - B)
+    c = torch.addmm(bias, q, Wq.T)
+    return c.index_select(0, seg) + keys @ A.T + (q.index_select(0, seg) * keys) @ C.T, q
 
 
 class _PoolFn(torch.autograd.Function):
@@ -173,9 +187,9 @@ def _segments(offsets: torch.Tensor, N: int) -> torch.Tensor:
 class Dice(nn.Module):
     """[N, H] -> [N, H]: p(s) s + (1 - p(s)) alpha s, p(s) = sigmoid((s - E s) / sqrt(Var s + eps)),
     E and Var over the rows in training (running averages, momentum 0.1, kept for eval) and
-    their running averages in eval; alpha per unit, starting at 0.  ``forward(x, add,
-    offsets)`` takes s = x + add[b] for the rows of segment b (add [B, H], offsets [B + 1]),
-    added in the kernel's first pass instead of as a gathered [N, H] copy."""
+    their running averages in eval; alpha per unit, starting at 0.  ``forward(x, head)``
+    with a ``Linear(H, 1)`` head gives ``head(dice(x))`` [N, 1] in one fused op, without
+    the [N, H] activations."""
 
     def __init__(self, width: int, eps: float = 1e-8, momentum: float = 0.1):
         super().__init__()
@@ -184,33 +198,23 @@ class Dice(nn.Module):
         self.register_buffer("running_mean", torch.zeros(width))
         self.register_buffer("running_var", torch.ones(width))
 
-    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None, offsets: torch.Tensor | None = None):
-        _check_dice_args(x, self.alpha.numel(), add, offsets)
+    def forward(self, x: torch.Tensor, head: nn.Linear | None = None) -> torch.Tensor:
+        H = self.alpha.numel()
+        if x.dim() != 2 or x.shape[1] != H:  # the kernels read what the shape promises
+            raise ValueError(f"Dice({H}) takes [N, {H}] rows, got {tuple(x.shape)}")
+        if head is not None and (head.in_features, head.out_features, head.bias is None) != (H, 1, False):
+            raise ValueError(f"Dice({H}) fuses a Linear({H}, 1) head with a bias, got {head}")
+        v, c = (None, None) if head is None else (head.weight, head.bias)
         if self.training and x.shape[0] > 1:
-            y, mean, var = _DiceFn.apply(x, self.alpha, add, offsets, None, self.eps)
+            out, mean, var = _DiceFn.apply(x, self.alpha, v, c, None, self.eps)
             with torch.no_grad():
                 n = x.shape[0]
                 self.running_mean.lerp_(mean, self.momentum)
                 self.running_var.lerp_(var * n / (n - 1), self.momentum)
-            return y
-        stats = (self.running_mean, (self.running_var + self.eps).rsqrt())
-        return _DiceFn.apply(x, self.alpha, add, offsets, stats, self.eps)[0]
-
-
-def _check_dice_args(x, H: int, add, offsets) -> None:
-    """The kernels read what these shapes promise: refuse anything else, naming it."""
-    if x.dim() != 2 or x.shape[1] != H:
-        raise ValueError(f"Dice({H}) takes [N, {H}] rows, got {tuple(x.shape)}")
-    if (add is None) != (offsets is None):
-        raise ValueError("Dice: add and offsets go together")
-    if add is None:
-        return
-    if add.dim() != 2 or add.shape[1] != H or offsets.dim() != 1 or offsets.numel() != add.shape[0] + 1 or \
-            offsets.dtype != torch.long:
-        raise ValueError(f"Dice: add must be [B, {H}] and offsets int64 [B + 1], got {tuple(add.shape)} and "
-                         f"{offsets.dtype} {tuple(offsets.shape)}")
-    if offsets[0] != 0 or offsets[-1] != x.shape[0] or (offsets.diff() < 0).any():
-        raise ValueError(f"Dice: offsets must rise from 0 to the {x.shape[0]} rows, got {offsets[0]} .. {offsets[-1]}")
+        else:
+            stats = (self.running_mean, (self.running_var + self.eps).rsqrt())
+            out = _DiceFn.apply(x, self.alpha, v, c, stats, self.eps)[0]
+        return out if head is None else out[:, None]
 
 
 def _mlp(widths: list[int], activation: str) -> nn.Sequential:
@@ -256,26 +260,21 @@ class DIN(nn.Module):
             q, keys = e[:B], e[B:]
             pooled = torch.zeros_like(q).index_add(0, _segments(offsets, len(keys)), keys)
             return self.mlp(torch.cat([q, pooled], 1)).squeeze(1)
-        X, q = _PairsFn.apply(e, offsets)  # (the gradient of q joins e's in the pairs' backward)
-        w = self._scores(X, q, offsets)  # [N]
+        q, w = self._scores(e, offsets)  # [B, De], [N]
         if self.softmax:
             w = segment_softmax(w, _segments(offsets, len(w)), B)
         return self.mlp(torch.cat([q, _PoolFn.apply(e, w, offsets)], 1)).squeeze(1)
 
-    def _scores(self, X: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """The attention MLP on [q, k, q - k, q * k] [N, 4 De] without building it: the first
-        layer is q (W1 + W3) + b per sample [B, H] plus X = [k, q * k] times [W2 - W3; W4]
-        [N, H] (half the FLOPs), the per-sample part added by Dice's first pass (or
-        gathered, for PReLU)."""
-        lin, act = self.attention[0], self.attention[1]
-        W1, W2, W3, W4 = lin.weight.split(q.shape[1], 1)
-        qw = torch.addmm(lin.bias, q, (W1 + W3).T)  # [B, H]
-        pre = X @ torch.cat([W2 - W3, W4], 1).T  # [N, H]
-        if isinstance(act, Dice):
-            h = act(pre, qw, offsets)
-        else:
-            h = act(pre + qw.index_select(0, _segments(offsets, len(pre))))
-        return self.attention[2:](h).squeeze(1)
+    def _scores(self, e: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the queries [B, De], the attention MLP's scores [N]) on [q, k, q - k, q * k] [N, 4 De]
+        without building it: the first layer in :class:`_QueryLayerFn`, the last with the
+        Dice before it (``Dice(h, head)``)."""
+        first, *rest = self.attention
+        W1, W2, W3, W4 = first.weight.split(e.shape[1], 1)
+        h, q = _query_layer(e, offsets, W2 - W3, W4, W1 + W3, first.bias)
+        for act, lin in zip(rest[::2], rest[1::2]):
+            h = act(h, lin) if lin is rest[-1] and isinstance(act, Dice) else lin(act(h))
+        return q, h.squeeze(1)
 
 
 def segment_softmax(w: torch.Tensor, seg: torch.Tensor, B: int) -> torch.Tensor:

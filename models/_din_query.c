@@ -1,0 +1,217 @@
+/* DIN's first attention layer without the pairs (models/din.py, _QueryLayerFn).
+ *
+ * The layer scores [q, k, q - k, q k] (q_b the sample's query, k_n a history key, both [D])
+ * with weights W = [W1 W2 W3 W4] [H, 4 D] and a bias.  Regrouped:
+ *   s_n = c_b + M_b k_n,  c_b = bias + (W1 + W3) q_b  (per sample, by the caller),
+ *   M_b = A + C diag(q_b),  A = W2 - W3,  C = W4  [H, D],
+ * so each key costs D H multiply-adds instead of the 2 D H of a GEMM on [k, q k], and the
+ * [N, 2 D] pairs are never built.  Backward, per sample:
+ *   g_k_n = M_b^T g_s_n,  g_M_b = sum_n g_s_n k_n^T,  g_c_b = sum_n g_s_n,
+ *   g_A += g_M_b,  g_C += g_M_b diag(q_b),  g_q_b = column sums of C o g_M_b.
+ * Keys n of sample b: rows off[b] .. off[b+1]-1 of the keys; e [B + N, D] holds the B
+ * queries, then the N keys.  Samples are split over two threads as in _din.c; the weight
+ * gradients are summed per thread, then added (deterministic for a thread count). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "_din.h"
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4))); /* unaligned loads and stores */
+
+#define ALWAYS static inline __attribute__((always_inline))
+
+static int64_t up16(int64_t n) { return (n + 15) / 16 * 16; }
+
+/* out[r][0 .. w) = init + sum over t < K of a[r ars + t ats] Bm[t ldb + 0 .. w), r < R,
+ * w <= 16 CG; Bm rows hold 16 CG readable values, init 16 CG (or none: 0); out rows are ldo
+ * apart.  The R CG <= 16 vector accumulators stay in registers. */
+ALWAYS void tile(const int R, const int CG, const float *a, int64_t ars, int64_t ats, int64_t K, const float *Bm,
+                 int64_t ldb, const float *init, float *out, int64_t ldo, int64_t w) {
+    v16 acc[8][4];
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < CG; g++) acc[r][g] = init ? *(const v16u *)(init + 16 * g) : (v16){0};
+    for (int64_t t = 0; t < K; t++) {
+        v16 m[4];
+        for (int g = 0; g < CG; g++) m[g] = *(const v16u *)(Bm + t * ldb + 16 * g);
+        for (int r = 0; r < R; r++) {
+            const float x = a[r * ars + t * ats]; /* broadcast (as x + (v16){0} would add in scalar first) */
+            for (int g = 0; g < CG; g++) acc[r][g] += x * m[g];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int g = 0; g < CG; g++) {
+            float *o = out + r * ldo + 16 * g;
+            if (w >= 16 * (g + 1)) {
+                *(v16u *)o = acc[r][g];
+            } else if (w > 16 * g) {
+                float tmp[16];
+                *(v16u *)tmp = acc[r][g];
+                memcpy(o, tmp, (size_t)(w - 16 * g) * sizeof(float));
+            }
+        }
+}
+
+#define TILE(R, CG) \
+    case R * 8 + CG: tile(R, CG, a + r0 * ars, ars, ats, K, Bm + j, ldb, init ? init + j : NULL, out + r0 * ldo + j, ldo, w); break;
+
+/* out [rows, W] = init + a [rows, K] Bm [K, Wp] (Wp = W rounded up to 16), in tiles of 64
+ * columns by 4 rows, or 8 where the tile is 32 columns or fewer */
+ALWAYS void product(const float *a, int64_t ars, int64_t ats, int64_t rows, int64_t K, const float *Bm, int64_t ldb,
+                    const float *init, float *out, int64_t ldo, int64_t W) {
+    for (int64_t j = 0; j < W; j += 64) {
+        const int64_t w = W - j < 64 ? W - j : 64, CG = up16(w) / 16, R = CG > 2 ? 4 : 8;
+        for (int64_t r0 = 0; r0 < rows; r0 += R)
+            switch ((rows - r0 < R ? rows - r0 : R) * 8 + CG) {
+                TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1) TILE(7, 1) TILE(8, 1)
+                TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2) TILE(7, 2) TILE(8, 2)
+                TILE(1, 3) TILE(2, 3) TILE(3, 3) TILE(4, 3) TILE(1, 4) TILE(2, 4) TILE(3, 4) TILE(4, 4)
+            }
+    }
+}
+
+typedef struct {
+    const float *e, *A, *C, *c, *gs; /* A, C: [D, Hp] transposed and padded (forward), [H, Dp] padded (backward) */
+    const int64_t *off;
+    float *s, *ge, *gc, *gA, *gC; /* gA, gC: this part's [H, Dp] sums */
+    float *scratch;               /* this part's (see forward_part, backward_part) */
+    int64_t B, D, H, b0, b1, maxlen;
+} Job;
+
+/* s rows of samples [b0, b1): M_b [D, Hp] = A^T + q_b[d] C^T row by row, then s = c_b + k M_b */
+ALWAYS void forward_part(Job *j) {
+    const int64_t D = j->D, H = j->H, Hp = up16(H);
+    float *M = j->scratch, *c = M + D * Hp; /* D Hp + Hp floats */
+    memset(c, 0, (size_t)Hp * sizeof(float));
+    for (int64_t b = j->b0; b < j->b1; b++) {
+        const int64_t lo = j->off[b], hi = j->off[b + 1];
+        if (lo == hi) continue;
+        const float *q = j->e + b * D;
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t h = 0; h < Hp; h++) M[d * Hp + h] = j->A[d * Hp + h] + q[d] * j->C[d * Hp + h];
+        memcpy(c, j->c + b * H, (size_t)H * sizeof(float));
+        product(j->e + (j->B + lo) * D, D, 1, hi - lo, D, M, Hp, c, j->s + lo * H, H, H);
+    }
+}
+
+/* the gradients of samples [b0, b1): g_k rows into ge, g_q into ge's query rows, g_c, and
+ * this part's g_A, g_C */
+ALWAYS void backward_part(Job *j) {
+    const int64_t D = j->D, H = j->H, Dp = up16(D);
+    /* 2 H Dp + 2 Dp (+ maxlen Dp where D < Dp) floats */
+    float *Mt = j->scratch, *gM = Mt + H * Dp, *qp = gM + H * Dp, *gq = qp + Dp, *kp = gq + Dp;
+    memset(qp, 0, (size_t)Dp * sizeof(float));
+    if (D < Dp) memset(kp, 0, (size_t)(j->maxlen * Dp) * sizeof(float));
+    memset(j->gA, 0, (size_t)(H * Dp) * sizeof(float));
+    memset(j->gC, 0, (size_t)(H * Dp) * sizeof(float));
+    for (int64_t b = j->b0; b < j->b1; b++) {
+        const int64_t lo = j->off[b], hi = j->off[b + 1], L = hi - lo;
+        float *gc = j->gc + b * H;
+        memset(gc, 0, (size_t)H * sizeof(float));
+        memset(gq, 0, (size_t)Dp * sizeof(float));
+        if (L) {
+            const float *gs = j->gs + lo * H, *k = j->e + (j->B + lo) * D;
+            memcpy(qp, j->e + b * D, (size_t)D * sizeof(float));
+            for (int64_t i = 0; i < H * Dp; i += 16) /* M_b^T, [H, Dp] */
+                *(v16u *)(Mt + i) = *(const v16u *)(j->A + i) + *(const v16u *)(qp + i % Dp) * *(const v16u *)(j->C + i);
+            product(gs, H, 1, L, H, Mt, Dp, NULL, j->ge + (j->B + lo) * D, D, D); /* g_k = g_s M_b */
+            if (D == Dp) {
+                product(gs, 1, H, H, L, k, D, NULL, gM, Dp, Dp); /* g_M = g_s^T k */
+            } else { /* k's rows padded, so that the tile reads whole vectors */
+                for (int64_t n = 0; n < L; n++) memcpy(kp + n * Dp, k + n * D, (size_t)D * sizeof(float));
+                product(gs, 1, H, H, L, kp, Dp, NULL, gM, Dp, Dp);
+            }
+            for (int64_t i = 0; i < H * Dp; i += 16) { /* (vectors: in scalars GCC feared aliasing, 4x slower) */
+                const v16 g = *(const v16u *)(gM + i), q = *(const v16u *)(qp + i % Dp);
+                *(v16u *)(j->gA + i) += g;
+                *(v16u *)(j->gC + i) += g * q;
+                *(v16u *)(gq + i % Dp) += g * *(const v16u *)(j->C + i);
+            }
+            float *restrict gcr = gc;
+            for (int64_t n = 0; n < L; n++)
+                for (int64_t h = 0; h < H; h++) gcr[h] += gs[n * H + h];
+        }
+        memcpy(j->ge + b * D, gq, (size_t)D * sizeof(float));
+    }
+}
+
+/* one clone per vector width, picked at run time (the tiles' multiply-adds need FMA) */
+__attribute__((target("avx512f"))) static void forward_512(Job *j) { forward_part(j); }
+__attribute__((target("avx2,fma"))) static void forward_256(Job *j) { forward_part(j); }
+static void forward_any(Job *j) { forward_part(j); }
+__attribute__((target("avx512f"))) static void backward_512(Job *j) { backward_part(j); }
+__attribute__((target("avx2,fma"))) static void backward_256(Job *j) { backward_part(j); }
+static void backward_any(Job *j) { backward_part(j); }
+
+/* the two parts (or one): samples [0, bm) and [bm, B) */
+static int halves(Job *jobs, int64_t N) {
+    const int64_t bm = din_half(jobs[0].off, jobs[0].B, N);
+    const int parts = N * jobs[0].H >= 65536 && omp_get_max_threads() > 1 && bm > 0 && bm < jobs[0].B ? 2 : 1;
+    jobs[1] = jobs[0];
+    jobs[0].b0 = 0, jobs[0].b1 = parts == 2 ? bm : jobs[0].B;
+    jobs[1].b0 = bm, jobs[1].b1 = jobs[0].B;
+    return parts;
+}
+
+static void (*pick(void (*f512)(Job *), void (*f256)(Job *), void (*fany)(Job *)))(Job *) {
+    if (__builtin_cpu_supports("avx512f")) return f512;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? f256 : fany;
+}
+
+/* both parts' scratch, `each` floats apiece, or NULL */
+static float *scratch(Job *jobs, int64_t each) {
+    float *sc = malloc((size_t)(2 * each) * sizeof(float));
+    jobs[0].scratch = sc, jobs[1].scratch = sc ? sc + each : NULL;
+    return sc;
+}
+
+/* query_forward(e, B, N, D, off, At, Ct, c, H, s): s [N, H] written; At, Ct [D, Hp] (A and C
+ * transposed, rows padded with 0 to Hp = H rounded up to 16), c [B, H] */
+PyObject *din_query_forward(PyObject *self, PyObject *args) {
+    unsigned long long pe, poff, pA, pC, pc, ps;
+    long long B, N, D, H;
+    if (!PyArg_ParseTuple(args, "KLLLKKKKLK", &pe, &B, &N, &D, &poff, &pA, &pC, &pc, &H, &ps)) return NULL;
+    Job jobs[2] = {{.e = (const float *)pe, .off = (const int64_t *)poff, .A = (const float *)pA,
+                    .C = (const float *)pC, .c = (const float *)pc, .s = (float *)ps, .B = B, .D = D, .H = H}};
+    int parts = halves(jobs, N);
+    float *sc = scratch(jobs, D * up16(H) + up16(H));
+    if (!sc) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    DIN_RUN(pick(forward_512, forward_256, forward_any), jobs, parts);
+    Py_END_ALLOW_THREADS
+    free(sc);
+    Py_RETURN_NONE;
+}
+
+/* query_backward(gs, e, B, N, D, off, A, C, H, ge, gc, gA, gC): ge [B + N, D], gc [B, H],
+ * gA and gC [2, H, Dp] (one block per part; the caller adds them) written; A, C [H, Dp] */
+PyObject *din_query_backward(PyObject *self, PyObject *args) {
+    unsigned long long pgs, pe, poff, pA, pC, pge, pgc, pgA, pgC;
+    long long B, N, D, H;
+    if (!PyArg_ParseTuple(args, "KKLLLKKKLKKKK", &pgs, &pe, &B, &N, &D, &poff, &pA, &pC, &H, &pge, &pgc, &pgA, &pgC))
+        return NULL;
+    const int64_t Dp = up16(D);
+    const int64_t *off = (const int64_t *)poff;
+    Job jobs[2] = {{.gs = (const float *)pgs, .e = (const float *)pe, .off = off, .A = (const float *)pA,
+                    .C = (const float *)pC, .ge = (float *)pge, .gc = (float *)pgc, .gA = (float *)pgA,
+                    .gC = (float *)pgC, .B = B, .D = D, .H = H}};
+    for (int64_t b = 0; b < B && D < Dp; b++)
+        if (off[b + 1] - off[b] > jobs[0].maxlen) jobs[0].maxlen = off[b + 1] - off[b];
+    int parts = halves(jobs, N);
+    float *sc = scratch(jobs, 2 * H * Dp + 2 * Dp + jobs[0].maxlen * Dp);
+    if (!sc) return PyErr_NoMemory();
+    jobs[1].gA += H * Dp, jobs[1].gC += H * Dp;
+    if (parts < 2) { /* the caller adds both blocks: zero the second */
+        memset(jobs[1].gA, 0, (size_t)(H * Dp) * sizeof(float));
+        memset(jobs[1].gC, 0, (size_t)(H * Dp) * sizeof(float));
+    }
+    Py_BEGIN_ALLOW_THREADS
+    DIN_RUN(pick(backward_512, backward_256, backward_any), jobs, parts);
+    Py_END_ALLOW_THREADS
+    free(sc);
+    Py_RETURN_NONE;
+}
