@@ -253,7 +253,7 @@ class DIN(nn.Module):
         for f in self.features[1:]:  # cat[n] is item[n]'s category: the bags must line up
             if not torch.equal(per_key[names.index(f)], item):
                 raise ValueError(f"DIN: feature {f!r} has other bag lengths than 'item' (each item needs its {f})")
-        e = torch.cat([out[f].values() for f in self.features], 1)  # [B + N, De]
+        e = _side_by_side([out[f].values() for f in self.features])  # [B + N, De]
         offsets = torch.zeros(B + 1, dtype=torch.long)
         torch.cumsum(item[B:], 0, out=offsets[1:])
         if self.pooling == "sum":
@@ -275,6 +275,23 @@ class DIN(nn.Module):
         for act, lin in zip(rest[::2], rest[1::2]):
             h = act(h, lin) if lin is rest[-1] and isinstance(act, Dice) else lin(act(h))
         return q, h.squeeze(1)
+
+
+def _side_by_side(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts, 1), or where the parts are adjacent column blocks of one tensor (as a
+    rectables collection returns its features' rows: views of one lookup), that block as a
+    view, without the copy each way (~0.3 ms a step apiece for DIN's 28k x 32 rows)."""
+    base = parts[0]._base
+    if base is None or base.dim() != 2 or base.stride(1) != 1 or any(p._base is not base or p.stride() != base.stride() for p in parts) or \
+            parts[0].shape[0] != base.shape[0]:
+        return torch.cat(parts, 1)
+    at = parts[0].storage_offset() - base.storage_offset()
+    for p in parts:  # each starts where the previous ends, in the same rows
+        if p.shape[0] != base.shape[0] or p.storage_offset() - base.storage_offset() != at:
+            return torch.cat(parts, 1)
+        at += p.shape[1]
+    first = parts[0].storage_offset() - base.storage_offset()
+    return base.narrow(1, first, at - first)
 
 
 def segment_softmax(w: torch.Tensor, seg: torch.Tensor, B: int) -> torch.Tensor:

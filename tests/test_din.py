@@ -9,7 +9,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import rectables
 from data.sequences import SequenceBatches, Sequences, make_splits
-from models.din import DIN, Dice, _DiceFn, _PoolFn, _query_layer, segment_softmax
+from models.din import DIN, Dice, _DiceFn, _PoolFn, _query_layer, _side_by_side, segment_softmax
 from rectables.metrics import grouped_auc
 from rectables.registry import table_class
 from rectables.sizing import tables_for_budget
@@ -79,6 +79,21 @@ def test_categories_must_line_up_with_the_items():
     shifted = torch.tensor([1, 1, 3, 2, 1, 1, 2, 3])  # the same total, the categories in other histories
     with pytest.raises(ValueError, match="'cat' has other bag lengths"):
         m(torch.zeros(2, 0), KeyedJaggedTensor.from_lengths_sync(["item", "cat"], values, shifted))
+
+
+def test_feature_rows_side_by_side_are_read_in_place_and_others_copied():
+    x = torch.randn(5, 8, requires_grad=True)
+    y = x * 2  # a lookup's output; the collection hands out column blocks of it
+    a, b, c = y.split([3, 2, 3], 1)
+    for parts, in_place in (([a, b], True), ([b, c], True), ([a, b, c], True), ([b, a], False), ([a, c], False),
+                            ([a[:4], b[:4]], False), ([a, torch.randn(5, 2)], False)):
+        got = _side_by_side(parts)
+        assert torch.equal(got, torch.cat(parts, 1))
+        assert (got.data_ptr() == parts[0].data_ptr() and got._base is y) == in_place, parts
+    _side_by_side([b, c]).pow(2).sum().backward()  # the gradient reaches the lookup as through cat
+    want = torch.zeros(5, 8)
+    want[:, 3:] = 8 * x.detach()[:, 3:]
+    torch.testing.assert_close(x.grad, want)
 
 
 def test_segment_softmax_sums_to_one_per_history():
