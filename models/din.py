@@ -149,8 +149,8 @@ def _query_layer(e, offsets, A, C, Wq, bias):
 
 
 class _PoolFn(torch.autograd.Function):
-    """(e [B + N, De] as for _PairsFn, w [N]) -> p [B, De], p_b = the sum of w_n k_n over
-    segment b."""
+    """(e [B + N, De] (the B queries, then the N history keys; key n in segment b), w [N]) ->
+    p [B, De], p_b = the sum of w_n k_n over segment b."""
 
     @staticmethod
     def forward(ctx, e, w, offsets):
