@@ -34,7 +34,7 @@ typedef struct {
     const float *tm, *tr, *ta, *tv, *tmg; /* mean, rstd, alpha, head weights tiled to W; (mean g_z, mean g_z z) */
     float *y, *gs, *out, *tmp; /* y [N, H] or out [N] with a head; gs [N, H]; tmp: 2 W floats of this part's */
     float *p;                  /* [N, H]: written by the forward, read by the backward */
-    float bias;
+    const float *bias;         /* the head's [1] */
     const int64_t *off;
     double *acc; /* this part's sums: 2 W (forward), 4 W (backward) */
     int64_t H, W, lo, hi, b0, b1; /* W = k H, k rows a multiple of 16 values; rows [lo, hi), segments [b0, b1) */
@@ -110,7 +110,7 @@ CLONES static void fwd_apply(Job *j) {
             for (; h + 8 <= H; h += 8)
                 for (int l = 0; l < 8; l++) acc[l] += yq[h + l] * vq[h + l];
             for (; h < H; h++) acc[0] += yq[h] * vq[h];
-            j->out[i0 / H + q] = j->bias + (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])));
+            j->out[i0 / H + q] = *j->bias + (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])));
         }
     }
 }
@@ -271,21 +271,26 @@ static double fold(const Scratch *sc, int64_t d, int64_t H, int which) {
 
 /* forward(s, N, H, alpha, mean, rstd, var, out, p, v, bias, eps, stats): with stats, mean,
  * rstd and var (biased) [H] are written from the rows, else mean and rstd are read; p [N, H]
- * is written, and out: y [N, H], or with head weights v [H] (else 0), bias + y v [N] */
+ * is written, and out: y [N, H], or with head weights v [H] and bias [1] (else 0 and 0),
+ * bias + y v [N] */
 static PyObject *forward(PyObject *self, PyObject *args) {
-    unsigned long long ps, palpha, pmean, prstd, pvar, pout, pp, pv;
+    unsigned long long ps, palpha, pmean, prstd, pvar, pout, pp, pv, pbias;
     long long N, H;
-    float bias, eps;
+    float eps;
     int stats;
-    if (!PyArg_ParseTuple(args, "KLLKKKKKKKffp", &ps, &N, &H, &palpha, &pmean, &prstd, &pvar, &pout, &pp, &pv, &bias,
+    if (!PyArg_ParseTuple(args, "KLLKKKKKKKKfp", &ps, &N, &H, &palpha, &pmean, &prstd, &pvar, &pout, &pp, &pv, &pbias,
                           &eps, &stats))
         return NULL;
+    if (pv && !pbias) {
+        PyErr_SetString(PyExc_ValueError, "a head needs its bias");
+        return NULL;
+    }
     Scratch sc;
     if (!scratch(&sc, H)) return PyErr_NoMemory();
     const int64_t W = sc.W;
     Job jobs[2] = {{.src = (const float *)ps, .tm = sc.tiles, .tr = sc.tiles + W, .ta = sc.tiles + 2 * W,
                     .tv = pv ? sc.tiles + 3 * W : NULL, .y = (float *)pout, .out = (float *)pout, .p = (float *)pp,
-                    .tmp = sc.tiles + 6 * W, .bias = bias, .acc = sc.acc, .H = H, .W = W}};
+                    .tmp = sc.tiles + 6 * W, .bias = (const float *)pbias, .acc = sc.acc, .H = H, .W = W}};
     float *mean = (float *)pmean, *rstd = (float *)prstd, *var = (float *)pvar;
     Py_BEGIN_ALLOW_THREADS
     int parts = split(jobs, N, 0, NULL);

@@ -61,7 +61,8 @@ class _DiceFn(torch.autograd.Function):
             vd = None if v is None else v.detach().reshape(H).contiguous()
             _native.dice_forward(s.data_ptr(), N, H, alpha.detach().contiguous().data_ptr(), mean.data_ptr(),
                                  rstd.data_ptr(), 0 if var is None else var.data_ptr(), out.data_ptr(), p.data_ptr(),
-                                 0 if vd is None else vd.data_ptr(), 0.0 if c is None else float(c), eps, stats is None)
+                                 0 if vd is None else vd.data_ptr(), 0 if c is None else c.detach().data_ptr(), eps,
+                                 stats is None)
         else:
             if stats is None:
                 mean.copy_(s.mean(0))
@@ -278,19 +279,19 @@ class DIN(nn.Module):
 
 
 def _side_by_side(parts: list[torch.Tensor]) -> torch.Tensor:
-    """torch.cat(parts, 1), or where the parts are adjacent column blocks of one tensor (as a
-    rectables collection returns its features' rows: views of one lookup), that block as a
-    view, without the copy each way (~0.3 ms a step apiece for DIN's 28k x 32 rows)."""
+    """torch.cat(parts, 1), or where the parts are adjacent column blocks, in order, of one
+    row-major tensor (as a rectables collection returns its features' rows: views of one
+    lookup), that block as a view: no copy forward and none in the split's backward
+    (DIN's step 35.8-36.7 -> 33.3-35.1 ms, interleaved A/B)."""
     base = parts[0]._base
-    if base is None or base.dim() != 2 or base.stride(1) != 1 or any(p._base is not base or p.stride() != base.stride() for p in parts) or \
-            parts[0].shape[0] != base.shape[0]:
+    if base is None or base.dim() != 2 or base.stride(1) != 1:
         return torch.cat(parts, 1)
-    at = parts[0].storage_offset() - base.storage_offset()
-    for p in parts:  # each starts where the previous ends, in the same rows
-        if p.shape[0] != base.shape[0] or p.storage_offset() - base.storage_offset() != at:
+    first = at = parts[0].storage_offset() - base.storage_offset()
+    for p in parts:  # each starts where the previous ends, over all the base's rows
+        if p._base is not base or p.stride() != base.stride() or p.shape[0] != base.shape[0] or \
+                p.storage_offset() - base.storage_offset() != at:
             return torch.cat(parts, 1)
         at += p.shape[1]
-    first = parts[0].storage_offset() - base.storage_offset()
     return base.narrow(1, first, at - first)
 
 
