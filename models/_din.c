@@ -87,9 +87,6 @@ CLONES static void fwd_stats(Job *j) {
     }
 }
 
-/* y = s (al + p (1 - al)) */
-static inline float dice_y(float s, float p, float al) { return s * (al + p * (1.0f - al)); }
-
 /* pass 2 of the forward: y, or the head's out */
 CLONES static void fwd_apply(Job *j) {
     const int64_t W = j->W, H = j->H;
@@ -150,30 +147,17 @@ CLONES static void bwd_sums(Job *j) {
               end - i0 < W ? end - i0 : W, 0);
 }
 
-/* pass 2 of the backward: g_s */
-static inline __attribute__((always_inline)) void apply_(const float *restrict s, const float *restrict pp,
-                                                         const float *restrict g, float go, const float *restrict m,
-                                                         const float *restrict r, const float *restrict al,
-                                                         const float *restrict v, const float *restrict mg,
-                                                         const float *restrict mg2, float *restrict out, int64_t len,
-                                                         const int head) {
-    for (int64_t i = 0; i < len; i++) {
-        const float z = (s[i] - m[i]) * r[i], p = pp[i], gi = head ? go * v[i] : g[i];
-        const float g_z = gi * s[i] * (1.0f - al[i]) * p * (1.0f - p);
-        out[i] = gi * (al[i] + p * (1.0f - al[i])) + r[i] * (g_z - mg[i] - z * mg2[i]);
-    }
-}
-
+/* pass 2 of the backward: g_s (dice_grad, in _din.h) */
 CLONES static void bwd_apply(Job *j) {
     const int64_t W = j->W, H = j->H;
     if (j->gh) {
         for (int64_t n = j->lo; n < j->hi; n++)
-            apply_(j->src + n * H, j->p + n * H, NULL, j->gh[n], j->tm, j->tr, j->ta, j->tv, j->tmg, j->tmg + W,
+            dice_grad(j->src + n * H, j->p + n * H, NULL, j->gh[n], j->tm, j->tr, j->ta, j->tv, j->tmg, j->tmg + W,
                    j->gs + n * H, H, 1);
         return;
     }
     for (int64_t i0 = j->lo * H, end = j->hi * H; i0 < end; i0 += W)
-        apply_(j->src + i0, j->p + i0, j->g + i0, 0.0f, j->tm, j->tr, j->ta, NULL, j->tmg, j->tmg + W, j->gs + i0,
+        dice_grad(j->src + i0, j->p + i0, j->g + i0, 0.0f, j->tm, j->tr, j->ta, NULL, j->tmg, j->tmg + W, j->gs + i0,
                end - i0 < W ? end - i0 : W, 0);
 }
 
@@ -313,16 +297,21 @@ static PyObject *forward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* backward(g, s, p, N, H, alpha, mean, rstd, stats, gs, galpha, v, gv): gs [N, H] and
+/* backward(g, s, p, N, H, alpha, mean, rstd, stats, gs, galpha, v, gv, mg): gs [N, H] and
  * galpha [H] written, p from the forward; g is g_y [N, H], or with head weights v [H]
- * (else 0) g_out [N], and then gv [H] is written too */
+ * (else 0) g_out [N], and then gv [H] is written too.  With gs 0, only the first pass:
+ * galpha, and mg [2, H] (mean g_z, mean g_z z: what the second pass reads) */
 static PyObject *backward(PyObject *self, PyObject *args) {
-    unsigned long long pg, ps, pp, palpha, pmean, prstd, pgs, pga, pv, pgv;
+    unsigned long long pg, ps, pp, palpha, pmean, prstd, pgs, pga, pv, pgv, pmg;
     long long N, H;
     int stats;
-    if (!PyArg_ParseTuple(args, "KKKLLKKKpKKKK", &pg, &ps, &pp, &N, &H, &palpha, &pmean, &prstd, &stats, &pgs, &pga,
-                          &pv, &pgv))
+    if (!PyArg_ParseTuple(args, "KKKLLKKKpKKKKK", &pg, &ps, &pp, &N, &H, &palpha, &pmean, &prstd, &stats, &pgs, &pga,
+                          &pv, &pgv, &pmg))
         return NULL;
+    if (!pgs && !pmg) {
+        PyErr_SetString(PyExc_ValueError, "dice_backward writes gs or mg");
+        return NULL;
+    }
     Scratch sc;
     if (!scratch(&sc, H)) return PyErr_NoMemory();
     const int64_t W = sc.W;
@@ -344,8 +333,9 @@ static PyObject *backward(PyObject *self, PyObject *args) {
         if (pv) gv[d] = (float)fold(&sc, d, H, 3);
         const float mz = stats ? (float)(fold(&sc, d, H, 1) / N) : 0.0f, mzz = stats ? (float)(fold(&sc, d, H, 2) / N) : 0.0f;
         for (int64_t i = d; i < W; i += H) tmg[i] = mz, tmg[W + i] = mzz;
+        if (pmg) ((float *)pmg)[d] = mz, ((float *)pmg)[H + d] = mzz;
     }
-    DIN_RUN(bwd_apply, jobs, parts);
+    if (pgs) DIN_RUN(bwd_apply, jobs, parts);
     Py_END_ALLOW_THREADS
     free_scratch(&sc);
     Py_RETURN_NONE;

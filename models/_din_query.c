@@ -10,7 +10,11 @@
  *   g_A += g_M_b,  g_C += g_M_b diag(q_b),  g_q_b = column sums of C o g_M_b.
  * Keys n of sample b: rows off[b] .. off[b+1]-1 of the keys; e [B + N, D] holds the B
  * queries, then the N keys.  Samples are split over two threads as in _din.c; the weight
- * gradients are summed per thread, then added (deterministic for a thread count). */
+ * gradients are summed per thread, then added (deterministic for a thread count).
+ * Where Dice follows in training (models/din.py), the forward also sums its batch
+ * statistics while each sample's rows of s are in cache, and the backward takes Dice's
+ * output gradient and makes the sample's g_s rows (Dice's second backward pass) into
+ * scratch before the products: neither pass reads or writes [N, H] on its own. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <omp.h>
@@ -78,6 +82,8 @@ typedef struct {
     const float *e, *A, *C, *c, *gs; /* A, C: [D, Hp] transposed and padded (forward), [H, Dp] padded (backward) */
     const int64_t *off;
     float *s, *ge, *gc, *gA, *gC; /* gA, gC: this part's [H, Dp] sums */
+    double *sums;                 /* forward, or NULL: this part's column sums of s and s^2 [2, Hp] */
+    const float *ds, *dp, *dm, *dr, *dal, *dmg; /* backward through Dice, or NULL: its s, p, mean, rstd, alpha, mg */
     float *scratch;               /* this part's (see forward_part, backward_part) */
     int64_t B, D, H, b0, b1, maxlen;
 } Job;
@@ -95,15 +101,26 @@ ALWAYS void forward_part(Job *j) {
             for (int64_t h = 0; h < Hp; h++) M[d * Hp + h] = j->A[d * Hp + h] + q[d] * j->C[d * Hp + h];
         memcpy(c, j->c + b * H, (size_t)H * sizeof(float));
         product(j->e + (j->B + lo) * D, D, 1, hi - lo, D, M, Hp, c, j->s + lo * H, H, H);
+        if (j->sums) { /* Dice's batch statistics, while the rows are in cache */
+            double *restrict sum = j->sums, *restrict sq = j->sums + Hp;
+            const float *restrict sr = j->s + lo * H;
+            for (int64_t n = 0; n < hi - lo; n++)
+                for (int64_t h = 0; h < H; h++) {
+                    const double x = sr[n * H + h];
+                    sum[h] += x;
+                    sq[h] += x * x;
+                }
+        }
     }
 }
 
 /* the gradients of samples [b0, b1): g_k rows into ge, g_q into ge's query rows, g_c, and
- * this part's g_A, g_C */
+ * this part's g_A, g_C; through Dice, each sample's g_s rows first (from g_y = gs) */
 ALWAYS void backward_part(Job *j) {
     const int64_t D = j->D, H = j->H, Dp = up16(D);
-    /* 2 H Dp + 2 Dp (+ maxlen Dp where D < Dp) floats */
+    /* 2 H Dp + 2 Dp (+ maxlen Dp where D < Dp, + maxlen H through Dice) floats */
     float *Mt = j->scratch, *gM = Mt + H * Dp, *qp = gM + H * Dp, *gq = qp + Dp, *kp = gq + Dp;
+    float *gsb = kp + (D < Dp ? j->maxlen * Dp : 0);
     memset(qp, 0, (size_t)Dp * sizeof(float));
     if (D < Dp) memset(kp, 0, (size_t)(j->maxlen * Dp) * sizeof(float));
     memset(j->gA, 0, (size_t)(H * Dp) * sizeof(float));
@@ -115,6 +132,12 @@ ALWAYS void backward_part(Job *j) {
         memset(gq, 0, (size_t)Dp * sizeof(float));
         if (L) {
             const float *gs = j->gs + lo * H, *k = j->e + (j->B + lo) * D;
+            if (j->ds) { /* g_s of the sample's rows, in cache for the products below */
+                for (int64_t n = 0; n < L; n++)
+                    dice_grad(j->ds + (lo + n) * H, j->dp + (lo + n) * H, gs + n * H, 0.0f, j->dm, j->dr, j->dal,
+                              NULL, j->dmg, j->dmg + H, gsb + n * H, H, 0);
+                gs = gsb;
+            }
             memcpy(qp, j->e + b * D, (size_t)D * sizeof(float));
             for (int64_t i = 0; i < H * Dp; i += 16) /* M_b^T, [H, Dp] */
                 *(v16u *)(Mt + i) = *(const v16u *)(j->A + i) + *(const v16u *)(qp + i % Dp) * *(const v16u *)(j->C + i);
@@ -169,15 +192,19 @@ static float *scratch(Job *jobs, int64_t each) {
     return sc;
 }
 
-/* query_forward(e, B, N, D, off, At, Ct, c, H, s): s [N, H] written; At, Ct [D, Hp] (A and C
- * transposed, rows padded with 0 to Hp = H rounded up to 16), c [B, H] */
+/* query_forward(e, B, N, D, off, At, Ct, c, H, s, sums): s [N, H] written; At, Ct [D, Hp]
+ * (A and C transposed, rows padded with 0 to Hp = H rounded up to 16), c [B, H]; sums
+ * (or 0): double [2, 2, Hp], zeros, to which each part adds the column sums of its rows of
+ * s and s^2 */
 PyObject *din_query_forward(PyObject *self, PyObject *args) {
-    unsigned long long pe, poff, pA, pC, pc, ps;
+    unsigned long long pe, poff, pA, pC, pc, ps, psums;
     long long B, N, D, H;
-    if (!PyArg_ParseTuple(args, "KLLLKKKKLK", &pe, &B, &N, &D, &poff, &pA, &pC, &pc, &H, &ps)) return NULL;
+    if (!PyArg_ParseTuple(args, "KLLLKKKKLKK", &pe, &B, &N, &D, &poff, &pA, &pC, &pc, &H, &ps, &psums)) return NULL;
     Job jobs[2] = {{.e = (const float *)pe, .off = (const int64_t *)poff, .A = (const float *)pA,
-                    .C = (const float *)pC, .c = (const float *)pc, .s = (float *)ps, .B = B, .D = D, .H = H}};
+                    .C = (const float *)pC, .c = (const float *)pc, .s = (float *)ps, .sums = (double *)psums,
+                    .B = B, .D = D, .H = H}};
     int parts = halves(jobs, N);
+    if (psums) jobs[1].sums += 2 * up16(H);
     float *sc = scratch(jobs, D * up16(H) + up16(H));
     if (!sc) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
@@ -187,22 +214,28 @@ PyObject *din_query_forward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* query_backward(gs, e, B, N, D, off, A, C, H, ge, gc, gA, gC): ge [B + N, D], gc [B, H],
- * gA and gC [2, H, Dp] (one block per part; the caller adds them) written; A, C [H, Dp] */
+/* query_backward(gs, e, B, N, D, off, A, C, H, ge, gc, gA, gC, ds, dp, dm, dr, dal, dmg):
+ * ge [B + N, D], gc [B, H], gA and gC [2, H, Dp] (one block per part; the caller adds them)
+ * written; A, C [H, Dp].  With ds (else 0) the layer is followed by Dice with batch
+ * statistics: gs is then the gradient of Dice's output, and Dice's s and p [N, H], mean,
+ * rstd and alpha [H] and mg [2, H] (dice_backward's) give the layer's g_s */
 PyObject *din_query_backward(PyObject *self, PyObject *args) {
-    unsigned long long pgs, pe, poff, pA, pC, pge, pgc, pgA, pgC;
+    unsigned long long pgs, pe, poff, pA, pC, pge, pgc, pgA, pgC, pds, pdp, pdm, pdr, pdal, pdmg;
     long long B, N, D, H;
-    if (!PyArg_ParseTuple(args, "KKLLLKKKLKKKK", &pgs, &pe, &B, &N, &D, &poff, &pA, &pC, &H, &pge, &pgc, &pgA, &pgC))
+    if (!PyArg_ParseTuple(args, "KKLLLKKKLKKKKKKKKKK", &pgs, &pe, &B, &N, &D, &poff, &pA, &pC, &H, &pge, &pgc, &pgA,
+                          &pgC, &pds, &pdp, &pdm, &pdr, &pdal, &pdmg))
         return NULL;
     const int64_t Dp = up16(D);
     const int64_t *off = (const int64_t *)poff;
     Job jobs[2] = {{.gs = (const float *)pgs, .e = (const float *)pe, .off = off, .A = (const float *)pA,
                     .C = (const float *)pC, .ge = (float *)pge, .gc = (float *)pgc, .gA = (float *)pgA,
-                    .gC = (float *)pgC, .B = B, .D = D, .H = H}};
-    for (int64_t b = 0; b < B && D < Dp; b++)
+                    .gC = (float *)pgC, .ds = (const float *)pds, .dp = (const float *)pdp,
+                    .dm = (const float *)pdm, .dr = (const float *)pdr, .dal = (const float *)pdal,
+                    .dmg = (const float *)pdmg, .B = B, .D = D, .H = H}};
+    for (int64_t b = 0; b < B && (D < Dp || pds); b++)
         if (off[b + 1] - off[b] > jobs[0].maxlen) jobs[0].maxlen = off[b + 1] - off[b];
     int parts = halves(jobs, N);
-    float *sc = scratch(jobs, 2 * H * Dp + 2 * Dp + jobs[0].maxlen * Dp);
+    float *sc = scratch(jobs, 2 * H * Dp + 2 * Dp + jobs[0].maxlen * (Dp + H));
     if (!sc) return PyErr_NoMemory();
     jobs[1].gA += H * Dp, jobs[1].gC += H * Dp;
     if (parts < 2) { /* the caller adds both blocks: zero the second */

@@ -91,7 +91,7 @@ class _DiceFn(torch.autograd.Function):
             gv = None if v is None else torch.empty(H)
             _native.dice_backward(g.data_ptr(), s.data_ptr(), p.data_ptr(), N, H, alpha.detach().contiguous().data_ptr(),
                                   mean.data_ptr(), rstd.data_ptr(), ctx.batch_stats, g_s.data_ptr(), g_alpha.data_ptr(),
-                                  0 if vd is None else vd.data_ptr(), 0 if gv is None else gv.data_ptr())
+                                  0 if vd is None else vd.data_ptr(), 0 if gv is None else gv.data_ptr(), 0)
         else:
             if v is not None:  # through the head first
                 gv = _dice_forward(s, alpha, mean, rstd).T @ g
@@ -107,42 +107,66 @@ class _QueryLayerFn(torch.autograd.Function):
     C = W4 and c = bias + q (W1 + W3)^T [B, H]: De multiply-adds a key and unit instead of
     the 4 De of the input as written (2 De of [k, q k]).  In C (models/_din_query.c);
     :func:`_query_layer` picks it, or torch's ops for other dtypes or without the kernels.
-    forward(e, offsets, A, C, Wq = W1 + W3, bias) -> (s, q = e[:B]); q's gradient (from
-    its other uses) joins e's in this backward rather than through a slice's."""
+    forward(e, offsets, A, C, Wq = W1 + W3, bias, alpha, eps) -> (s, q = e[:B]); q's
+    gradient (from its other uses) joins e's in this backward rather than through a slice's.
+    With a Dice's alpha [H] (else None), the layer and the Dice after it in training, as
+    one op: -> (Dice(s) [N, H], q, batch mean [H], biased var [H] (no grad)); the kernel
+    sums Dice's statistics as it writes s, and its backward computes g_s from Dice's
+    gradient sample by sample (no pass over [N, H] for either, no [N, H] g_s)."""
 
     @staticmethod
-    def forward(ctx, e, offsets, A, C, Wq, bias):
+    def forward(ctx, e, offsets, A, C, Wq, bias, alpha, eps):
         (H, D), B = A.shape, offsets.numel() - 1
         e = e.contiguous()
         c = torch.addmm(bias.detach(), e[:B], Wq.detach().T)
         Hp = -(-H // 16) * 16  # the kernel reads whole vectors: A^T and C^T rows padded
         At, Ct = (torch.nn.functional.pad(m.detach().T, (0, Hp - H)).contiguous() for m in (A, C))
-        s = e.new_empty(e.shape[0] - B, H)
-        _native.query_forward(e.data_ptr(), B, s.shape[0], D, offsets.data_ptr(), At.data_ptr(), Ct.data_ptr(),
-                              c.data_ptr(), H, s.data_ptr())
+        N = e.shape[0] - B
+        s, sums = e.new_empty(N, H), None if alpha is None else torch.zeros(2, 2, Hp, dtype=torch.float64)
+        _native.query_forward(e.data_ptr(), B, N, D, offsets.data_ptr(), At.data_ptr(), Ct.data_ptr(), c.data_ptr(),
+                              H, s.data_ptr(), 0 if sums is None else sums.data_ptr())
         ctx.save_for_backward(e, offsets, A, C, Wq)
-        return s, e[:B].clone()
+        ctx.dice = alpha is not None
+        if alpha is None:
+            return s, e[:B].clone()
+        total, sq = sums.sum(0)[:, :H] / N  # (as Dice's kernel: in double, then float)
+        mean, var = total.float(), (sq - total * total).clamp_(min=0).float()
+        rstd, alpha = (var + eps).rsqrt(), alpha.detach().contiguous()
+        y, p = torch.empty_like(s), torch.empty_like(s)
+        _native.dice_forward(s.data_ptr(), N, H, alpha.data_ptr(), mean.data_ptr(), rstd.data_ptr(), 0, y.data_ptr(),
+                             p.data_ptr(), 0, 0, eps, False)
+        ctx.dice_saved = s, p, alpha, mean, rstd
+        ctx.mark_non_differentiable(mean, var)
+        return y, e[:B].clone(), mean, var
 
     @staticmethod
-    def backward(ctx, gs, gq):
+    def backward(ctx, gs, gq, *_):
         e, offsets, A, C, Wq = ctx.saved_tensors
         (H, D), B = A.shape, offsets.numel() - 1
+        N = e.shape[0] - B
         Dp = -(-D // 16) * 16
         Ap, Cp = (torch.nn.functional.pad(m.detach(), (0, Dp - D)).contiguous() for m in (A, C))
         gs = gs.contiguous()
         ge, gc, gA, gC = torch.empty_like(e), e.new_empty(B, H), e.new_empty(2, H, Dp), e.new_empty(2, H, Dp)
-        _native.query_backward(gs.data_ptr(), e.data_ptr(), B, e.shape[0] - B, D, offsets.data_ptr(), Ap.data_ptr(),
-                               Cp.data_ptr(), H, ge.data_ptr(), gc.data_ptr(), gA.data_ptr(), gC.data_ptr())
+        dice, g_alpha = [0] * 6, None
+        if ctx.dice:  # Dice's first pass: g_alpha and the means its g_s needs
+            s, p, alpha, mean, rstd = ctx.dice_saved
+            g_alpha, mg = e.new_empty(H), e.new_empty(2, H)
+            _native.dice_backward(gs.data_ptr(), s.data_ptr(), p.data_ptr(), N, H, alpha.data_ptr(), mean.data_ptr(),
+                                  rstd.data_ptr(), True, 0, g_alpha.data_ptr(), 0, 0, mg.data_ptr())
+            dice = [t.data_ptr() for t in (s, p, mean, rstd, alpha, mg)]
+        _native.query_backward(gs.data_ptr(), e.data_ptr(), B, N, D, offsets.data_ptr(), Ap.data_ptr(), Cp.data_ptr(),
+                               H, ge.data_ptr(), gc.data_ptr(), gA.data_ptr(), gC.data_ptr(), *dice)
         ge[:B].addmm_(gc, Wq.detach())  # through c
         if gq is not None:
             ge[:B] += gq
-        return ge, None, gA.sum(0)[:, :D], gC.sum(0)[:, :D], gc.T @ e[:B], gc.sum(0)
+        return ge, None, gA.sum(0)[:, :D], gC.sum(0)[:, :D], gc.T @ e[:B], gc.sum(0), g_alpha, None
 
 
 def _query_layer(e, offsets, A, C, Wq, bias):
     """:class:`_QueryLayerFn`'s values, in C for float32, else in torch's ops."""
     if _native is not None and e.dtype == A.dtype == C.dtype == Wq.dtype == torch.float32:
-        return _QueryLayerFn.apply(e, offsets, A, C, Wq, bias)
+        return _QueryLayerFn.apply(e, offsets, A, C, Wq, bias, None, 0.0)
     B = offsets.numel() - 1
     q, keys, seg = e[:B], e[B:], _segments(offsets, e.shape[0] - B)
     c = torch.addmm(bias, q, Wq.T)
@@ -208,14 +232,17 @@ class Dice(nn.Module):
         v, c = (None, None) if head is None else (head.weight, head.bias)
         if self.training and x.shape[0] > 1:
             out, mean, var = _DiceFn.apply(x, self.alpha, v, c, None, self.eps)
-            with torch.no_grad():
-                n = x.shape[0]
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.track(mean, var, x.shape[0])
         else:
             stats = (self.running_mean, (self.running_var + self.eps).rsqrt())
             out = _DiceFn.apply(x, self.alpha, v, c, stats, self.eps)[0]
         return out if head is None else out[:, None]
+
+    @torch.no_grad()
+    def track(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        """Move the running averages towards a training batch's mean and biased var [H] of n rows."""
+        self.running_mean.lerp_(mean, self.momentum)
+        self.running_var.lerp_(var * n / (n - 1), self.momentum)
 
 
 def _mlp(widths: list[int], activation: str) -> nn.Sequential:
@@ -272,7 +299,14 @@ class DIN(nn.Module):
         Dice before it (``Dice(h, head)``)."""
         first, *rest = self.attention
         W1, W2, W3, W4 = first.weight.split(e.shape[1], 1)
-        h, q = _query_layer(e, offsets, W2 - W3, W4, W1 + W3, first.bias)
+        dice, N = rest[0] if rest and isinstance(rest[0], Dice) else None, e.shape[0] - offsets.numel() + 1
+        if len(rest) > 2 and dice is not None and dice.training and N > 1 and _native is not None and \
+                all(t.dtype == torch.float32 for t in (e, first.weight, first.bias, dice.alpha)):  # as one op
+            h, q, mean, var = _QueryLayerFn.apply(e, offsets, W2 - W3, W4, W1 + W3, first.bias, dice.alpha, dice.eps)
+            dice.track(mean, var, N)
+            h, rest = rest[1](h), rest[2:]
+        else:
+            h, q = _query_layer(e, offsets, W2 - W3, W4, W1 + W3, first.bias)
         for act, lin in zip(rest[::2], rest[1::2]):
             h = act(h, lin) if lin is rest[-1] and isinstance(act, Dice) else lin(act(h))
         return q, h.squeeze(1)

@@ -233,6 +233,66 @@ def test_query_layer_and_pool_kernels_give_the_torch_values_and_gradients(rows, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("rows", [30, 9000])  # one thread; two
+@pytest.mark.parametrize("dim, width", [(32, 80), (12, 36)])  # whole vectors; padded keys and units
+def test_query_layer_fused_with_dice_gives_the_torch_values_and_gradients(rows, dim, width):
+    """The first attention layer and its Dice as one op (statistics summed in the layer's
+    kernel, g_s made per sample in its backward) against the two ops in torch."""
+    from models import din as din_module
+
+    g = torch.Generator().manual_seed(3)
+    lengths = [int(n) for n in torch.randint(0, 9, (rows,), generator=g)]
+    lengths = [n for n, c in zip(lengths, torch.tensor(lengths).cumsum(0)) if c <= rows] + [0]
+    lengths[-1] = rows - sum(lengths)
+    offsets = _offsets(lengths)
+    e = torch.randn(len(lengths) + rows, dim, generator=g)
+    weights = [torch.randn(width, dim, generator=g) for _ in range(3)] + [torch.randn(width, generator=g)]
+    alpha = torch.rand(width, generator=g) - 0.5
+    gy, gq = torch.randn(rows, width, generator=g), torch.randn(len(lengths), dim, generator=g)
+    outs = []
+    keep = din_module._native
+    for native in (True, False):
+        din_module._native = keep if native else None
+        try:
+            ei, ai = e.clone().requires_grad_(), alpha.clone().requires_grad_()
+            ws = [t.clone().requires_grad_() for t in weights]
+            if native:
+                y, q, mean, var = din_module._QueryLayerFn.apply(ei, offsets, *ws, ai, 1e-8)
+            else:
+                s, q = _query_layer(ei, offsets, *ws)
+                y, mean, var = din_module._DiceFn.apply(s, ai, None, None, None, 1e-8)
+            torch.autograd.backward([y, q], [gy, gq])
+            outs.append([y.detach(), q.detach(), mean, var, ei.grad, ai.grad] + [t.grad for t in ws])
+        finally:
+            din_module._native = keep
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_din_trains_through_the_fused_first_layer_as_through_the_separate_ops():
+    """A training step of DIN (the layer and its Dice fused) moves every parameter and
+    the running statistics as the torch ops do."""
+    from models import din as din_module
+
+    g = torch.Generator().manual_seed(4)
+    hist = [torch.randint(0, 30, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (40,), generator=g)]
+    x = kjt(torch.randint(0, 30, (40,), generator=g).tolist(), hist)
+    outs = []
+    keep = din_module._native
+    for native in (True, False):
+        din_module._native = keep if native else None
+        try:
+            torch.manual_seed(0)
+            m = din(dim=8)
+            m.attention[1].alpha.data.uniform_(-0.5, 0.5)
+            m(torch.zeros(40, 0), x).square().sum().backward()
+            outs.append([p.grad for p in m.attention.parameters()] + list(m.attention.buffers()))
+        finally:
+            din_module._native = keep
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("method, budget", [("full", 1.0), ("hash", 0.5), ("unified", 0.5), ("compositional", 0.5),
                                             ("dynamic", 1.0)])
 @pytest.mark.parametrize("pooling", ["attention", "sum"])
