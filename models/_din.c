@@ -43,26 +43,6 @@ typedef struct {
     float *gw;
 } Job;
 
-/* e^x in float (Cody-Waite reduction, degree-6 polynomial; < 2 ulp on [-87, 88]), written so
- * that the loops around it vectorise (libm's expf does not without -ffast-math); NaN stays NaN */
-static inline float exp_f(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    const float n = __builtin_rintf(x * 1.44269504088896341f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
-}
-
-static inline float sigmoid_f(float z) { return 1.0f / (1.0f + exp_f(-z)); }
-
 #if defined(__x86_64__) && defined(__GNUC__)
 #define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -242,7 +222,7 @@ static int scratch(Scratch *sc, int64_t H) {
     return 0;
 }
 
-static void tile(float *out, const float *v, int64_t H, int64_t W) {
+static void tile_columns(float *out, const float *v, int64_t H, int64_t W) {
     for (int64_t i = 0; i < W; i++) out[i] = v[i % H];
 }
 
@@ -287,10 +267,10 @@ static PyObject *forward(PyObject *self, PyObject *args) {
             rstd[d] = 1.0f / sqrtf(var[d] + eps);
         }
     }
-    tile(sc.tiles, mean, H, W);
-    tile(sc.tiles + W, rstd, H, W);
-    tile(sc.tiles + 2 * W, (const float *)palpha, H, W);
-    if (pv) tile(sc.tiles + 3 * W, (const float *)pv, H, W);
+    tile_columns(sc.tiles, mean, H, W);
+    tile_columns(sc.tiles + W, rstd, H, W);
+    tile_columns(sc.tiles + 2 * W, (const float *)palpha, H, W);
+    if (pv) tile_columns(sc.tiles + 3 * W, (const float *)pv, H, W);
     DIN_RUN(fwd_apply, jobs, parts);
     Py_END_ALLOW_THREADS
     free_scratch(&sc);
@@ -322,10 +302,10 @@ static PyObject *backward(PyObject *self, PyObject *args) {
                     .tmg = tmg, .gs = (float *)pgs, .acc = sc.acc, .H = H, .W = W}};
     float *galpha = (float *)pga, *gv = (float *)pgv;
     Py_BEGIN_ALLOW_THREADS
-    tile(sc.tiles, (const float *)pmean, H, W);
-    tile(sc.tiles + W, (const float *)prstd, H, W);
-    tile(sc.tiles + 2 * W, (const float *)palpha, H, W);
-    if (pv) tile(sc.tiles + 3 * W, (const float *)pv, H, W);
+    tile_columns(sc.tiles, (const float *)pmean, H, W);
+    tile_columns(sc.tiles + W, (const float *)prstd, H, W);
+    tile_columns(sc.tiles + 2 * W, (const float *)palpha, H, W);
+    if (pv) tile_columns(sc.tiles + 3 * W, (const float *)pv, H, W);
     int parts = split(jobs, N, 0, NULL);
     DIN_RUN(bwd_sums, jobs, parts);
     for (int64_t d = 0; d < H; d++) {
@@ -368,6 +348,8 @@ static PyMethodDef methods[] = {
     {"pool_backward", pool_backward, METH_VARARGS, "The gradient of pool_forward."},
     {"query_forward", din_query_forward, METH_VARARGS, "DIN's first attention layer on the query-key pairs."},
     {"query_backward", din_query_backward, METH_VARARGS, "The gradient of query_forward."},
+    {"hidden_forward", din_hidden_forward, METH_VARARGS, "Dice, then a linear layer, over [N, Hi] rows."},
+    {"hidden_backward", din_hidden_backward, METH_VARARGS, "The gradient of hidden_forward."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -24,60 +24,6 @@
 
 #include "_din.h"
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4))); /* unaligned loads and stores */
-
-#define ALWAYS static inline __attribute__((always_inline))
-
-static int64_t up16(int64_t n) { return (n + 15) / 16 * 16; }
-
-/* out[r][0 .. w) = init + sum over t < K of a[r ars + t ats] Bm[t ldb + 0 .. w), r < R,
- * w <= 16 CG; Bm rows hold 16 CG readable values, init 16 CG (or none: 0); out rows are ldo
- * apart.  The R CG <= 16 vector accumulators stay in registers. */
-ALWAYS void tile(const int R, const int CG, const float *a, int64_t ars, int64_t ats, int64_t K, const float *Bm,
-                 int64_t ldb, const float *init, float *out, int64_t ldo, int64_t w) {
-    v16 acc[8][4];
-    for (int r = 0; r < R; r++)
-        for (int g = 0; g < CG; g++) acc[r][g] = init ? *(const v16u *)(init + 16 * g) : (v16){0};
-    for (int64_t t = 0; t < K; t++) {
-        v16 m[4];
-        for (int g = 0; g < CG; g++) m[g] = *(const v16u *)(Bm + t * ldb + 16 * g);
-        for (int r = 0; r < R; r++) {
-            const float x = a[r * ars + t * ats]; /* broadcast (as x + (v16){0} would add in scalar first) */
-            for (int g = 0; g < CG; g++) acc[r][g] += x * m[g];
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int g = 0; g < CG; g++) {
-            float *o = out + r * ldo + 16 * g;
-            if (w >= 16 * (g + 1)) {
-                *(v16u *)o = acc[r][g];
-            } else if (w > 16 * g) {
-                float tmp[16];
-                *(v16u *)tmp = acc[r][g];
-                memcpy(o, tmp, (size_t)(w - 16 * g) * sizeof(float));
-            }
-        }
-}
-
-#define TILE(R, CG) \
-    case R * 8 + CG: tile(R, CG, a + r0 * ars, ars, ats, K, Bm + j, ldb, init ? init + j : NULL, out + r0 * ldo + j, ldo, w); break;
-
-/* out [rows, W] = init + a [rows, K] Bm [K, Wp] (Wp = W rounded up to 16), in tiles of 64
- * columns by 4 rows, or 8 where the tile is 32 columns or fewer */
-ALWAYS void product(const float *a, int64_t ars, int64_t ats, int64_t rows, int64_t K, const float *Bm, int64_t ldb,
-                    const float *init, float *out, int64_t ldo, int64_t W) {
-    for (int64_t j = 0; j < W; j += 64) {
-        const int64_t w = W - j < 64 ? W - j : 64, CG = up16(w) / 16, R = CG > 2 ? 4 : 8;
-        for (int64_t r0 = 0; r0 < rows; r0 += R)
-            switch ((rows - r0 < R ? rows - r0 : R) * 8 + CG) {
-                TILE(1, 1) TILE(2, 1) TILE(3, 1) TILE(4, 1) TILE(5, 1) TILE(6, 1) TILE(7, 1) TILE(8, 1)
-                TILE(1, 2) TILE(2, 2) TILE(3, 2) TILE(4, 2) TILE(5, 2) TILE(6, 2) TILE(7, 2) TILE(8, 2)
-                TILE(1, 3) TILE(2, 3) TILE(3, 3) TILE(4, 3) TILE(1, 4) TILE(2, 4) TILE(3, 4) TILE(4, 4)
-            }
-    }
-}
-
 typedef struct {
     const float *e, *A, *C, *c, *gs; /* A, C: [D, Hp] transposed and padded (forward), [H, Dp] padded (backward) */
     const int64_t *off;
@@ -100,7 +46,7 @@ ALWAYS void forward_part(Job *j) {
         for (int64_t d = 0; d < D; d++)
             for (int64_t h = 0; h < Hp; h++) M[d * Hp + h] = j->A[d * Hp + h] + q[d] * j->C[d * Hp + h];
         memcpy(c, j->c + b * H, (size_t)H * sizeof(float));
-        product(j->e + (j->B + lo) * D, D, 1, hi - lo, D, M, Hp, c, j->s + lo * H, H, H);
+        product(j->e + (j->B + lo) * D, D, 1, hi - lo, D, M, Hp, c, 0, j->s + lo * H, H, H);
         if (j->sums) { /* Dice's batch statistics, while the rows are in cache */
             double *restrict sum = j->sums, *restrict sq = j->sums + Hp;
             const float *restrict sr = j->s + lo * H;
@@ -141,12 +87,12 @@ ALWAYS void backward_part(Job *j) {
             memcpy(qp, j->e + b * D, (size_t)D * sizeof(float));
             for (int64_t i = 0; i < H * Dp; i += 16) /* M_b^T, [H, Dp] */
                 *(v16u *)(Mt + i) = *(const v16u *)(j->A + i) + *(const v16u *)(qp + i % Dp) * *(const v16u *)(j->C + i);
-            product(gs, H, 1, L, H, Mt, Dp, NULL, j->ge + (j->B + lo) * D, D, D); /* g_k = g_s M_b */
+            product(gs, H, 1, L, H, Mt, Dp, NULL, 0, j->ge + (j->B + lo) * D, D, D); /* g_k = g_s M_b */
             if (D == Dp) {
-                product(gs, 1, H, H, L, k, D, NULL, gM, Dp, Dp); /* g_M = g_s^T k */
+                product(gs, 1, H, H, L, k, D, NULL, 0, gM, Dp, Dp); /* g_M = g_s^T k */
             } else { /* k's rows padded, so that the tile reads whole vectors */
                 for (int64_t n = 0; n < L; n++) memcpy(kp + n * Dp, k + n * D, (size_t)D * sizeof(float));
-                product(gs, 1, H, H, L, kp, Dp, NULL, gM, Dp, Dp);
+                product(gs, 1, H, H, L, kp, Dp, NULL, 0, gM, Dp, Dp);
             }
             for (int64_t i = 0; i < H * Dp; i += 16) { /* (vectors: in scalars GCC feared aliasing, 4x slower) */
                 const v16 g = *(const v16u *)(gM + i), q = *(const v16u *)(qp + i % Dp);
@@ -162,13 +108,8 @@ ALWAYS void backward_part(Job *j) {
     }
 }
 
-/* one clone per vector width, picked at run time (the tiles' multiply-adds need FMA) */
-__attribute__((target("avx512f"))) static void forward_512(Job *j) { forward_part(j); }
-__attribute__((target("avx2,fma"))) static void forward_256(Job *j) { forward_part(j); }
-static void forward_any(Job *j) { forward_part(j); }
-__attribute__((target("avx512f"))) static void backward_512(Job *j) { backward_part(j); }
-__attribute__((target("avx2,fma"))) static void backward_256(Job *j) { backward_part(j); }
-static void backward_any(Job *j) { backward_part(j); }
+DIN_CLONES(forward, forward_part)
+DIN_CLONES(backward, backward_part)
 
 /* the two parts (or one): samples [0, bm) and [bm, B) */
 static int halves(Job *jobs, int64_t N) {
@@ -180,10 +121,6 @@ static int halves(Job *jobs, int64_t N) {
     return parts;
 }
 
-static void (*pick(void (*f512)(Job *), void (*f256)(Job *), void (*fany)(Job *)))(Job *) {
-    if (__builtin_cpu_supports("avx512f")) return f512;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? f256 : fany;
-}
 
 /* both parts' scratch, `each` floats apiece, or NULL */
 static float *scratch(Job *jobs, int64_t each) {
@@ -208,7 +145,7 @@ PyObject *din_query_forward(PyObject *self, PyObject *args) {
     float *sc = scratch(jobs, D * up16(H) + up16(H));
     if (!sc) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
-    DIN_RUN(pick(forward_512, forward_256, forward_any), jobs, parts);
+    DIN_RUN(DIN_PICK(forward), jobs, parts);
     Py_END_ALLOW_THREADS
     free(sc);
     Py_RETURN_NONE;
@@ -243,7 +180,7 @@ PyObject *din_query_backward(PyObject *self, PyObject *args) {
         memset(jobs[1].gC, 0, (size_t)(H * Dp) * sizeof(float));
     }
     Py_BEGIN_ALLOW_THREADS
-    DIN_RUN(pick(backward_512, backward_256, backward_any), jobs, parts);
+    DIN_RUN(DIN_PICK(backward), jobs, parts);
     Py_END_ALLOW_THREADS
     free(sc);
     Py_RETURN_NONE;

@@ -18,195 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _dice_forward(s, alpha, mean, rstd):
-    return s * (torch.sigmoid((s - mean) * rstd) * (1 - alpha) + alpha)
-
-
-def _dice_backward(g, s, alpha, mean, rstd, batch_stats: bool):
-    """(grad of s, grad of alpha); with batch_stats also through the batch mean and
-    variance (batch-norm's backward: rstd (g_z - mean g_z - z mean(g_z z)))."""
-    z = (s - mean) * rstd
-    p = torch.sigmoid(z)
-    g_alpha = (g * s * (1 - p)).sum(0)
-    g_z = g * s * (1 - alpha) * p * (1 - p)
-    g_s = g * (alpha + p * (1 - alpha))
-    if batch_stats:
-        return g_s + rstd * (g_z - g_z.mean(0) - z * (g_z * z).mean(0)), g_alpha
-    return g_s + g_z * rstd, g_alpha
-
-
-try:  # the C kernels (models/_din.c): Dice in two passes over [N, H] each way instead of ~5 eager ops
-    from models import _din as _native
-except ImportError:  # not built: the torch functions here, same values
-    _native = None
-
-
-class _DiceFn(torch.autograd.Function):
-    """y = s (alpha + p (1 - alpha)), p = sigmoid((s - mean) rstd), with a hand-written
-    backward (batch-norm's included where the statistics are the batch's), and optionally
-    a head Linear(H, 1) after it (weights v [H], bias c []): out = c + y v [N], y never
-    stored.  forward -> (y [N, H] or out [N], batch mean [H], batch biased var [H]) (the
-    last two: no grad)."""
-
-    @staticmethod
-    def forward(ctx, s, alpha, v, c, stats, eps: float):
-        native = _native is not None and s.dtype == alpha.dtype == torch.float32 and (
-            v is None or v.dtype == c.dtype == torch.float32)
-        N, H = s.shape
-        mean, rstd, var = (s.new_empty(H), s.new_empty(H), s.new_empty(H)) if stats is None else (*stats, None)
-        s = s.contiguous() if native else s
-        if native:
-            out, p = s.new_empty(N) if v is not None else torch.empty_like(s), torch.empty_like(s)
-            vd = None if v is None else v.detach().reshape(H).contiguous()
-            _native.dice_forward(s.data_ptr(), N, H, alpha.detach().contiguous().data_ptr(), mean.data_ptr(),
-                                 rstd.data_ptr(), 0 if var is None else var.data_ptr(), out.data_ptr(), p.data_ptr(),
-                                 0 if vd is None else vd.data_ptr(), 0 if c is None else c.detach().data_ptr(), eps,
-                                 stats is None)
-        else:
-            if stats is None:
-                mean.copy_(s.mean(0))
-                var.copy_((s * s).mean(0).sub_(mean * mean).clamp_(min=0))
-                rstd.copy_((var + eps).rsqrt())
-            out, p = _dice_forward(s, alpha, mean, rstd), None
-            out = out if v is None else out @ v.reshape(H) + c.reshape(())
-        ctx.save_for_backward(s, p, alpha, mean, rstd, v)
-        ctx.batch_stats, ctx.native, ctx.c_shape = stats is None, native, None if c is None else c.shape
-        if stats is not None:  # (no batch statistics to return)
-            mean = var = s.new_empty(0)
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
-
-    @staticmethod
-    def backward(ctx, g, _gm, _gv):
-        s, p, alpha, mean, rstd, v = ctx.saved_tensors
-        N, H = s.shape
-        g = g.contiguous()
-        gv = gc = None
-        if v is not None:  # g is the head's: g_out [N]
-            gc = g.sum().reshape(ctx.c_shape)
-        if ctx.native:
-            g_s, g_alpha = torch.empty_like(s), torch.empty(H)
-            vd = None if v is None else v.detach().reshape(H).contiguous()
-            gv = None if v is None else torch.empty(H)
-            _native.dice_backward(g.data_ptr(), s.data_ptr(), p.data_ptr(), N, H, alpha.detach().contiguous().data_ptr(),
-                                  mean.data_ptr(), rstd.data_ptr(), ctx.batch_stats, g_s.data_ptr(), g_alpha.data_ptr(),
-                                  0 if vd is None else vd.data_ptr(), 0 if gv is None else gv.data_ptr(), 0)
-        else:
-            if v is not None:  # through the head first
-                gv = _dice_forward(s, alpha, mean, rstd).T @ g
-                g = g[:, None] * v.reshape(1, H)
-            g_s, g_alpha = _dice_backward(g, s, alpha, mean, rstd, ctx.batch_stats)
-        return g_s, g_alpha, None if gv is None else gv.reshape(v.shape), gc, None, None
-
-
-class _QueryLayerFn(torch.autograd.Function):
-    """DIN's first attention layer on the pairs (q_b, k_n), q_b = e[b] and k_n = e[B + n]
-    (key n in segment b).  With the layer's W = [W1 W2 W3 W4] [H, 4 De] and bias, its value
-    on [q, k, q - k, q k] regroups as s [N, H] = c_b + (A + C diag(q_b)) k_n, A = W2 - W3,
-    C = W4 and c = bias + q (W1 + W3)^T [B, H]: De multiply-adds a key and unit instead of
-    the 4 De of the input as written (2 De of [k, q k]).  In C (models/_din_query.c);
-    :func:`_query_layer` picks it, or torch's ops for other dtypes or without the kernels.
-    forward(e, offsets, A, C, Wq = W1 + W3, bias, alpha, eps) -> (s, q = e[:B]); q's
-    gradient (from its other uses) joins e's in this backward rather than through a slice's.
-    With a Dice's alpha [H] (else None), the layer and the Dice after it in training, as
-    one op: -> (Dice(s) [N, H], q, batch mean [H], biased var [H] (no grad)); the kernel
-    sums Dice's statistics as it writes s, and its backward computes g_s from Dice's
-    gradient sample by sample (no pass over [N, H] for either, no [N, H] g_s)."""
-
-    @staticmethod
-    def forward(ctx, e, offsets, A, C, Wq, bias, alpha, eps):
-        (H, D), B = A.shape, offsets.numel() - 1
-        e = e.contiguous()
-        c = torch.addmm(bias.detach(), e[:B], Wq.detach().T)
-        Hp = -(-H // 16) * 16  # the kernel reads whole vectors: A^T and C^T rows padded
-        At, Ct = (torch.nn.functional.pad(m.detach().T, (0, Hp - H)).contiguous() for m in (A, C))
-        N = e.shape[0] - B
-        s, sums = e.new_empty(N, H), None if alpha is None else torch.zeros(2, 2, Hp, dtype=torch.float64)
-        _native.query_forward(e.data_ptr(), B, N, D, offsets.data_ptr(), At.data_ptr(), Ct.data_ptr(), c.data_ptr(),
-                              H, s.data_ptr(), 0 if sums is None else sums.data_ptr())
-        ctx.save_for_backward(e, offsets, A, C, Wq)
-        ctx.dice = alpha is not None
-        if alpha is None:
-            return s, e[:B].clone()
-        total, sq = sums.sum(0)[:, :H] / N  # (as Dice's kernel: in double, then float)
-        mean, var = total.float(), (sq - total * total).clamp_(min=0).float()
-        rstd, alpha = (var + eps).rsqrt(), alpha.detach().contiguous()
-        y, p = torch.empty_like(s), torch.empty_like(s)
-        _native.dice_forward(s.data_ptr(), N, H, alpha.data_ptr(), mean.data_ptr(), rstd.data_ptr(), 0, y.data_ptr(),
-                             p.data_ptr(), 0, 0, eps, False)
-        ctx.dice_saved = s, p, alpha, mean, rstd
-        ctx.mark_non_differentiable(mean, var)
-        return y, e[:B].clone(), mean, var
-
-    @staticmethod
-    def backward(ctx, gs, gq, *_):
-        e, offsets, A, C, Wq = ctx.saved_tensors
-        (H, D), B = A.shape, offsets.numel() - 1
-        N = e.shape[0] - B
-        Dp = -(-D // 16) * 16
-        Ap, Cp = (torch.nn.functional.pad(m.detach(), (0, Dp - D)).contiguous() for m in (A, C))
-        gs = gs.contiguous()
-        ge, gc, gA, gC = torch.empty_like(e), e.new_empty(B, H), e.new_empty(2, H, Dp), e.new_empty(2, H, Dp)
-        dice, g_alpha = [0] * 6, None
-        if ctx.dice:  # Dice's first pass: g_alpha and the means its g_s needs
-            s, p, alpha, mean, rstd = ctx.dice_saved
-            g_alpha, mg = e.new_empty(H), e.new_empty(2, H)
-            _native.dice_backward(gs.data_ptr(), s.data_ptr(), p.data_ptr(), N, H, alpha.data_ptr(), mean.data_ptr(),
-                                  rstd.data_ptr(), True, 0, g_alpha.data_ptr(), 0, 0, mg.data_ptr())
-            dice = [t.data_ptr() for t in (s, p, mean, rstd, alpha, mg)]
-        _native.query_backward(gs.data_ptr(), e.data_ptr(), B, N, D, offsets.data_ptr(), Ap.data_ptr(), Cp.data_ptr(),
-                               H, ge.data_ptr(), gc.data_ptr(), gA.data_ptr(), gC.data_ptr(), *dice)
-        ge[:B].addmm_(gc, Wq.detach())  # through c
-        if gq is not None:
-            ge[:B] += gq
-        return ge, None, gA.sum(0)[:, :D], gC.sum(0)[:, :D], gc.T @ e[:B], gc.sum(0), g_alpha, None
-
-
-def _query_layer(e, offsets, A, C, Wq, bias):
-    """:class:`_QueryLayerFn`'s values, in C for float32, else in torch's ops."""
-    if _native is not None and e.dtype == A.dtype == C.dtype == Wq.dtype == torch.float32:
-        return _QueryLayerFn.apply(e, offsets, A, C, Wq, bias, None, 0.0)
-    B = offsets.numel() - 1
-    q, keys, seg = e[:B], e[B:], _segments(offsets, e.shape[0] - B)
-    c = torch.addmm(bias, q, Wq.T)
-    return c.index_select(0, seg) + keys @ A.T + (q.index_select(0, seg) * keys) @ C.T, q
-
-
-class _PoolFn(torch.autograd.Function):
-    """(e [B + N, De] (the B queries, then the N history keys; key n in segment b), w [N]) ->
-    p [B, De], p_b = the sum of w_n k_n over segment b."""
-
-    @staticmethod
-    def forward(ctx, e, w, offsets):
-        B, N, D = offsets.numel() - 1, w.shape[0], e.shape[1]
-        ctx.native = _native is not None and e.dtype == w.dtype == torch.float32
-        e, w = e.contiguous(), w.contiguous()
-        if ctx.native:
-            p = e.new_empty(B, D)
-            _native.pool_forward(0, w.data_ptr(), e.data_ptr(), B, N, D, offsets.data_ptr(), p.data_ptr(), 0)
-        else:
-            p = e.new_zeros(B, D).index_add_(0, _segments(offsets, N), e[B:] * w[:, None])
-        ctx.save_for_backward(e, w, offsets)
-        return p
-
-    @staticmethod
-    def backward(ctx, gp):
-        e, w, offsets = ctx.saved_tensors
-        B, N, D = offsets.numel() - 1, w.shape[0], e.shape[1]
-        gp = gp.contiguous()
-        if ctx.native:
-            ge, gw = torch.empty_like(e), torch.empty_like(w)
-            _native.pool_backward(gp.data_ptr(), w.data_ptr(), e.data_ptr(), B, N, D, offsets.data_ptr(),
-                                  ge.data_ptr(), gw.data_ptr())
-            return ge, gw, None
-        gps = gp.index_select(0, _segments(offsets, N))
-        return torch.cat([e.new_zeros(B, D), gps * w[:, None]]), (gps * e[B:]).sum(1), None
-
-
-def _segments(offsets: torch.Tensor, N: int) -> torch.Tensor:
-    """The segment of each of the N rows, from offsets [B + 1]."""
-    return torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff(), output_size=N)
+from models import din_ops as ops
+from models.din_ops import _DiceFn, _PoolFn, _QueryLayerFn, _query_layer, _segments
 
 
 class Dice(nn.Module):
@@ -295,18 +108,22 @@ class DIN(nn.Module):
 
     def _scores(self, e: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the queries [B, De], the attention MLP's scores [N]) on [q, k, q - k, q * k] [N, 4 De]
-        without building it: the first layer in :class:`_QueryLayerFn`, the last with the
-        Dice before it (``Dice(h, head)``)."""
+        without building it: in training with Dice, the whole MLP as one op
+        (:class:`~models.din_ops._AttentionFn`); else the first layer in
+        :class:`~models.din_ops._QueryLayerFn`, the last with the Dice before it
+        (``Dice(h, head)``)."""
         first, *rest = self.attention
         W1, W2, W3, W4 = first.weight.split(e.shape[1], 1)
-        dice, N = rest[0] if rest and isinstance(rest[0], Dice) else None, e.shape[0] - offsets.numel() + 1
-        if len(rest) > 2 and dice is not None and dice.training and N > 1 and _native is not None and \
-                all(t.dtype == torch.float32 for t in (e, first.weight, first.bias, dice.alpha)):  # as one op
-            h, q, mean, var = _QueryLayerFn.apply(e, offsets, W2 - W3, W4, W1 + W3, first.bias, dice.alpha, dice.eps)
-            dice.track(mean, var, N)
-            h, rest = rest[1](h), rest[2:]
-        else:
-            h, q = _query_layer(e, offsets, W2 - W3, W4, W1 + W3, first.bias)
+        N, acts, lins = e.shape[0] - offsets.numel() + 1, rest[::2], rest[1::2]
+        if all(isinstance(a, Dice) and a.training for a in acts) and acts and N > 1 and ops._native is not None and \
+                all(t.dtype == torch.float32 for t in (e, *self.attention.parameters())):  # as one op
+            hidden = [t for lin in lins[:-1] for t in (lin.weight, lin.bias)]
+            h, q, *stats = ops._AttentionFn.apply(tuple(a.eps for a in acts), e, offsets, W2 - W3, W4, W1 + W3, first.bias,
+                                                 lins[-1].weight, lins[-1].bias, *(a.alpha for a in acts), *hidden)
+            for a, mean, var in zip(acts, stats[::2], stats[1::2]):
+                a.track(mean, var, N)
+            return q, h
+        h, q = _query_layer(e, offsets, W2 - W3, W4, W1 + W3, first.bias)
         for act, lin in zip(rest[::2], rest[1::2]):
             h = act(h, lin) if lin is rest[-1] and isinstance(act, Dice) else lin(act(h))
         return q, h.squeeze(1)

@@ -118,7 +118,7 @@ def test_dice_backward_is_the_gradient_of_its_forward(batch_stats, with_head):
 
 
 def _dice_run(x, with_head, training, native):
-    from models import din as din_module
+    from models import din_ops as din_module
 
     keep = din_module._native
     din_module._native = keep if native else None
@@ -137,7 +137,7 @@ def _dice_run(x, with_head, training, native):
 
 
 def test_din_kernels_are_built():
-    from models import din as din_module
+    from models import din_ops as din_module
 
     assert din_module._native is not None, "models/_din.c was not built (pip install -e .)"
 
@@ -204,7 +204,7 @@ def test_query_layer_and_pooling_backward_is_their_gradient():
 @pytest.mark.parametrize("rows", [30, 9000])  # one thread; two
 @pytest.mark.parametrize("dim, width", [(32, 80), (12, 36)])  # whole vectors; padded keys and units
 def test_query_layer_and_pool_kernels_give_the_torch_values_and_gradients(rows, dim, width):
-    from models import din as din_module
+    from models import din_ops as din_module
 
     g = torch.Generator().manual_seed(2)
     lengths = [0, 0] + [int(n) for n in torch.randint(0, 9, (rows,), generator=g)]
@@ -234,11 +234,13 @@ def test_query_layer_and_pool_kernels_give_the_torch_values_and_gradients(rows, 
 
 
 @pytest.mark.parametrize("rows", [30, 9000])  # one thread; two
-@pytest.mark.parametrize("dim, width", [(32, 80), (12, 36)])  # whole vectors; padded keys and units
-def test_query_layer_fused_with_dice_gives_the_torch_values_and_gradients(rows, dim, width):
-    """The first attention layer and its Dice as one op (statistics summed in the layer's
-    kernel, g_s made per sample in its backward) against the two ops in torch."""
-    from models import din as din_module
+@pytest.mark.parametrize("dim, widths", [(32, (80, 40)), (12, (36, 20, 7)), (8, (24,))])
+def test_attention_as_one_op_gives_the_torch_values_and_gradients(rows, dim, widths):
+    """DIN's attention MLP with Dice in training as one op (statistics summed in the layers'
+    kernels, Dice fused into the next Linear, the first Dice's g_s made per sample) against
+    the separate ops in torch: the default 80-40, padded widths with two hidden Linears, one
+    Dice only."""
+    from models import din_ops
 
     g = torch.Generator().manual_seed(3)
     lengths = [int(n) for n in torch.randint(0, 9, (rows,), generator=g)]
@@ -246,33 +248,42 @@ def test_query_layer_fused_with_dice_gives_the_torch_values_and_gradients(rows, 
     lengths[-1] = rows - sum(lengths)
     offsets = _offsets(lengths)
     e = torch.randn(len(lengths) + rows, dim, generator=g)
-    weights = [torch.randn(width, dim, generator=g) for _ in range(3)] + [torch.randn(width, generator=g)]
-    alpha = torch.rand(width, generator=g) - 0.5
-    gy, gq = torch.randn(rows, width, generator=g), torch.randn(len(lengths), dim, generator=g)
+    first = [torch.randn(widths[0], dim, generator=g) * 0.3 for _ in range(3)] + [torch.randn(widths[0], generator=g)]
+    alphas = [torch.rand(w, generator=g) - 0.5 for w in widths]
+    hidden = [t for a, b in zip(widths, widths[1:]) for t in (torch.randn(b, a, generator=g) / a**0.5, torch.randn(b))]
+    head = [torch.randn(1, widths[-1], generator=g), torch.randn(1, generator=g)]
+    gout, gq = torch.randn(rows, generator=g), torch.randn(len(lengths), dim, generator=g)
+    eps = tuple(1e-8 * (i + 1) for i in range(len(widths)))
     outs = []
-    keep = din_module._native
     for native in (True, False):
-        din_module._native = keep if native else None
-        try:
-            ei, ai = e.clone().requires_grad_(), alpha.clone().requires_grad_()
-            ws = [t.clone().requires_grad_() for t in weights]
-            if native:
-                y, q, mean, var = din_module._QueryLayerFn.apply(ei, offsets, *ws, ai, 1e-8)
-            else:
-                s, q = _query_layer(ei, offsets, *ws)
-                y, mean, var = din_module._DiceFn.apply(s, ai, None, None, None, 1e-8)
-            torch.autograd.backward([y, q], [gy, gq])
-            outs.append([y.detach(), q.detach(), mean, var, ei.grad, ai.grad] + [t.grad for t in ws])
-        finally:
-            din_module._native = keep
+        ei = e.clone().requires_grad_()
+        ws = [t.clone().requires_grad_() for t in first + head + alphas + hidden]
+        if native:
+            scores, q, *stats = din_ops._AttentionFn.apply(eps, ei, offsets, *ws)
+        else:
+            keep, din_ops._native = din_ops._native, None
+            try:
+                h, q = _query_layer(ei, offsets, *ws[:4])
+                stats = []
+                for i, a in enumerate(ws[6 : 6 + len(widths)]):
+                    W, b = (ws[6 + len(widths) + 2 * i], ws[7 + len(widths) + 2 * i]) if i + 1 < len(widths) else ws[4:6]
+                    h, mean, var = _DiceFn.apply(h, a, W if i + 1 == len(widths) else None,
+                                                 b if i + 1 == len(widths) else None, None, eps[i])
+                    h, stats = (h if i + 1 == len(widths) else h @ W.T + b), stats + [mean, var]
+                scores = h
+            finally:
+                din_ops._native = keep
+        torch.autograd.backward([scores, q], [gout, gq])
+        outs.append([scores.detach(), q.detach(), *stats, ei.grad] + [t.grad for t in ws])
+    assert len(outs[0]) == 2 + 2 * len(widths) + 1 + 6 + len(widths) + 2 * (len(widths) - 1)
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-def test_din_trains_through_the_fused_first_layer_as_through_the_separate_ops():
-    """A training step of DIN (the layer and its Dice fused) moves every parameter and
-    the running statistics as the torch ops do."""
-    from models import din as din_module
+def test_din_trains_through_the_attention_op_as_through_the_separate_ops():
+    """A training step of DIN (its attention MLP as one op) gives every parameter the
+    gradient, and the running statistics the values, of the torch ops."""
+    from models import din_ops as din_module
 
     g = torch.Generator().manual_seed(4)
     hist = [torch.randint(0, 30, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (40,), generator=g)]

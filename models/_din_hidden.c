@@ -1,0 +1,147 @@
+/* A hidden layer of DIN's attention MLP after the first (models/din.py, _AttentionFn):
+ * Dice on the previous layer's s_in [N, Hi] (batch statistics given), then a linear layer to
+ * s_out [N, Ho], row block by row block, so that Dice's output y never leaves the cache:
+ *   forward:  p = sigmoid((s_in - mean) rstd) (written: the backward reads it),
+ *             y = s_in (alpha + p (1 - alpha)),  s_out = y W^T + bias,
+ *             and the column sums of s_out and s_out^2 (the next Dice's statistics);
+ *   backward: from g_out [N, Ho]: g_y = g_out W (written), g_W += g_out^T y (y again from
+ *             s_in and p), and Dice's first backward pass, the sums of g_y s_in (1 - p),
+ *             g_z = g_y s_in (1 - alpha) p (1 - p) and g_z z (z = (s_in - mean) rstd).
+ * In place of Dice's two passes over [N, Hi] and torch's three GEMMs, one pass each way.
+ * Rows are split in halves over two threads as in _din.c; sums per thread, in double (g_W in
+ * float), added by the caller: deterministic for a thread count. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "_din.h"
+
+enum { RB = 64 }; /* rows a block: y [RB, Hip] in scratch stays in L1 */
+
+typedef struct {
+    const float *s, *m, *r, *al; /* s_in [N, Hi]; Dice's mean, rstd, alpha [Hi] */
+    const float *W, *bias;       /* forward: W^T [Hi, Hop], bias [Hop]; backward: W [Ho, Hip] */
+    const float *g;              /* backward: g_out [N, Ho] */
+    float *p;                    /* [N, Hi]: written forward, read backward */
+    float *out;                  /* forward: s_out [N, Ho]; backward: g_y [N, Hi] */
+    double *sums;                /* forward: [2, Hop] of s_out; backward: [3, Hip] (g_alpha, g_z, g_z z) */
+    float *gW;                   /* backward: this part's [Ho, Hip], zeroed by the caller */
+    float *y;                    /* scratch [RB, Hip], columns from Hi zero */
+    int64_t Hi, Ho, lo, hi;
+} Job;
+
+ALWAYS void forward_part(Job *j) {
+    const int64_t Hi = j->Hi, Ho = j->Ho, Hip = up16(Hi), Hop = up16(Ho);
+    double *restrict sum = j->sums, *restrict sq = j->sums + Hop;
+    const float *restrict m = j->m, *restrict r = j->r, *restrict al = j->al;
+    for (int64_t r0 = j->lo; r0 < j->hi; r0 += RB) {
+        const int64_t R = j->hi - r0 < RB ? j->hi - r0 : RB;
+        for (int64_t n = 0; n < R; n++) {
+            const float *restrict s = j->s + (r0 + n) * Hi;
+            float *restrict p = j->p + (r0 + n) * Hi, *restrict y = j->y + n * Hip;
+            for (int64_t h = 0; h < Hi; h++) {
+                p[h] = sigmoid_f((s[h] - m[h]) * r[h]);
+                y[h] = dice_y(s[h], p[h], al[h]);
+            }
+        }
+        float *o = j->out + r0 * Ho;
+        product(j->y, Hip, 1, R, Hi, j->W, Hop, j->bias, 0, o, Ho, Ho);
+        for (int64_t n = 0; n < R; n++) {
+            const float *restrict on = o + n * Ho;
+            for (int64_t h = 0; h < Ho; h++) {
+                const double x = on[h];
+                sum[h] += x;
+                sq[h] += x * x;
+            }
+        }
+    }
+}
+
+ALWAYS void backward_part(Job *j) {
+    const int64_t Hi = j->Hi, Ho = j->Ho, Hip = up16(Hi);
+    double *restrict ga = j->sums, *restrict gz = j->sums + Hip, *restrict gzz = j->sums + 2 * Hip;
+    const float *restrict m = j->m, *restrict r = j->r, *restrict al = j->al;
+    for (int64_t r0 = j->lo; r0 < j->hi; r0 += RB) {
+        const int64_t R = j->hi - r0 < RB ? j->hi - r0 : RB;
+        for (int64_t n = 0; n < R; n++) {
+            const float *restrict s = j->s + (r0 + n) * Hi, *restrict p = j->p + (r0 + n) * Hi;
+            float *restrict y = j->y + n * Hip;
+            for (int64_t h = 0; h < Hi; h++) y[h] = dice_y(s[h], p[h], al[h]);
+        }
+        const float *g = j->g + r0 * Ho;
+        product(g, Ho, 1, R, Ho, j->W, Hip, NULL, 0, j->out + r0 * Hi, Hi, Hi); /* g_y = g_out W */
+        product(g, 1, Ho, Ho, R, j->y, Hip, j->gW, Hip, j->gW, Hip, Hip);     /* g_W += g_out^T y */
+        for (int64_t n = 0; n < R; n++) {
+            const float *restrict s = j->s + (r0 + n) * Hi, *restrict p = j->p + (r0 + n) * Hi;
+            const float *restrict gy = j->out + (r0 + n) * Hi;
+            for (int64_t h = 0; h < Hi; h++) {
+                const float gsp = gy[h] * s[h] * (1.0f - p[h]), g_z = gsp * (1.0f - al[h]) * p[h];
+                ga[h] += gsp;
+                gz[h] += g_z;
+                gzz[h] += (double)g_z * ((s[h] - m[h]) * r[h]);
+            }
+        }
+    }
+}
+
+DIN_CLONES(forward, forward_part)
+DIN_CLONES(backward, backward_part)
+
+/* rows [0, N / 2) and [N / 2, N) (or all in one part), each with its scratch and its blocks
+ * of sums (`each` doubles) and of g_W; NULL if out of memory */
+static float *halves(Job *jobs, int64_t N, int64_t each, int *parts) {
+    *parts = N * jobs[0].Hi >= 65536 && omp_get_max_threads() > 1 ? 2 : 1;
+    float *y = calloc((size_t)(2 * RB * up16(jobs[0].Hi)), sizeof(float));
+    jobs[1] = jobs[0];
+    jobs[0].lo = 0, jobs[0].hi = *parts == 2 ? N / 2 : N;
+    jobs[1].lo = jobs[0].hi, jobs[1].hi = N;
+    jobs[0].y = y, jobs[1].y = y ? y + RB * up16(jobs[0].Hi) : NULL;
+    jobs[1].sums += each;
+    if (jobs[0].gW) jobs[1].gW += jobs[0].Ho * up16(jobs[0].Hi);
+    return y;
+}
+
+/* hidden_forward(s, N, Hi, mean, rstd, alpha, Wt, bias, Ho, p, out, sums): p [N, Hi] and
+ * s_out [N, Ho] written; mean, rstd, alpha [Hi], Wt [Hi, Hop] and bias [Hop] (padded with 0);
+ * sums double [2, 2, Hop], zeros: each part adds its column sums of s_out and s_out^2 */
+PyObject *din_hidden_forward(PyObject *self, PyObject *args) {
+    unsigned long long ps, pm, pr, pal, pW, pb, pp, pout, psums;
+    long long N, Hi, Ho;
+    if (!PyArg_ParseTuple(args, "KLLKKKKKLKKK", &ps, &N, &Hi, &pm, &pr, &pal, &pW, &pb, &Ho, &pp, &pout, &psums))
+        return NULL;
+    Job jobs[2] = {{.s = (const float *)ps, .m = (const float *)pm, .r = (const float *)pr, .al = (const float *)pal,
+                    .W = (const float *)pW, .bias = (const float *)pb, .p = (float *)pp, .out = (float *)pout,
+                    .sums = (double *)psums, .Hi = Hi, .Ho = Ho}};
+    int parts;
+    float *y = halves(jobs, N, 2 * up16(Ho), &parts);
+    if (!y) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    DIN_RUN(DIN_PICK(forward), jobs, parts);
+    Py_END_ALLOW_THREADS
+    free(y);
+    Py_RETURN_NONE;
+}
+
+/* hidden_backward(g, s, p, N, Hi, mean, rstd, alpha, W, Ho, gy, gW, sums): gy [N, Hi]
+ * written; W [Ho, Hip] (padded with 0); gW [2, Ho, Hip] and sums double [2, 3, Hip], zeros:
+ * each part adds its g_W and its sums of g_alpha, g_z and g_z z */
+PyObject *din_hidden_backward(PyObject *self, PyObject *args) {
+    unsigned long long pg, ps, pp, pm, pr, pal, pW, pgy, pgW, psums;
+    long long N, Hi, Ho;
+    if (!PyArg_ParseTuple(args, "KKKLLKKKKLKKK", &pg, &ps, &pp, &N, &Hi, &pm, &pr, &pal, &pW, &Ho, &pgy, &pgW, &psums))
+        return NULL;
+    Job jobs[2] = {{.g = (const float *)pg, .s = (const float *)ps, .p = (float *)pp, .m = (const float *)pm,
+                    .r = (const float *)pr, .al = (const float *)pal, .W = (const float *)pW, .out = (float *)pgy,
+                    .gW = (float *)pgW, .sums = (double *)psums, .Hi = Hi, .Ho = Ho}};
+    int parts;
+    float *y = halves(jobs, N, 3 * up16(Hi), &parts);
+    if (!y) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    DIN_RUN(DIN_PICK(backward), jobs, parts);
+    Py_END_ALLOW_THREADS
+    free(y);
+    Py_RETURN_NONE;
+}
