@@ -81,9 +81,7 @@ ALWAYS void tile(const int R, const int CG, const float *a, int64_t ars, int64_t
             if (w >= 16 * (g + 1)) {
                 *(v16u *)o = acc[r][g];
             } else if (w > 16 * g) {
-                float tmp[16];
-                *(v16u *)tmp = acc[r][g];
-                memcpy(o, tmp, (size_t)(w - 16 * g) * sizeof(float));
+                for (int64_t i = 0; i < w - 16 * g; i++) o[i] = acc[r][g][i]; /* (memcpy: a call a row) */
             }
         }
 }

@@ -94,7 +94,9 @@ DIN_CLONES(backward, backward_part)
  * of sums (`each` doubles) and of g_W; NULL if out of memory */
 static float *halves(Job *jobs, int64_t N, int64_t each, int *parts) {
     *parts = N * jobs[0].Hi >= 65536 && omp_get_max_threads() > 1 ? 2 : 1;
-    float *y = calloc((size_t)(2 * RB * up16(jobs[0].Hi)), sizeof(float));
+    const size_t n = (size_t)(2 * RB * up16(jobs[0].Hi)) * sizeof(float); /* whole cache lines */
+    float *y = aligned_alloc(64, n);
+    if (y) memset(y, 0, n);
     jobs[1] = jobs[0];
     jobs[0].lo = 0, jobs[0].hi = *parts == 2 ? N / 2 : N;
     jobs[1].lo = jobs[0].hi, jobs[1].hi = N;
