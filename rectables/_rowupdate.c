@@ -238,8 +238,38 @@ static PyObject *update(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* lookup(w, idx, off, lane_w, lane_p, lane_c, lane_m, T, B, C, out): where every bag holds one id,
+ * out [B, C] (TBE's output: lane l's row of P floats at column lane_c[l]) gets each bag's row,
+ * copied on two of torch's OpenMP workers (fbgemm's CPU forward spends ~10 ns an id on its
+ * general bags: 0.6 ms for DIN's 56k ids against ~0.15 ms); returns False, writing nothing,
+ * where a bag holds no id or several, or an id is not a row of its lane's table (lane_m[l]
+ * rows): the caller then runs fbgemm's. */
+static PyObject *lookup(PyObject *self, PyObject *args) {
+    unsigned long long w, idx, off, lw, lp, lc, lm, out;
+    long long T, B, C;
+    if (!PyArg_ParseTuple(args, "KKKKKKKLLLK", &w, &idx, &off, &lw, &lp, &lc, &lm, &T, &B, &C, &out)) return NULL;
+    const int64_t *o = (const int64_t *)off, *ix = (const int64_t *)idx;
+    const int64_t *lane_w = (const int64_t *)lw, *lane_p = (const int64_t *)lp, *lane_c = (const int64_t *)lc;
+    const int64_t *lane_m = (const int64_t *)lm;
+    for (int64_t i = 0; i <= T * B; i++)
+        if (o[i] != o[0] + i) Py_RETURN_FALSE;
+    for (int64_t l = 0; l < T; l++)
+        for (int64_t b = 0; b < B; b++)
+            if ((uint64_t)ix[o[l * B + b]] >= (uint64_t)lane_m[l]) Py_RETURN_FALSE;
+    const float *W = (const float *)w;
+    float *O = (float *)out;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for num_threads(2) if (T * B >= 4096 && omp_get_max_threads() > 1) schedule(static)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t l = 0; l < T; l++)
+            memcpy(O + b * C + lane_c[l], W + lane_w[l] + ix[o[l * B + b]] * lane_p[l], lane_p[l] * sizeof(float));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"update", update, METH_VARARGS, "Fused sparse SGD, Adagrad, row-wise Adagrad, row-wise Adam on the rows read."},
+    {"lookup", lookup, METH_VARARGS, "Rows of one-id bags into TBE's output layout (else returns False)."},
     {NULL, NULL, 0, NULL},
 };
 

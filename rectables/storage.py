@@ -126,6 +126,7 @@ class FusedStorage(nn.Module):
             self._lane_args = torch.tensor([[int(self.tbe.weights_physical_offsets[p]) for p in pos],
                                             [self._padded[k] for k in self._tbe_lanes],
                                             state, self._col[:-1]], dtype=torch.int64)
+        self._lane_rows = torch.tensor([self.shapes[k][0] for k in self._tbe_lanes], dtype=torch.int64)
         self._col_back = None  # TBE output columns of the caller's lanes, in order, padding dropped
         if self._lane_perm is not None or self._padded != [d for _, d in self.shapes]:
             where = {lane: j for j, lane in enumerate(perm)}
@@ -226,9 +227,28 @@ class FusedStorage(nn.Module):
                              "optimizer that returns their gradient: sgd, adagrad or rowwise_adagrad, not adam")
         if torch.is_grad_enabled() and (self.optimizer.name == "adam" or (self._native and not weights_grad)):
             out = _OwnUpdate.apply(self, indices, offsets, weights, self._anchor)
-        else:
+        elif weights_grad:
             out = self.tbe(indices, offsets, per_sample_weights=weights)
+        else:
+            out = self.lookup(indices, offsets, weights)
         return out if self._col_back is None else out.index_select(1, self._col_back)
+
+    def lookup(self, indices: torch.Tensor, offsets: torch.Tensor, weights=None) -> torch.Tensor:
+        """fbgemm's TBE forward (no autograd), in TBE lane order: where every bag holds one id
+        and there are no per-id weights (sequence lookups), the rows copied in the compiled
+        kernel instead, the same values."""
+        T = len(self._tbe_lanes)
+        if weights is None and self._native and indices.numel() == offsets.numel() - 1 and indices.numel() and \
+                indices.dtype == offsets.dtype == torch.int64:
+            indices, offsets, la = indices.contiguous(), offsets.contiguous(), self._lane_args
+            B = (offsets.numel() - 1) // T
+            out = torch.empty(B, self._col[-1])
+            if _rowupdate.lookup(self.tbe.weights_host.data_ptr(), indices.data_ptr(), offsets.data_ptr(),
+                                 la[0].data_ptr(), la[1].data_ptr(), la[3].data_ptr(), self._lane_rows.data_ptr(), T,
+                                 B, out.shape[1],
+                                 out.data_ptr()):
+                return out
+        return self.tbe(indices, offsets, per_sample_weights=weights)
 
     def _sort_lanes(self, indices, offsets, weights):
         """Ids [N], offsets [T*B+1], weights [N] or None of the caller's lanes -> the same in TBE lane order."""
@@ -310,7 +330,7 @@ class _OwnUpdate(torch.autograd.Function):
         ctx.storage, ctx.weights = storage, weights
         ctx.save_for_backward(indices, offsets)
         with torch.no_grad():
-            return storage.tbe(indices, offsets, per_sample_weights=weights)
+            return storage.lookup(indices, offsets, weights)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]

@@ -204,6 +204,53 @@ def test_compiled_update_with_an_empty_table_sharing_the_next_ones_offsets():
     torch.testing.assert_close(st_.weight(1), want)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_id_bags_are_looked_up_in_the_compiled_kernel_with_fbgemms_values(threads):
+    """Sequence lookups (every bag one id, no weights) copy the rows in rectables/_rowupdate.c
+    (lanes out of table order, two lanes of one table, a dim stored padded): the values of
+    fbgemm's forward, with and without autograd; other bags, and an id that is no row, go to
+    fbgemm."""
+    from rectables import storage as storage_module
+    from rectables.storage import FusedStorage
+
+    shapes, lanes = [(7, 6), (40, 4), (5, 4)], [1, 0, 1, 2]
+    st_ = FusedStorage(shapes, lanes, rectables.SparseOptimizer("rowwise_adagrad"))
+    if not st_._native:
+        pytest.skip("the compiled kernels are not built")
+    for k, (m, d) in enumerate(shapes):
+        st_.weight(k).copy_(torch.randn(m, d))
+    fbgemm = st_.tbe.forward
+    gen = torch.Generator().manual_seed(0)
+    torch.set_num_threads(threads)
+    try:
+        for B, L in [(3000, 1), (3, 1), (5, 2), (4, 0)]:  # one id a bag (two threads from 4096 ids), several, none
+            lengths = torch.full((len(lanes) * B,), L)
+            ids = torch.cat([torch.randint(0, shapes[k][0], (B * L,), generator=gen) for k in lanes])
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+            st_._native = False
+            want = st_(ids, offsets).detach()
+            st_._native = True
+            if L == 1:  # fbgemm must not be asked
+                st_.tbe.forward = lambda *a, **kw: pytest.fail("fbgemm's forward ran")
+            try:
+                got = [st_(ids, offsets)]
+                with torch.no_grad():
+                    got.append(st_(ids, offsets))
+            finally:
+                st_.tbe.forward = fbgemm
+            for g in got:
+                assert torch.equal(g.detach(), want)
+    finally:
+        torch.set_num_threads(2)
+    ids, offsets = torch.tensor([1, 7]), torch.tensor([0, 1, 2])  # 7: not a row of table 0 (7 rows)
+    st1 = FusedStorage([(7, 4)], [0], rectables.SparseOptimizer("sgd"))
+    out, la = torch.full((2, 4), -1.0), st1._lane_args
+    assert not storage_module._rowupdate.lookup(st1.tbe.weights_host.data_ptr(), ids.data_ptr(), offsets.data_ptr(),
+                                                la[0].data_ptr(), la[1].data_ptr(), la[3].data_ptr(),
+                                                st1._lane_rows.data_ptr(), 1, 2, 4, out.data_ptr())
+    assert (out == -1).all()  # nothing written
+
+
 def test_adam_refuses_per_id_weights_that_take_a_gradient():
     """Our Adam update returns no gradient for the weights: refused, not silently dropped."""
     from rectables.storage import FusedStorage
