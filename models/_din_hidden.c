@@ -5,8 +5,11 @@
  *             y = s_in (alpha + p (1 - alpha)),  s_out = y W^T + bias,
  *             and the column sums of s_out and s_out^2 (the next Dice's statistics);
  *   backward: from g_out [N, Ho]: g_y = g_out W (written), g_W += g_out^T y (y again from
- *             s_in and p), and Dice's first backward pass, the sums of g_y s_in (1 - p),
- *             g_z = g_y s_in (1 - alpha) p (1 - p) and g_z z (z = (s_in - mean) rstd).
+ *             s_in and p), the bias's (sums of g_out) and Dice's first backward pass, the
+ *             sums of g_y s_in (1 - p), g_z = g_y s_in (1 - alpha) p (1 - p) and g_z z
+ *             (z = (s_in - mean) rstd).  Where the layer is the last before a Dice fused
+ *             with a Linear(Ho, 1) head, g_out is made a block at a time from the head's
+ *             gradient [N] (that Dice's second backward pass: no [N, Ho] g_out).
  * In place of Dice's two passes over [N, Hi] and torch's three GEMMs, one pass each way.
  * Rows are split in halves over two threads as in _din.c; sums per thread, in double (g_W in
  * float), added by the caller: deterministic for a thread count. */
@@ -29,7 +32,9 @@ typedef struct {
     float *out;                  /* forward: s_out [N, Ho]; backward: g_y [N, Hi] */
     double *sums;                /* forward: [2, Hop] of s_out; backward: [3, Hip] (g_alpha, g_z, g_z z) */
     float *gW;                   /* backward: this part's [Ho, Hip], zeroed by the caller */
-    float *y;                    /* scratch [RB, Hip], columns from Hi zero */
+    float *y, *gb;               /* scratch [RB, Hip], columns from Hi zero; [RB, Ho] (g_out's rows) */
+    const float *hs, *hp, *hm, *hr, *hal, *hv, *hmg; /* backward, or NULL: the next Dice's s, p [N, Ho], mean,
+                                                        rstd, alpha, the head's v [Ho], mg [2, Ho] */
     int64_t Hi, Ho, lo, hi;
 } Job;
 
@@ -63,6 +68,7 @@ ALWAYS void forward_part(Job *j) {
 ALWAYS void backward_part(Job *j) {
     const int64_t Hi = j->Hi, Ho = j->Ho, Hip = up16(Hi);
     double *restrict ga = j->sums, *restrict gz = j->sums + Hip, *restrict gzz = j->sums + 2 * Hip;
+    double *restrict gbias = j->sums + 3 * Hip;
     const float *restrict m = j->m, *restrict r = j->r, *restrict al = j->al;
     for (int64_t r0 = j->lo; r0 < j->hi; r0 += RB) {
         const int64_t R = j->hi - r0 < RB ? j->hi - r0 : RB;
@@ -72,6 +78,14 @@ ALWAYS void backward_part(Job *j) {
             for (int64_t h = 0; h < Hi; h++) y[h] = dice_y(s[h], p[h], al[h]);
         }
         const float *g = j->g + r0 * Ho;
+        if (j->hs) { /* g_out's rows from the head's gradient (j->g [N]) */
+            for (int64_t n = 0; n < R; n++)
+                dice_grad(j->hs + (r0 + n) * Ho, j->hp + (r0 + n) * Ho, NULL, j->g[r0 + n], j->hm, j->hr, j->hal,
+                          j->hv, j->hmg, j->hmg + Ho, j->gb + n * Ho, Ho, 1);
+            g = j->gb;
+        }
+        for (int64_t n = 0; n < R; n++)
+            for (int64_t h = 0; h < Ho; h++) gbias[h] += g[n * Ho + h];
         product(g, Ho, 1, R, Ho, j->W, Hip, NULL, 0, j->out + r0 * Hi, Hi, Hi); /* g_y = g_out W */
         product(g, 1, Ho, Ho, R, j->y, Hip, j->gW, Hip, j->gW, Hip, Hip);     /* g_W += g_out^T y */
         for (int64_t n = 0; n < R; n++) {
@@ -94,13 +108,14 @@ DIN_CLONES(backward, backward_part)
  * of sums (`each` doubles) and of g_W; NULL if out of memory */
 static float *halves(Job *jobs, int64_t N, int64_t each, int *parts) {
     *parts = N * jobs[0].Hi >= 65536 && omp_get_max_threads() > 1 ? 2 : 1;
-    const size_t n = (size_t)(2 * RB * up16(jobs[0].Hi)) * sizeof(float); /* whole cache lines */
-    float *y = aligned_alloc(64, n);
-    if (y) memset(y, 0, n);
+    const int64_t part = RB * (up16(jobs[0].Hi) + up16(jobs[0].Ho)); /* whole cache lines */
+    float *y = aligned_alloc(64, (size_t)(2 * part) * sizeof(float));
+    if (y) memset(y, 0, (size_t)(2 * part) * sizeof(float));
     jobs[1] = jobs[0];
     jobs[0].lo = 0, jobs[0].hi = *parts == 2 ? N / 2 : N;
     jobs[1].lo = jobs[0].hi, jobs[1].hi = N;
-    jobs[0].y = y, jobs[1].y = y ? y + RB * up16(jobs[0].Hi) : NULL;
+    jobs[0].y = y, jobs[1].y = y ? y + part : NULL;
+    jobs[0].gb = y ? y + RB * up16(jobs[0].Hi) : NULL, jobs[1].gb = y ? jobs[1].y + RB * up16(jobs[0].Hi) : NULL;
     jobs[1].sums += each;
     if (jobs[0].gW) jobs[1].gW += jobs[0].Ho * up16(jobs[0].Hi);
     return y;
@@ -127,19 +142,25 @@ PyObject *din_hidden_forward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* hidden_backward(g, s, p, N, Hi, mean, rstd, alpha, W, Ho, gy, gW, sums): gy [N, Hi]
- * written; W [Ho, Hip] (padded with 0); gW [2, Ho, Hip] and sums double [2, 3, Hip], zeros:
- * each part adds its g_W and its sums of g_alpha, g_z and g_z z */
+/* hidden_backward(g, s, p, N, Hi, mean, rstd, alpha, W, Ho, gy, gW, sums, hs, hp, hm, hr, hal,
+ * hv, hmg): gy [N, Hi] written; W [Ho, Hip] (padded with 0); gW [2, Ho, Hip] and sums double
+ * [2, 3 Hip + Hop], zeros: each part adds its g_W and its sums of g_alpha, g_z and g_z z [Hip]
+ * and of g_out [Hop].  g is g_out [N, Ho]; or, with hs (else 0: all seven), the gradient [N]
+ * of a head Linear(Ho, 1) (weights hv [Ho]) after a Dice with batch statistics on s_out =
+ * hs: hp its p [N, Ho], hm, hr, hal its mean, rstd, alpha [Ho], hmg [2, Ho] (dice_backward's mg) */
 PyObject *din_hidden_backward(PyObject *self, PyObject *args) {
-    unsigned long long pg, ps, pp, pm, pr, pal, pW, pgy, pgW, psums;
+    unsigned long long pg, ps, pp, pm, pr, pal, pW, pgy, pgW, psums, hs, hp, hm, hr, hal, hv, hmg;
     long long N, Hi, Ho;
-    if (!PyArg_ParseTuple(args, "KKKLLKKKKLKKK", &pg, &ps, &pp, &N, &Hi, &pm, &pr, &pal, &pW, &Ho, &pgy, &pgW, &psums))
+    if (!PyArg_ParseTuple(args, "KKKLLKKKKLKKKKKKKKKK", &pg, &ps, &pp, &N, &Hi, &pm, &pr, &pal, &pW, &Ho, &pgy, &pgW,
+                          &psums, &hs, &hp, &hm, &hr, &hal, &hv, &hmg))
         return NULL;
     Job jobs[2] = {{.g = (const float *)pg, .s = (const float *)ps, .p = (float *)pp, .m = (const float *)pm,
                     .r = (const float *)pr, .al = (const float *)pal, .W = (const float *)pW, .out = (float *)pgy,
-                    .gW = (float *)pgW, .sums = (double *)psums, .Hi = Hi, .Ho = Ho}};
+                    .gW = (float *)pgW, .sums = (double *)psums, .Hi = Hi, .Ho = Ho, .hs = (const float *)hs,
+                    .hp = (const float *)hp, .hm = (const float *)hm, .hr = (const float *)hr,
+                    .hal = (const float *)hal, .hv = (const float *)hv, .hmg = (const float *)hmg}};
     int parts;
-    float *y = halves(jobs, N, 3 * up16(Hi), &parts);
+    float *y = halves(jobs, N, 3 * up16(Hi) + up16(Ho), &parts);
     if (!y) return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     DIN_RUN(DIN_PICK(backward), jobs, parts);

@@ -209,22 +209,27 @@ class _AttentionFn(torch.autograd.Function):
         s, ps, stats, alphas = ctx.s, ctx.ps, ctx.stats, ctx.alphas
         N, Hl = s[-1].shape
         g_scores = g_scores.contiguous()
-        g, g_alpha, gv = e.new_empty(N, Hl), e.new_empty(Hl), e.new_empty(Hl)  # the last Dice and the head
-        mean, _, rstd = stats[-1]
+        g_alpha, gv, mg, (mean, _, rstd) = e.new_empty(Hl), e.new_empty(Hl), e.new_empty(2, Hl), stats[-1]
+        if Ws:  # the last Dice's first pass here; its g_s is made in the last hidden layer's backward
+            g, head = g_scores, [s[-1], ps[-1], mean, rstd, alphas[-1], ctx.v, mg]
+        else:
+            g, head = e.new_empty(N, Hl), []
         _native.dice_backward(g_scores.data_ptr(), s[-1].data_ptr(), ps[-1].data_ptr(), N, Hl, alphas[-1].data_ptr(),
-                              mean.data_ptr(), rstd.data_ptr(), True, g.data_ptr(), g_alpha.data_ptr(),
-                              ctx.v.data_ptr(), gv.data_ptr(), 0)
+                              mean.data_ptr(), rstd.data_ptr(), True, 0 if Ws else g.data_ptr(), g_alpha.data_ptr(),
+                              ctx.v.data_ptr(), gv.data_ptr(), mg.data_ptr() if Ws else 0)
         g_alphas, g_hidden, dice = [g_alpha], [], ()
         for i in reversed(range(len(Ws))):  # hidden layer i: Dice i on s[i], then Linear Ws[i]
             W, (mean, _, rstd) = Ws[i], stats[i]
             Ho, Hi = W.shape
-            gy, gW = e.new_empty(N, Hi), e.new_zeros(2, Ho, _up16(Hi))
-            sums, Wp = torch.zeros(2, 3, _up16(Hi), dtype=torch.float64), _padded(W, _up16(Hi))
+            Hip = _up16(Hi)
+            gy, gW = e.new_empty(N, Hi), e.new_zeros(2, Ho, Hip)
+            sums, Wp = torch.zeros(2, 3 * Hip + _up16(Ho), dtype=torch.float64), _padded(W, Hip)
             _native.hidden_backward(g.data_ptr(), s[i].data_ptr(), ps[i].data_ptr(), N, Hi, mean.data_ptr(),
                                     rstd.data_ptr(), alphas[i].data_ptr(), Wp.data_ptr(), Ho, gy.data_ptr(),
-                                    gW.data_ptr(), sums.data_ptr())
-            g_hidden = [gW.sum(0)[:, :Hi], g.sum(0)] + g_hidden
-            sums = sums.sum(0)[:, :Hi]
+                                    gW.data_ptr(), sums.data_ptr(), *([t.data_ptr() for t in head] or [0] * 7))
+            head, sums = [], sums.sum(0)
+            g_hidden = [gW.sum(0)[:, :Hi], sums[3 * Hip : 3 * Hip + Ho].float()] + g_hidden
+            sums = sums[: 3 * Hip].view(3, Hip)[:, :Hi]
             g_alphas.insert(0, sums[0].float())
             mg = (sums[1:] / N).float()  # (mean g_z, mean g_z z): what Dice's g_s needs
             if i == 0:  # made per sample in the first layer's backward
