@@ -143,7 +143,8 @@ def _side_by_side(parts: list[torch.Tensor]) -> torch.Tensor:
                 p.storage_offset() - base.storage_offset() != at:
             return torch.cat(parts, 1)
         at += p.shape[1]
-    return base.narrow(1, first, at - first)
+    return base if at - first == base.shape[1] else base.narrow(1, first, at - first)  # (a full narrow's
+    # backward still zero-fills and copies [B + N, De])
 
 
 def segment_softmax(w: torch.Tensor, seg: torch.Tensor, B: int) -> torch.Tensor:

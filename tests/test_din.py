@@ -89,7 +89,8 @@ def test_feature_rows_side_by_side_are_read_in_place_and_others_copied():
                             ([a[:4], b[:4]], False), ([a, torch.randn(5, 2)], False)):
         got = _side_by_side(parts)
         assert torch.equal(got, torch.cat(parts, 1))
-        assert (got.data_ptr() == parts[0].data_ptr() and got._base is y) == in_place, parts
+        assert (got.data_ptr() == parts[0].data_ptr() and (got is y or got._base is y)) == in_place, parts
+    assert _side_by_side([a, b, c]) is y  # all its columns: the lookup itself (a full narrow's backward copies)
     _side_by_side([b, c]).pow(2).sum().backward()  # the gradient reaches the lookup as through cat
     want = torch.zeros(5, 8)
     want[:, 3:] = 8 * x.detach()[:, 3:]
