@@ -113,16 +113,16 @@ class DIN(nn.Module):
         :class:`~models.din_ops._QueryLayerFn`, the last with the Dice before it
         (``Dice(h, head)``)."""
         first, *rest = self.attention
-        W1, W2, W3, W4 = first.weight.split(e.shape[1], 1)
         N, acts, lins = e.shape[0] - offsets.numel() + 1, rest[::2], rest[1::2]
         if all(isinstance(a, Dice) and a.training for a in acts) and acts and N > 1 and ops._native is not None and \
                 all(t.dtype == torch.float32 for t in (e, *self.attention.parameters())):  # as one op
             hidden = [t for lin in lins[:-1] for t in (lin.weight, lin.bias)]
-            h, q, *stats = ops._AttentionFn.apply(tuple(a.eps for a in acts), e, offsets, W2 - W3, W4, W1 + W3, first.bias,
+            h, q, *stats = ops._AttentionFn.apply(tuple(a.eps for a in acts), e, offsets, first.weight, first.bias,
                                                  lins[-1].weight, lins[-1].bias, *(a.alpha for a in acts), *hidden)
             for a, mean, var in zip(acts, stats[::2], stats[1::2]):
                 a.track(mean, var, N)
             return q, h
+        W1, W2, W3, W4 = first.weight.split(e.shape[1], 1)
         h, q = _query_layer(e, offsets, W2 - W3, W4, W1 + W3, first.bias)
         for act, lin in zip(rest[::2], rest[1::2]):
             h = act(h, lin) if lin is rest[-1] and isinstance(act, Dice) else lin(act(h))

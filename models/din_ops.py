@@ -158,9 +158,10 @@ def _batch_stats(sums: torch.Tensor, N: int, H: int, eps: float):
 
 class _AttentionFn(torch.autograd.Function):
     """DIN's attention MLP in training with Dice on every hidden layer, as one op:
-    forward(eps, e, offsets, A, C, Wq, bias, head v [1, H], c [1], *alphas, *hidden) ->
+    forward(eps, e, offsets, W [H, 4 De], bias, head v [1, H], c [1], *alphas, *hidden) ->
     (scores [N], q = e[:B], then each Dice's batch mean and biased var [H] (no grad)), where
-    the first layer is :class:`_QueryLayerFn`'s, ``alphas`` and ``eps`` (a tuple) the k + 1
+    the first layer (W, bias) is computed as :class:`_QueryLayerFn`'s (A, C, Wq from W's blocks:
+    no autograd ops for them), ``alphas`` and ``eps`` (a tuple) the k + 1
     Dice layers' and
     ``hidden`` the weights and biases of the k Linear layers between them (W, b, W, b ...).
     - first layer: its kernel also sums the first Dice's statistics as it writes s;
@@ -172,12 +173,14 @@ class _AttentionFn(torch.autograd.Function):
     the separate ops made 7, and no GEMM with torch's."""
 
     @staticmethod
-    def forward(ctx, eps, e, offsets, A, C, Wq, bias, v, c, *rest):
+    def forward(ctx, eps, e, offsets, W1, bias, v, c, *rest):
         k = (len(rest) - 1) // 3
         alphas, hidden = rest[: k + 1], rest[k + 1 :]
         B, e = offsets.numel() - 1, e.contiguous()
         N = e.shape[0] - B
-        H = A.shape[0]
+        H = W1.shape[0]
+        Wa, Wb, Wc, Wd = W1.detach().split(e.shape[1], 1)  # on [q, k, q - k, q k]
+        A, C, Wq = Wb - Wc, Wd, Wa + Wc
         sums = torch.zeros(2, 2, _up16(H), dtype=torch.float64)
         s = [_query_forward(e, offsets, A, C, Wq, bias, sums)]
         stats, ps = [_batch_stats(sums, N, H, eps[0])], []
@@ -197,7 +200,7 @@ class _AttentionFn(torch.autograd.Function):
         _native.dice_forward(s[-1].data_ptr(), N, Hl, alphas[-1].data_ptr(), mean.data_ptr(), rstd.data_ptr(), 0,
                              scores.data_ptr(), p.data_ptr(), vd.data_ptr(), c.detach().data_ptr(), eps[-1], False)
         ps.append(p)
-        ctx.save_for_backward(e, offsets, A, C, Wq, *hidden[::2])
+        ctx.save_for_backward(e, offsets, A, C, Wq, *hidden[::2])  # (A, C, Wq: made here, no grad)
         ctx.s, ctx.ps, ctx.stats, ctx.alphas, ctx.v, ctx.c_shape = s, ps, stats, alphas, vd, c.shape
         out = [t for mean, var, _ in stats for t in (mean, var)]
         ctx.mark_non_differentiable(*out)
@@ -240,7 +243,8 @@ class _AttentionFn(torch.autograd.Function):
                                       mean.data_ptr(), rstd.data_ptr(), True, g.data_ptr(), unused.data_ptr(), 0, 0, 0)
         ge, gA, gC, gWq, gb = _query_backward(g, gq, e, offsets, A, C, Wq, dice)
         gc = g_scores.sum().reshape(ctx.c_shape)
-        return None, ge, None, gA, gC, gWq, gb, gv.reshape(1, Hl), gc, *g_alphas, *g_hidden
+        gW1 = torch.cat([gWq, gA, gWq - gA, gC], 1)  # W1 + W3 = Wq, W2 - W3 = A, W4 = C
+        return None, ge, None, gW1, gb, gv.reshape(1, Hl), gc, *g_alphas, *g_hidden
 
 
 def _query_layer(e, offsets, A, C, Wq, bias):

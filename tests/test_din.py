@@ -249,7 +249,7 @@ def test_attention_as_one_op_gives_the_torch_values_and_gradients(rows, dim, wid
     lengths[-1] = rows - sum(lengths)
     offsets = _offsets(lengths)
     e = torch.randn(len(lengths) + rows, dim, generator=g)
-    first = [torch.randn(widths[0], dim, generator=g) * 0.3 for _ in range(3)] + [torch.randn(widths[0], generator=g)]
+    first = [torch.randn(widths[0], 4 * dim, generator=g) * 0.3, torch.randn(widths[0], generator=g)]  # on [q, k, q-k, qk]
     alphas = [torch.rand(w, generator=g) - 0.5 for w in widths]
     hidden = [t for a, b in zip(widths, widths[1:]) for t in (torch.randn(b, a, generator=g) / a**0.5, torch.randn(b))]
     head = [torch.randn(1, widths[-1], generator=g), torch.randn(1, generator=g)]
@@ -264,10 +264,11 @@ def test_attention_as_one_op_gives_the_torch_values_and_gradients(rows, dim, wid
         else:
             keep, din_ops._native = din_ops._native, None
             try:
-                h, q = _query_layer(ei, offsets, *ws[:4])
+                W1, W2, W3, W4 = ws[0].split(dim, 1)
+                h, q = _query_layer(ei, offsets, W2 - W3, W4, W1 + W3, ws[1])
                 stats = []
-                for i, a in enumerate(ws[6 : 6 + len(widths)]):
-                    W, b = (ws[6 + len(widths) + 2 * i], ws[7 + len(widths) + 2 * i]) if i + 1 < len(widths) else ws[4:6]
+                for i, a in enumerate(ws[4 : 4 + len(widths)]):
+                    W, b = (ws[4 + len(widths) + 2 * i], ws[5 + len(widths) + 2 * i]) if i + 1 < len(widths) else ws[2:4]
                     h, mean, var = _DiceFn.apply(h, a, W if i + 1 == len(widths) else None,
                                                  b if i + 1 == len(widths) else None, None, eps[i])
                     h, stats = (h if i + 1 == len(widths) else h @ W.T + b), stats + [mean, var]
@@ -276,7 +277,7 @@ def test_attention_as_one_op_gives_the_torch_values_and_gradients(rows, dim, wid
                 din_ops._native = keep
         torch.autograd.backward([scores, q], [gout, gq])
         outs.append([scores.detach(), q.detach(), *stats, ei.grad] + [t.grad for t in ws])
-    assert len(outs[0]) == 2 + 2 * len(widths) + 1 + 6 + len(widths) + 2 * (len(widths) - 1)
+    assert len(outs[0]) == 2 + 2 * len(widths) + 1 + 4 + len(widths) + 2 * (len(widths) - 1)
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
