@@ -1,4 +1,5 @@
-/* Shared by models/_din.c and models/_din_query.c (one extension, models._din). */
+/* Shared by models/_din.c, models/_din_query.c and models/_din_hidden.c (one extension,
+ * models._din). */
 #ifndef DIN_H
 #define DIN_H
 #include <Python.h>

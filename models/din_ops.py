@@ -160,17 +160,18 @@ class _AttentionFn(torch.autograd.Function):
     """DIN's attention MLP in training with Dice on every hidden layer, as one op:
     forward(eps, e, offsets, W [H, 4 De], bias, head v [1, H], c [1], *alphas, *hidden) ->
     (scores [N], q = e[:B], then each Dice's batch mean and biased var [H] (no grad)), where
-    the first layer (W, bias) is computed as :class:`_QueryLayerFn`'s (A, C, Wq from W's blocks:
-    no autograd ops for them), ``alphas`` and ``eps`` (a tuple) the k + 1
-    Dice layers' and
-    ``hidden`` the weights and biases of the k Linear layers between them (W, b, W, b ...).
+    the first layer (W, bias) is computed as :class:`_QueryLayerFn`'s (A, C and Wq formed
+    from W's blocks here: no autograd ops for them), ``alphas`` and ``eps`` (a tuple) are the
+    k + 1 Dice layers', ``hidden`` the weights and biases of the k Linear layers between
+    them (W, b, W, b ...).
     - first layer: its kernel also sums the first Dice's statistics as it writes s;
     - each hidden layer (models/_din_hidden.c): that Dice, then the Linear, a block of rows
       at a time (Dice's output never written), summing the next Dice's statistics;
     - the last Dice fused with the Linear(H, 1) head (as :class:`_DiceFn`).
-    Backward in the same steps, the other way; the first Dice's g_s is made per sample in the
-    first layer's backward.  Default (80-40): 3 passes over [N, 80] or [N, 40] forward where
-    the separate ops made 7, and no GEMM with torch's."""
+    Backward in the same steps, the other way: the first Dice's g_s is made per sample in the
+    first layer's backward, the last Dice's a block of rows at a time in the last hidden
+    layer's (any Dice between by its own kernel).  Default (80-40): 3 passes over
+    [N, 80] or [N, 40] forward where the separate ops made 7, and no GEMM in torch's."""
 
     @staticmethod
     def forward(ctx, eps, e, offsets, W1, bias, v, c, *rest):
