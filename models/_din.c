@@ -1,5 +1,5 @@
 /* Kernels of DIN (Zhou et al., "Deep Interest Network for Click-Through Rate Prediction",
- * KDD 2018; models/din.py, whose torch functions give the same values and are the fallback).
+ * KDD 2018; models/din_ops.py, whose torch functions give the same values and are the fallback).
  *
  * Dice over a [N, H] pre-activation s, forward and backward in two passes each:
  *   forward:  p = sigmoid((s - mean) rstd),  y = s (alpha + p (1 - alpha)),
@@ -133,12 +133,12 @@ CLONES static void bwd_apply(Job *j) {
     if (j->gh) {
         for (int64_t n = j->lo; n < j->hi; n++)
             dice_grad(j->src + n * H, j->p + n * H, NULL, j->gh[n], j->tm, j->tr, j->ta, j->tv, j->tmg, j->tmg + W,
-                   j->gs + n * H, H, 1);
+                      j->gs + n * H, H, 1);
         return;
     }
     for (int64_t i0 = j->lo * H, end = j->hi * H; i0 < end; i0 += W)
         dice_grad(j->src + i0, j->p + i0, j->g + i0, 0.0f, j->tm, j->tr, j->ta, NULL, j->tmg, j->tmg + W, j->gs + i0,
-               end - i0 < W ? end - i0 : W, 0);
+                  end - i0 < W ? end - i0 : W, 0);
 }
 
 /* pool forward (src = e, y = p [B, D]) */

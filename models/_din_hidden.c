@@ -1,4 +1,4 @@
-/* A hidden layer of DIN's attention MLP after the first (models/din.py, _AttentionFn):
+/* A hidden layer of DIN's attention MLP after the first (models/din_ops.py, _AttentionFn):
  * Dice on the previous layer's s_in [N, Hi] (batch statistics given), then a linear layer to
  * s_out [N, Ho], row block by row block, so that Dice's output y never leaves the cache:
  *   forward:  p = sigmoid((s_in - mean) rstd) (written: the backward reads it),
@@ -30,7 +30,8 @@ typedef struct {
     const float *g;              /* backward: g_out [N, Ho] */
     float *p;                    /* [N, Hi]: written forward, read backward */
     float *out;                  /* forward: s_out [N, Ho]; backward: g_y [N, Hi] */
-    double *sums;                /* forward: [2, Hop] of s_out; backward: [3, Hip] (g_alpha, g_z, g_z z) */
+    double *sums;                /* forward: [2, Hop] of s_out; backward: [3 Hip + Hop] (g_alpha, g_z,
+                                    g_z z; g_out's column sums) */
     float *gW;                   /* backward: this part's [Ho, Hip], zeroed by the caller */
     float *y, *gb;               /* scratch [RB, Hip], columns from Hi zero; [RB, Ho] (g_out's rows) */
     const float *hs, *hp, *hm, *hr, *hal, *hv, *hmg; /* backward, or NULL: the next Dice's s, p [N, Ho], mean,

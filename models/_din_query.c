@@ -1,4 +1,4 @@
-/* DIN's first attention layer without the pairs (models/din.py, _QueryLayerFn).
+/* DIN's first attention layer without the pairs (models/din_ops.py, _QueryLayerFn).
  *
  * The layer scores [q, k, q - k, q k] (q_b the sample's query, k_n a history key, both [D])
  * with weights W = [W1 W2 W3 W4] [H, 4 D] and a bias.  Regrouped:
@@ -11,7 +11,7 @@
  * Keys n of sample b: rows off[b] .. off[b+1]-1 of the keys; e [B + N, D] holds the B
  * queries, then the N keys.  Samples are split over two threads as in _din.c; the weight
  * gradients are summed per thread, then added (deterministic for a thread count).
- * Where Dice follows in training (models/din.py), the forward also sums its batch
+ * Where Dice follows in training (models/din_ops.py _AttentionFn), the forward also sums its batch
  * statistics while each sample's rows of s are in cache, and the backward takes Dice's
  * output gradient and makes the sample's g_s rows (Dice's second backward pass) into
  * scratch before the products: neither pass reads or writes [N, H] on its own. */
