@@ -43,18 +43,12 @@ typedef struct {
     float *gw;
 } Job;
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CLONES
-#endif
-
 /* The element-wise passes run over k rows at a time (k H values, a multiple of the vector
  * width, with the per-column values tiled to match), so that no value takes a scalar path:
  * H = 40 in rows of 40 left 8 of every 40 to scalar code, 3x slower. */
 
 /* pass 1 of the forward: sums of s and s^2 per tiled column */
-CLONES static void fwd_stats(Job *j) {
+DIN_CLONES static void fwd_stats(Job *j) {
     const int64_t W = j->W;
     double *restrict sum = j->acc, *restrict sq = j->acc + W;
     for (int64_t i0 = j->lo * j->H, end = j->hi * j->H; i0 < end; i0 += W) {
@@ -68,7 +62,7 @@ CLONES static void fwd_stats(Job *j) {
 }
 
 /* pass 2 of the forward: y, or the head's out */
-CLONES static void fwd_apply(Job *j) {
+DIN_CLONES static void fwd_apply(Job *j) {
     const int64_t W = j->W, H = j->H;
     const float *restrict m = j->tm, *restrict r = j->tr, *restrict al = j->ta, *restrict v = j->tv;
     float *restrict t = j->tmp;
@@ -114,7 +108,7 @@ static inline __attribute__((always_inline)) void sums_(const float *restrict s,
     }
 }
 
-CLONES static void bwd_sums(Job *j) {
+DIN_CLONES static void bwd_sums(Job *j) {
     const int64_t W = j->W, H = j->H;
     double *ga = j->acc, *gz = j->acc + W, *gzz = j->acc + 2 * W, *gv = j->acc + 3 * W;
     if (j->gh) {
@@ -128,7 +122,7 @@ CLONES static void bwd_sums(Job *j) {
 }
 
 /* pass 2 of the backward: g_s (dice_grad, in _din.h) */
-CLONES static void bwd_apply(Job *j) {
+DIN_CLONES static void bwd_apply(Job *j) {
     const int64_t W = j->W, H = j->H;
     if (j->gh) {
         for (int64_t n = j->lo; n < j->hi; n++)
@@ -142,7 +136,7 @@ CLONES static void bwd_apply(Job *j) {
 }
 
 /* pool forward (src = e, y = p [B, D]) */
-CLONES static void pool_fwd(Job *j) {
+DIN_CLONES static void pool_fwd(Job *j) {
     const int64_t D = j->H;
     for (int64_t b = j->b0; b < j->b1; b++) {
         float *restrict p = j->y + b * D;
@@ -156,7 +150,7 @@ CLONES static void pool_fwd(Job *j) {
 }
 
 /* pool backward (g = gp, gs = de, gw) */
-CLONES static void pool_bwd(Job *j) {
+DIN_CLONES static void pool_bwd(Job *j) {
     const int64_t D = j->H;
     for (int64_t b = j->b0; b < j->b1; b++) {
         const float *restrict gp = j->g + b * D;

@@ -57,6 +57,14 @@ typedef float v16u __attribute__((vector_size(64), aligned(4))); /* unaligned lo
 
 #define ALWAYS static inline __attribute__((always_inline))
 
+/* a function compiled for AVX-512, for AVX2 with FMA (the tiles' multiply-adds need it) and
+ * for any x86-64; the loader picks the one for the machine */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DIN_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define DIN_CLONES
+#endif
+
 static inline int64_t up16(int64_t n) { return (n + 15) / 16 * 16; }
 
 /* out[r][0 .. w) = init[r] + sum over t < K of a[r ars + t ats] Bm[t ldb + 0 .. w), r < R,
@@ -97,7 +105,7 @@ ALWAYS void tile(const int R, const int CG, const float *a, int64_t ars, int64_t
  * in tiles of 64 columns by 4 rows, or 8 where the tile is 32 columns or fewer.  Compiled
  * once a file and vector width, not inlined: its 24 tiles inlined at each call took gcc
  * 2.5 min (no step time measurably lost) */
-__attribute__((target_clones("avx512f", "arch=haswell", "default"), unused)) static void
+DIN_CLONES __attribute__((unused)) static void
 product(const float *a, int64_t ars, int64_t ats, int64_t rows, int64_t K, const float *Bm, int64_t ldb,
                     const float *init, int64_t ldi, float *out, int64_t ldo, int64_t W) {
     for (int64_t j = 0; j < W; j += 64) {
@@ -111,29 +119,15 @@ product(const float *a, int64_t ars, int64_t ats, int64_t rows, int64_t K, const
     }
 }
 
-/* name_512, name_256, name_any: part (ALWAYS inline, on a Job *) compiled for AVX-512, for
- * AVX2 with FMA (the tiles' multiply-adds need it) and for any x86-64; DIN_PICK(name): the
- * one for this machine */
-#define DIN_CLONES(name, part)                                                              \
-    __attribute__((target("avx512f"))) static void name##_512(Job *j) { part(j); }         \
-    __attribute__((target("avx2,fma"))) static void name##_256(Job *j) { part(j); }        \
-    static void name##_any(Job *j) { part(j); }
-#define DIN_PICK(name)                                                                      \
-    (__builtin_cpu_supports("avx512f")                                   ? name##_512      \
-     : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")   ? name##_256      \
-                                                                         : name##_any)
-
 /* y = s (al + p (1 - al)) */
 static inline float dice_y(float s, float p, float al) { return s * (al + p * (1.0f - al)); }
 
 /* pass 2 of Dice's backward (models/_din.c), g_s of len values; in the query layer's
  * backward (models/_din_query.c) too, where it runs on each sample's rows */
-static inline __attribute__((always_inline)) void dice_grad(const float *restrict s, const float *restrict pp,
-                                                         const float *restrict g, float go, const float *restrict m,
-                                                         const float *restrict r, const float *restrict al,
-                                                         const float *restrict v, const float *restrict mg,
-                                                         const float *restrict mg2, float *restrict out, int64_t len,
-                                                         const int head) {
+ALWAYS void dice_grad(const float *restrict s, const float *restrict pp, const float *restrict g, float go,
+                      const float *restrict m, const float *restrict r, const float *restrict al,
+                      const float *restrict v, const float *restrict mg, const float *restrict mg2,
+                      float *restrict out, int64_t len, const int head) {
     for (int64_t i = 0; i < len; i++) {
         const float z = (s[i] - m[i]) * r[i], p = pp[i], gi = head ? go * v[i] : g[i];
         const float g_z = gi * s[i] * (1.0f - al[i]) * p * (1.0f - p);

@@ -39,7 +39,7 @@ typedef struct {
     int64_t Hi, Ho, lo, hi;
 } Job;
 
-ALWAYS void forward_part(Job *j) {
+DIN_CLONES static void forward_part(Job *j) {
     const int64_t Hi = j->Hi, Ho = j->Ho, Hip = up16(Hi), Hop = up16(Ho);
     double *restrict sum = j->sums, *restrict sq = j->sums + Hop;
     const float *restrict m = j->m, *restrict r = j->r, *restrict al = j->al;
@@ -66,7 +66,7 @@ ALWAYS void forward_part(Job *j) {
     }
 }
 
-ALWAYS void backward_part(Job *j) {
+DIN_CLONES static void backward_part(Job *j) {
     const int64_t Hi = j->Hi, Ho = j->Ho, Hip = up16(Hi);
     double *restrict ga = j->sums, *restrict gz = j->sums + Hip, *restrict gzz = j->sums + 2 * Hip;
     double *restrict gbias = j->sums + 3 * Hip;
@@ -78,13 +78,10 @@ ALWAYS void backward_part(Job *j) {
             float *restrict y = j->y + n * Hip;
             for (int64_t h = 0; h < Hi; h++) y[h] = dice_y(s[h], p[h], al[h]);
         }
-        const float *g = j->g + r0 * Ho;
-        if (j->hs) { /* g_out's rows from the head's gradient (j->g [N]) */
-            for (int64_t n = 0; n < R; n++)
-                dice_grad(j->hs + (r0 + n) * Ho, j->hp + (r0 + n) * Ho, NULL, j->g[r0 + n], j->hm, j->hr, j->hal,
-                          j->hv, j->hmg, j->hmg + Ho, j->gb + n * Ho, Ho, 1);
-            g = j->gb;
-        }
+        const float *g = j->hs ? j->gb : j->g + r0 * Ho;
+        for (int64_t n = 0; j->hs && n < R; n++) /* g_out's rows from the head's gradient (j->g [N]) */
+            dice_grad(j->hs + (r0 + n) * Ho, j->hp + (r0 + n) * Ho, NULL, j->g[r0 + n], j->hm, j->hr, j->hal, j->hv,
+                      j->hmg, j->hmg + Ho, j->gb + n * Ho, Ho, 1);
         for (int64_t n = 0; n < R; n++)
             for (int64_t h = 0; h < Ho; h++) gbias[h] += g[n * Ho + h];
         product(g, Ho, 1, R, Ho, j->W, Hip, NULL, 0, j->out + r0 * Hi, Hi, Hi); /* g_y = g_out W */
@@ -102,24 +99,27 @@ ALWAYS void backward_part(Job *j) {
     }
 }
 
-DIN_CLONES(forward, forward_part)
-DIN_CLONES(backward, backward_part)
 
-/* rows [0, N / 2) and [N / 2, N) (or all in one part), each with its scratch and its blocks
- * of sums (`each` doubles) and of g_W; NULL if out of memory */
-static float *halves(Job *jobs, int64_t N, int64_t each, int *parts) {
-    *parts = N * jobs[0].Hi >= 65536 && omp_get_max_threads() > 1 ? 2 : 1;
-    const int64_t part = RB * (up16(jobs[0].Hi) + up16(jobs[0].Ho)); /* whole cache lines */
+/* fn over rows [0, N / 2) and [N / 2, N) (or all in one part), each part with its scratch and
+ * its blocks of sums (`each` doubles) and of g_W */
+static PyObject *run(Job *jobs, int64_t N, int64_t each, void (*fn)(Job *)) {
+    const int parts = N * jobs[0].Hi >= 65536 && omp_get_max_threads() > 1 ? 2 : 1;
+    const int64_t Hip = up16(jobs[0].Hi), part = RB * (Hip + up16(jobs[0].Ho)); /* whole cache lines */
     float *y = aligned_alloc(64, (size_t)(2 * part) * sizeof(float));
-    if (y) memset(y, 0, (size_t)(2 * part) * sizeof(float));
+    if (!y) return PyErr_NoMemory();
+    memset(y, 0, (size_t)(2 * part) * sizeof(float));
     jobs[1] = jobs[0];
-    jobs[0].lo = 0, jobs[0].hi = *parts == 2 ? N / 2 : N;
+    jobs[0].lo = 0, jobs[0].hi = parts == 2 ? N / 2 : N;
     jobs[1].lo = jobs[0].hi, jobs[1].hi = N;
-    jobs[0].y = y, jobs[1].y = y ? y + part : NULL;
-    jobs[0].gb = y ? y + RB * up16(jobs[0].Hi) : NULL, jobs[1].gb = y ? jobs[1].y + RB * up16(jobs[0].Hi) : NULL;
+    jobs[0].y = y, jobs[1].y = y + part;
+    jobs[0].gb = y + RB * Hip, jobs[1].gb = jobs[1].y + RB * Hip;
     jobs[1].sums += each;
-    if (jobs[0].gW) jobs[1].gW += jobs[0].Ho * up16(jobs[0].Hi);
-    return y;
+    if (jobs[0].gW) jobs[1].gW += jobs[0].Ho * Hip;
+    Py_BEGIN_ALLOW_THREADS
+    DIN_RUN(fn, jobs, parts);
+    Py_END_ALLOW_THREADS
+    free(y);
+    Py_RETURN_NONE;
 }
 
 /* hidden_forward(s, N, Hi, mean, rstd, alpha, Wt, bias, Ho, p, out, sums): p [N, Hi] and
@@ -133,14 +133,7 @@ PyObject *din_hidden_forward(PyObject *self, PyObject *args) {
     Job jobs[2] = {{.s = (const float *)ps, .m = (const float *)pm, .r = (const float *)pr, .al = (const float *)pal,
                     .W = (const float *)pW, .bias = (const float *)pb, .p = (float *)pp, .out = (float *)pout,
                     .sums = (double *)psums, .Hi = Hi, .Ho = Ho}};
-    int parts;
-    float *y = halves(jobs, N, 2 * up16(Ho), &parts);
-    if (!y) return PyErr_NoMemory();
-    Py_BEGIN_ALLOW_THREADS
-    DIN_RUN(DIN_PICK(forward), jobs, parts);
-    Py_END_ALLOW_THREADS
-    free(y);
-    Py_RETURN_NONE;
+    return run(jobs, N, 2 * up16(Ho), forward_part);
 }
 
 /* hidden_backward(g, s, p, N, Hi, mean, rstd, alpha, W, Ho, gy, gW, sums, hs, hp, hm, hr, hal,
@@ -160,12 +153,5 @@ PyObject *din_hidden_backward(PyObject *self, PyObject *args) {
                     .gW = (float *)pgW, .sums = (double *)psums, .Hi = Hi, .Ho = Ho, .hs = (const float *)hs,
                     .hp = (const float *)hp, .hm = (const float *)hm, .hr = (const float *)hr,
                     .hal = (const float *)hal, .hv = (const float *)hv, .hmg = (const float *)hmg}};
-    int parts;
-    float *y = halves(jobs, N, 3 * up16(Hi) + up16(Ho), &parts);
-    if (!y) return PyErr_NoMemory();
-    Py_BEGIN_ALLOW_THREADS
-    DIN_RUN(DIN_PICK(backward), jobs, parts);
-    Py_END_ALLOW_THREADS
-    free(y);
-    Py_RETURN_NONE;
+    return run(jobs, N, 3 * up16(Hi) + up16(Ho), backward_part);
 }

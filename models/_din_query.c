@@ -35,7 +35,7 @@ typedef struct {
 } Job;
 
 /* s rows of samples [b0, b1): M_b [D, Hp] = A^T + q_b[d] C^T row by row, then s = c_b + k M_b */
-ALWAYS void forward_part(Job *j) {
+DIN_CLONES static void forward_part(Job *j) {
     const int64_t D = j->D, H = j->H, Hp = up16(H);
     float *M = j->scratch, *c = M + D * Hp; /* D Hp + Hp floats */
     memset(c, 0, (size_t)Hp * sizeof(float));
@@ -62,7 +62,7 @@ ALWAYS void forward_part(Job *j) {
 
 /* the gradients of samples [b0, b1): g_k rows into ge, g_q into ge's query rows, g_c, and
  * this part's g_A, g_C; through Dice, each sample's g_s rows first (from g_y = gs) */
-ALWAYS void backward_part(Job *j) {
+DIN_CLONES static void backward_part(Job *j) {
     const int64_t D = j->D, H = j->H, Dp = up16(D);
     /* 2 H Dp + 2 Dp (+ maxlen Dp where D < Dp, + maxlen H through Dice) floats */
     float *Mt = j->scratch, *gM = Mt + H * Dp, *qp = gM + H * Dp, *gq = qp + Dp, *kp = gq + Dp;
@@ -108,8 +108,6 @@ ALWAYS void backward_part(Job *j) {
     }
 }
 
-DIN_CLONES(forward, forward_part)
-DIN_CLONES(backward, backward_part)
 
 /* the two parts (or one): samples [0, bm) and [bm, B) */
 static int halves(Job *jobs, int64_t N) {
@@ -121,12 +119,16 @@ static int halves(Job *jobs, int64_t N) {
     return parts;
 }
 
-
-/* both parts' scratch, `each` floats apiece, or NULL */
-static float *scratch(Job *jobs, int64_t each) {
+/* fn on the parts, each with `each` floats of scratch */
+static PyObject *run(Job *jobs, int parts, int64_t each, void (*fn)(Job *)) {
     float *sc = malloc((size_t)(2 * each) * sizeof(float));
-    jobs[0].scratch = sc, jobs[1].scratch = sc ? sc + each : NULL;
-    return sc;
+    if (!sc) return PyErr_NoMemory();
+    jobs[0].scratch = sc, jobs[1].scratch = sc + each;
+    Py_BEGIN_ALLOW_THREADS
+    DIN_RUN(fn, jobs, parts);
+    Py_END_ALLOW_THREADS
+    free(sc);
+    Py_RETURN_NONE;
 }
 
 /* query_forward(e, B, N, D, off, At, Ct, c, H, s, sums): s [N, H] written; At, Ct [D, Hp]
@@ -140,15 +142,9 @@ PyObject *din_query_forward(PyObject *self, PyObject *args) {
     Job jobs[2] = {{.e = (const float *)pe, .off = (const int64_t *)poff, .A = (const float *)pA,
                     .C = (const float *)pC, .c = (const float *)pc, .s = (float *)ps, .sums = (double *)psums,
                     .B = B, .D = D, .H = H}};
-    int parts = halves(jobs, N);
+    const int parts = halves(jobs, N);
     if (psums) jobs[1].sums += 2 * up16(H);
-    float *sc = scratch(jobs, D * up16(H) + up16(H));
-    if (!sc) return PyErr_NoMemory();
-    Py_BEGIN_ALLOW_THREADS
-    DIN_RUN(DIN_PICK(forward), jobs, parts);
-    Py_END_ALLOW_THREADS
-    free(sc);
-    Py_RETURN_NONE;
+    return run(jobs, parts, D * up16(H) + up16(H), forward_part);
 }
 
 /* query_backward(gs, e, B, N, D, off, A, C, H, ge, gc, gA, gC, ds, dp, dm, dr, dal, dmg):
@@ -171,17 +167,11 @@ PyObject *din_query_backward(PyObject *self, PyObject *args) {
                     .dmg = (const float *)pdmg, .B = B, .D = D, .H = H}};
     for (int64_t b = 0; b < B && (D < Dp || pds); b++)
         if (off[b + 1] - off[b] > jobs[0].maxlen) jobs[0].maxlen = off[b + 1] - off[b];
-    int parts = halves(jobs, N);
-    float *sc = scratch(jobs, 2 * H * Dp + 2 * Dp + jobs[0].maxlen * (Dp + H));
-    if (!sc) return PyErr_NoMemory();
+    const int parts = halves(jobs, N);
     jobs[1].gA += H * Dp, jobs[1].gC += H * Dp;
     if (parts < 2) { /* the caller adds both blocks: zero the second */
         memset(jobs[1].gA, 0, (size_t)(H * Dp) * sizeof(float));
         memset(jobs[1].gC, 0, (size_t)(H * Dp) * sizeof(float));
     }
-    Py_BEGIN_ALLOW_THREADS
-    DIN_RUN(DIN_PICK(backward), jobs, parts);
-    Py_END_ALLOW_THREADS
-    free(sc);
-    Py_RETURN_NONE;
+    return run(jobs, parts, 2 * H * Dp + 2 * Dp + jobs[0].maxlen * (Dp + H), backward_part);
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+
 def _dice_forward(s, alpha, mean, rstd):
     return s * (torch.sigmoid((s - mean) * rstd) * (1 - alpha) + alpha)
 
