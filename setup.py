@@ -1,7 +1,7 @@
 """Only the C fast paths (Criteo reader, id map of dynamic tables, OptEmbed's masks, the
-fused sparse update, DIN's Dice, first attention layer and pooling); everything else is in
-pyproject.toml.  ``optional``: without a compiler all still work, through their
-pure-Python/torch/fbgemm paths, which give the same results."""
+fused sparse update, DIN's Dice, first attention layer and pooling, the graph models' sparse
+product); everything else is in pyproject.toml.  ``optional``: without a compiler all still
+work, through their pure-Python/torch/fbgemm paths, which give the same results."""
 from setuptools import Extension, setup
 
 setup(ext_modules=[
@@ -12,6 +12,8 @@ setup(ext_modules=[
     Extension("rectables._masks", ["rectables/_masks.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"]),
     Extension("models._din", ["models/_din.c", "models/_din_query.c", "models/_din_hidden.c"], depends=["models/_din.h"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
+              extra_link_args=["-fopenmp"]),
+    Extension("models._graph", ["models/_graph.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"]),
     Extension("rectables._rowupdate", ["rectables/_rowupdate.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"]),

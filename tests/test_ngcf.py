@@ -40,12 +40,13 @@ def test_normalized_adjacency_is_d_half_a_d_half():
     assert torch.allclose(normalized_adjacency(TRAIN, U, I).to_dense().double(), dense_adjacency(), atol=1e-7)
 
 
+@pytest.mark.parametrize("dim", [4, 16])  # torch's sparse product; the compiled one
 @pytest.mark.parametrize("kind", ["lightgcn", "ngcf"])
-def test_propagation_and_its_gradient_match_a_dense_matrix_reference(kind):
+def test_propagation_and_its_gradient_match_a_dense_matrix_reference(kind, dim):
     torch.manual_seed(0)
-    m = model(kind, layers=2)
+    m = model(kind, layers=2, dim=dim)
     L = dense_adjacency().float()
-    e0 = torch.randn(U + I, 4, requires_grad=True)
+    e0 = torch.randn(U + I, dim, requires_grad=True)
     got = m.propagate(e0)
     ref_e, outs = e0, [e0]
     for layer in range(2):
@@ -85,6 +86,38 @@ def test_the_loss_propagates_only_the_rows_it_reads_and_matches_full_propagation
     assert torch.allclose(m.loss(users, pos, neg), torch.nn.functional.softplus(-diff).mean() + m.l2 * reg)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_compiled_sparse_product_gives_torchs_values(threads, monkeypatch):
+    """models/_graph.c against torch's CSR product: rows with no nonzeros, D 16 to 128, one
+    and two threads (split at half the nonzeros); D not a multiple of 16 goes to torch's."""
+    from models import ngcf
+    from data.gowalla import to_csr
+
+    if ngcf._graph is None:
+        pytest.skip("models._graph is not built")
+    g = torch.Generator().manual_seed(0)
+    N, E = 3000, 50_000
+    edges = torch.randint(0, N - 100, (2, E), generator=g)  # the last 100 rows stay empty
+    A = to_csr(torch.cat([edges, edges.flip(0)], 1), torch.rand(E, generator=g).repeat(2), N)
+    keep = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for D in (16, 64, 128):
+            x = torch.randn(N, D, generator=g)
+            torch.testing.assert_close(ngcf._spmm(A, x), torch.sparse.mm(A, x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ngcf._spmm(A, x[:, :16]), torch.sparse.mm(A, x[:, :16].contiguous()),
+                                       rtol=1e-5, atol=1e-5)  # a strided x (float rounding: fused multiply-adds)
+        calls = []
+        mm = torch.sparse.mm
+        monkeypatch.setattr(torch.sparse, "mm", lambda *a: calls.append(1) or mm(*a))
+        ngcf._spmm(A, torch.randn(N, 32))
+        assert not calls  # the kernel's
+        x = torch.randn(N, 24)
+        assert torch.equal(ngcf._spmm(A, x), mm(A, x)) and calls  # torch's
+    finally:
+        torch.set_num_threads(keep)
+
+
 def test_node_dropout_drops_undirected_edges_and_an_asymmetric_matrix_is_refused():
     torch.manual_seed(0)
     m = model("ngcf", node_dropout=0.5)
@@ -100,6 +133,13 @@ def test_node_dropout_drops_undirected_edges_and_an_asymmetric_matrix_is_refused
     with pytest.raises(ValueError, match="symmetric"):
         GraphCF(EmbeddingCollection(tables_for_budget(table_class("full"), 4, ["user", "item"], [U, I], 1.0, o), o),
                 U, I, bad.to_sparse_csr())
+    good = normalized_adjacency(TRAIN, U, I)
+    cols = good.col_indices().clone()
+    cols[-1] = U + I  # past the last node: the compiled product would read outside x
+    bad = torch.sparse_csr_tensor(good.crow_indices(), cols, good.values(), (U + I, U + I), check_invariants=False)
+    with pytest.raises(ValueError, match="column indices"):
+        GraphCF(EmbeddingCollection(tables_for_budget(table_class("full"), 4, ["user", "item"], [U, I], 1.0, o), o),
+                U, I, bad)
 
 
 def test_message_dropout_drops_a_share_p_scales_the_rest_and_follows_torch_seed():
