@@ -1,5 +1,7 @@
-/* y = A x for a sparse CSR A [N, N] and x [N, D] (models/ngcf.py, _SymmetricSpMM): the
- * propagation of NGCF (Wang et al., SIGIR 2019) and LightGCN (He et al., SIGIR 2020).
+/* The graph models' kernels (models/ngcf.py): NGCF (Wang et al., SIGIR 2019) and LightGCN
+ * (He et al., SIGIR 2020).
+ *
+ * spmm: y = A x for a sparse CSR A [N, N] and x [N, D] (_SymmetricSpMM), their propagation.
  *
  * Each row of y is summed in registers over its nonzeros in CSR order, one fused multiply-add
  * each (torch's values up to float rounding), fetching the x rows of the nonzeros a few ahead
@@ -82,8 +84,58 @@ static PyObject *spmm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* lowbias32 (C. Wellons' 32-bit integer hash): every output bit depends on every input bit */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+
+/* y[i] = x[i] scale where hash(i, seed) >= t, else 0, for i in [i0, i1): the mask is a
+ * function of (seed, i) alone (counter-based), so it is the same for any thread count and
+ * the backward draws it again instead of storing it; in blocks of 2^32 (32-bit lanes) */
+CLONES static void drop(const float *x, float *y, int64_t i0, int64_t i1, uint64_t seed, uint32_t t, float scale) {
+    const uint32_t s0 = (uint32_t)seed, s1 = (uint32_t)(seed >> 32);
+    for (int64_t b = i0, end; b < i1; b = end) {
+        end = (int64_t)(((uint64_t)b | 0xffffffffULL) + 1);
+        end = end < i1 ? end : i1;
+        const uint32_t hi = (uint32_t)((uint64_t)b >> 32) ^ s1, lo = (uint32_t)b;
+        const float *restrict xb = x + b;
+        float *restrict yb = y + b;
+        for (int64_t k = 0; k < end - b; k++) yb[k] = mix32(mix32((lo + (uint32_t)k) ^ s0) ^ hi) >= t ? xb[k] * scale : 0.0f;
+    }
+}
+
+/* dropout(x, n, seed, t, scale, y): y [n] = x [n] times scale where the element's hash is at
+ * least t (a share t / 2^32 dropped), else 0 (models/ngcf.py message_dropout: _keep draws the
+ * same mask in numpy) */
+static PyObject *dropout(PyObject *self, PyObject *args) {
+    unsigned long long px, seed, t, py;
+    long long n;
+    float scale;
+    if (!PyArg_ParseTuple(args, "KLKKfK", &px, &n, &seed, &t, &scale, &py)) return NULL;
+    if (t > 0xffffffffULL) {
+        PyErr_SetString(PyExc_ValueError, "dropout's threshold t must lie in [0, 2^32)");
+        return NULL;
+    }
+    const float *x = (const float *)px;
+    float *y = (float *)py;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel num_threads(2) if (omp_get_max_threads() > 1 && n >= 65536)
+    {
+        const int parts = omp_get_num_threads(), me = omp_get_thread_num();
+        drop(x, y, n * me / parts, n * (me + 1) / parts, seed, (uint32_t)t, scale);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"spmm", spmm, METH_VARARGS, "y = A x for a CSR A and dense x with D a multiple of 16."},
+    {"dropout", dropout, METH_VARARGS, "Dropout with a counter-based mask: hash(seed, i) >= t keeps element i."},
     {NULL, NULL, 0, NULL},
 };
 

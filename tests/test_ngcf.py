@@ -157,6 +157,29 @@ def test_message_dropout_drops_a_share_p_scales_the_rest_and_follows_torch_seed(
     assert message_dropout(x, 0.25, False) is x and message_dropout(x, 0.0, True) is x
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_message_dropout_draws_the_same_mask_in_c_and_numpy_for_any_thread_count(threads, monkeypatch):
+    """The mask is a hash of (seed, index): the compiled kernel, split over threads, and the
+    numpy fallback give the same kept elements and values; float64 takes the numpy path."""
+    from models import ngcf
+
+    x = torch.rand(300, 400) + 1  # 120k values: two parts on two threads
+    keep = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(5)
+        a = message_dropout(x, 0.3, True)
+    finally:
+        torch.set_num_threads(keep)
+    monkeypatch.setattr(ngcf, "_graph", None)
+    torch.manual_seed(5)
+    b = message_dropout(x, 0.3, True)
+    torch.manual_seed(5)
+    c = message_dropout(x.double(), 0.3, True)
+    assert torch.equal(a, b) and torch.equal(c == 0, a == 0) and torch.equal(c.float(), a)
+    assert abs((a == 0).float().mean().item() - 0.3) < 0.01
+
+
 def test_recall_and_ndcg_by_hand_with_training_items_excluded():
     # one dim: user scores are the item embeddings times the user's value
     items = torch.tensor([[4.0], [3.0], [2.0], [1.0], [0.0]])  # ranking for a positive user: 0, 1, 2, 3, 4
