@@ -94,40 +94,51 @@ static inline uint32_t mix32(uint32_t x) {
     return x;
 }
 
-/* y[i] = x[i] scale where hash(i, seed) >= t, else 0, for i in [i0, i1): the mask is a
- * function of (seed, i) alone (counter-based), so it is the same for any thread count and
- * the backward draws it again instead of storing it; in blocks of 2^32 (32-bit lanes) */
-CLONES static void drop(const float *x, float *y, int64_t i0, int64_t i1, uint64_t seed, uint32_t t, float scale) {
+/* y[i] = (z[i] > 0 ? x[i] : slope x[i]) (with z NULL: x[i]) times scale where hash(i, seed)
+ * >= t, else 0, for i in [i0, i1): the mask is a function of (seed, i) alone (counter-based),
+ * so it is the same for any thread count and the backward draws it again instead of storing
+ * it; in blocks of 2^32 (32-bit lanes) */
+CLONES static void drop(const float *x, const float *z, float slope, float *y, int64_t i0, int64_t i1, uint64_t seed,
+                        uint32_t t, float scale) {
     const uint32_t s0 = (uint32_t)seed, s1 = (uint32_t)(seed >> 32);
     for (int64_t b = i0, end; b < i1; b = end) {
         end = (int64_t)(((uint64_t)b | 0xffffffffULL) + 1);
         end = end < i1 ? end : i1;
         const uint32_t hi = (uint32_t)((uint64_t)b >> 32) ^ s1, lo = (uint32_t)b;
-        const float *restrict xb = x + b;
+        const float *restrict xb = x + b, *restrict zb = z ? z + b : NULL;
         float *restrict yb = y + b;
-        for (int64_t k = 0; k < end - b; k++) yb[k] = mix32(mix32((lo + (uint32_t)k) ^ s0) ^ hi) >= t ? xb[k] * scale : 0.0f;
+        if (zb) {
+            for (int64_t k = 0; k < end - b; k++) {
+                const float v = zb[k] > 0.0f ? xb[k] : slope * xb[k];
+                yb[k] = mix32(mix32((lo + (uint32_t)k) ^ s0) ^ hi) >= t ? v * scale : 0.0f;
+            }
+        } else {
+            for (int64_t k = 0; k < end - b; k++)
+                yb[k] = mix32(mix32((lo + (uint32_t)k) ^ s0) ^ hi) >= t ? xb[k] * scale : 0.0f;
+        }
     }
 }
 
-/* dropout(x, n, seed, t, scale, y): y [n] = x [n] times scale where the element's hash is at
- * least t (a share t / 2^32 dropped), else 0 (models/ngcf.py message_dropout: _keep draws the
- * same mask in numpy) */
+/* dropout(x, n, seed, t, scale, y, z, slope): y [n] = x [n] times scale where the element's
+ * hash is at least t (a share t / 2^32 dropped), else 0 (models/ngcf.py: _keep draws the same
+ * mask in numpy); with z (else 0) each x[i] first times slope where z[i] <= 0: NGCF's
+ * LeakyReLU then message dropout (x = z), or their backward (x = the gradient) */
 static PyObject *dropout(PyObject *self, PyObject *args) {
-    unsigned long long px, seed, t, py;
+    unsigned long long px, seed, t, py, pz;
     long long n;
-    float scale;
-    if (!PyArg_ParseTuple(args, "KLKKfK", &px, &n, &seed, &t, &scale, &py)) return NULL;
+    float scale, slope;
+    if (!PyArg_ParseTuple(args, "KLKKfKKf", &px, &n, &seed, &t, &scale, &py, &pz, &slope)) return NULL;
     if (t > 0xffffffffULL) {
         PyErr_SetString(PyExc_ValueError, "dropout's threshold t must lie in [0, 2^32)");
         return NULL;
     }
-    const float *x = (const float *)px;
+    const float *x = (const float *)px, *z = (const float *)pz;
     float *y = (float *)py;
     Py_BEGIN_ALLOW_THREADS
 #pragma omp parallel num_threads(2) if (omp_get_max_threads() > 1 && n >= 65536)
     {
         const int parts = omp_get_num_threads(), me = omp_get_thread_num();
-        drop(x, y, n * me / parts, n * (me + 1) / parts, seed, (uint32_t)t, scale);
+        drop(x, z, slope, y, n * me / parts, n * (me + 1) / parts, seed, (uint32_t)t, scale);
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -135,7 +146,7 @@ static PyObject *dropout(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"spmm", spmm, METH_VARARGS, "y = A x for a CSR A and dense x with D a multiple of 16."},
-    {"dropout", dropout, METH_VARARGS, "Dropout with a counter-based mask: hash(seed, i) >= t keeps element i."},
+    {"dropout", dropout, METH_VARARGS, "(LeakyReLU and) dropout with a counter-based mask: hash(seed, i) >= t keeps i."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -157,6 +157,38 @@ def test_message_dropout_drops_a_share_p_scales_the_rest_and_follows_torch_seed(
     assert message_dropout(x, 0.25, False) is x and message_dropout(x, 0.0, True) is x
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_the_ngcf_layer_as_one_op_gives_the_separate_ops_values_and_gradients(p, native, monkeypatch):
+    """_NGCFLayerFn (one GEMM on [side + e, side * e], LeakyReLU and dropout in one pass)
+    against LeakyReLU(W1 (side + e) + b1 + W2 (side e) + b2) and message_dropout with the
+    same seed: values and the gradients of side, e and the four parameters."""
+    from models import ngcf
+
+    if not native:
+        monkeypatch.setattr(ngcf, "_graph", None)
+    g = torch.Generator().manual_seed(1)
+    side, e = torch.randn(700, 16, generator=g), torch.randn(700, 16, generator=g)
+    ws = [torch.randn(24, 16, generator=g) / 4, torch.randn(24, generator=g), torch.randn(24, 16, generator=g) / 4,
+          torch.randn(24, generator=g)]
+    gout = torch.randn(700, 24, generator=g)
+    outs = []
+    for fused in (True, False):
+        xs = [t.clone().requires_grad_() for t in (side, e, *ws)]
+        s, x, W1, b1, W2, b2 = xs
+        torch.manual_seed(7)
+        if fused:
+            seed = int(torch.randint(0, 2**62, (1,))) if p else 0
+            y = ngcf._NGCFLayerFn.apply(s, x, W1, b1, W2, b2, p, seed)
+        else:
+            y = message_dropout(torch.nn.functional.leaky_relu((s + x) @ W1.T + b1 + (s * x) @ W2.T + b2, 0.2), p, True)
+        y.backward(gout)
+        outs.append([y.detach()] + [t.grad for t in xs])
+    assert (outs[0][0] == 0).any() == (p > 0)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_message_dropout_draws_the_same_mask_in_c_and_numpy_for_any_thread_count(threads, monkeypatch):
     """The mask is a hash of (seed, index): the compiled kernel, split over threads, and the
