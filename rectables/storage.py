@@ -235,10 +235,10 @@ class FusedStorage(nn.Module):
 
     def lookup(self, indices: torch.Tensor, offsets: torch.Tensor, weights=None) -> torch.Tensor:
         """fbgemm's TBE forward (no autograd), in TBE lane order: where every bag holds one id
-        and there are no per-id weights (sequence lookups), the rows copied in the compiled
-        kernel instead, the same values."""
+        or none and there are no per-id weights (sequence lookups, a graph's every row), the
+        rows copied in the compiled kernel instead, the same values."""
         T = len(self._tbe_lanes)
-        if weights is None and self._native and indices.numel() == offsets.numel() - 1 and indices.numel() and \
+        if weights is None and self._native and indices.numel() <= offsets.numel() - 1 and indices.numel() and \
                 indices.dtype == offsets.dtype == torch.int64:
             indices, offsets, la = indices.contiguous(), offsets.contiguous(), self._lane_args
             B = (offsets.numel() - 1) // T

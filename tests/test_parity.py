@@ -206,10 +206,10 @@ def test_compiled_update_with_an_empty_table_sharing_the_next_ones_offsets():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_one_id_bags_are_looked_up_in_the_compiled_kernel_with_fbgemms_values(threads):
-    """Sequence lookups (every bag one id, no weights) copy the rows in rectables/_rowupdate.c
-    (lanes out of table order, two lanes of one table, a dim stored padded): the values of
-    fbgemm's forward, with and without autograd; other bags, and an id that is no row, go to
-    fbgemm."""
+    """Sequence lookups (every bag one id or none, no weights) copy the rows in
+    rectables/_rowupdate.c (lanes out of table order, two lanes of one table, a dim stored
+    padded, empty bags as zeros): the values of fbgemm's forward, with and without autograd;
+    other bags, and an id that is no row, go to fbgemm."""
     from rectables import storage as storage_module
     from rectables.storage import FusedStorage
 
@@ -223,14 +223,17 @@ def test_one_id_bags_are_looked_up_in_the_compiled_kernel_with_fbgemms_values(th
     gen = torch.Generator().manual_seed(0)
     torch.set_num_threads(threads)
     try:
-        for B, L in [(3000, 1), (3, 1), (5, 2), (4, 0)]:  # one id a bag (two threads from 4096 ids), several, none
-            lengths = torch.full((len(lanes) * B,), L)
-            ids = torch.cat([torch.randint(0, shapes[k][0], (B * L,), generator=gen) for k in lanes])
+        # one id a bag (two threads from 4096 ids), one or none, several, two or none (fewer ids than bags), none
+        for B, L in [(3000, 1), (3000, None), (3, 1), (5, 2), (300, -2), (4, 0)]:
+            some = (torch.rand(len(lanes) * B, generator=gen) < (0.5 if L is None else 0.3)).long()
+            lengths = torch.full((len(lanes) * B,), L) if L is not None and L >= 0 else some * (1 if L is None else 2)
+            per_lane = lengths.view(len(lanes), B).sum(1).tolist()
+            ids = torch.cat([torch.randint(0, shapes[k][0], (n,), generator=gen) for k, n in zip(lanes, per_lane)])
             offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
             st_._native = False
             want = st_(ids, offsets).detach()
             st_._native = True
-            if L == 1:  # fbgemm must not be asked
+            if L in (1, None):  # fbgemm must not be asked
                 st_.tbe.forward = lambda *a, **kw: pytest.fail("fbgemm's forward ran")
             try:
                 got = [st_(ids, offsets)]
