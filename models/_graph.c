@@ -9,7 +9,10 @@
  * nonzeros (see rectables/_evict.c on why not threads of our own).  On Gowalla (71k nodes,
  * 1.6M nonzeros, D 64) this took 10.5-11.3 ms against torch's 12.8-14.1 ms a product (it is
  * bound by fetching the scattered rows); in interleaved steps LightGCN went 180 -> 154 ms and
- * NGCF 415 -> 397 ms (medians). */
+ * NGCF 415 -> 397 ms (medians).
+ *
+ * dropout: NGCF's LeakyReLU and message dropout in one pass, forward and backward, with a
+ * mask hashed from a seed and the element's index (drawn again, not stored; see drop). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <omp.h>
