@@ -135,7 +135,7 @@ class GraphCF(nn.Module):
             if last:  # nothing propagates from the last layer: transform the rows read only
                 side, e = pick(side), pick(e)
             p = self.message_dropout if self.training else 0.0
-            seed = int(torch.randint(0, 2**62, (1,))) if p else 0  # (message_dropout's draw)
+            seed = int(torch.randint(0, 2**62, (1,))) if p else 0  # the dropout mask's
             w1, w2 = self.w1[layer], self.w2[layer]
             e = _NGCFLayerFn.apply(side, e, w1.weight, w1.bias, w2.weight, w2.bias, p, seed)
             outs.append(F.normalize(e if last else pick(e), dim=1))
@@ -154,17 +154,6 @@ class GraphCF(nn.Module):
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         final = self.propagate(self.ego())
         return final[: self.U], final[self.U :]
-
-
-def message_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout(x, p) whose mask is a hash of (seed, element index) (:func:`_keep`), the seed
-    drawn from torch's generator (torch.manual_seed still fixes it): applied in C where the
-    kernel is built (1.9 ms on a [U + I, 64] layer on Gowalla, two threads; torch's
-    bernoulli_ mask took 33-51 ms and numpy's PCG64 one ~20 ms: an NGCF step 322 -> 301 ms),
-    else in numpy (~55 ms), the same mask; the backward draws it again rather than storing it."""
-    if not training or p == 0:
-        return x
-    return _DropoutFn.apply(x, p, int(torch.randint(0, 2**62, (1,))))
 
 
 def _mix32(x: np.ndarray) -> np.ndarray:
@@ -189,9 +178,13 @@ def _keep(n: int, seed: int, t: int) -> np.ndarray:
 
 
 def _leaky_drop(x: torch.Tensor, z: torch.Tensor | None, p: float, seed: int, slope: float = 0.2) -> torch.Tensor:
-    """(z > 0 ? x : slope x) (z None: x) times the message-dropout mask of (p, seed) / (1 - p):
-    LeakyReLU then dropout forward (x = z), or their backward (x = the gradient); one pass in
-    C (models/_graph.c) for float32 where the kernel is built."""
+    """(z > 0 ? x : slope x) (z None: x) times NGCF's message-dropout mask / (1 - p), the mask
+    a hash of (seed, element index) (:func:`_keep`; the seed drawn from torch's generator,
+    so torch.manual_seed fixes it): LeakyReLU then dropout forward (x = z), or their backward
+    (x = the gradient).  One pass in C (models/_graph.c) for float32 where the kernel is
+    built (1.9 ms on a Gowalla layer [U + I, 64], two threads, where a numpy PCG64 mask took
+    ~20 ms and torch's bernoulli_ 33-51 ms: an NGCF step 322 -> 301 ms), else in numpy
+    (~55 ms), the same mask."""
     t, scale = min(round(p * 2**32), 2**32 - 1), 1 / (1 - p)  # a share t / 2^32 dropped
     x = x.contiguous()
     if _graph is not None and x.dtype == torch.float32 and (z is None or z.dtype == torch.float32):
@@ -206,22 +199,11 @@ def _leaky_drop(x: torch.Tensor, z: torch.Tensor | None, p: float, seed: int, sl
     return x * mask.to(x.dtype).mul_(torch.tensor(scale, dtype=torch.float32).to(x.dtype))
 
 
-class _DropoutFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, p, seed):
-        ctx.p, ctx.seed = p, seed
-        return _leaky_drop(x, None, p, seed)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _leaky_drop(g, None, ctx.p, ctx.seed), None, None
-
-
 class _NGCFLayerFn(torch.autograd.Function):
-    """NGCF's transform of a layer [n, D] -> [n, H]: message_dropout(LeakyReLU_0.2(z), p), z =
+    """NGCF's transform of a layer [n, D] -> [n, H]: dropout_p(LeakyReLU_0.2(z)), z =
     [side + e, side * e] [W1 W2]^T + b1 + b2 (side = L e), with one GEMM on the [n, 2D] pair
-    block, and LeakyReLU and the dropout (mask of ``seed``, as :func:`message_dropout`'s) in
-    one pass each way: fewer passes over [n, D] than the separate ops (an NGCF step on Gowalla
+    block, and LeakyReLU and the dropout (mask of ``seed``: :func:`_leaky_drop`, drawn again
+    in the backward, not stored) in one pass each way: fewer passes over [n, D] than the separate ops (an NGCF step on Gowalla
     276-280 -> 249-259 ms, interleaved medians).  forward(side, e, W1, b1, W2, b2, p, seed)."""
 
     @staticmethod

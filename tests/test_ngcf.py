@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data.gowalla import Interactions, load_interactions, normalized_adjacency
-from models.ngcf import GraphCF, bpr_triples, message_dropout
+from models.ngcf import GraphCF, bpr_triples
 from rectables.embedding_modules import EmbeddingCollection
 from rectables.optim import SparseOptimizer
 from rectables.ranking import recall_ndcg
@@ -86,38 +86,6 @@ def test_the_loss_propagates_only_the_rows_it_reads_and_matches_full_propagation
     assert torch.allclose(m.loss(users, pos, neg), torch.nn.functional.softplus(-diff).mean() + m.l2 * reg)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_compiled_sparse_product_gives_torchs_values(threads, monkeypatch):
-    """models/_graph.c against torch's CSR product: rows with no nonzeros, D 16 to 128, one
-    and two threads (split at half the nonzeros); D not a multiple of 16 goes to torch's."""
-    from models import ngcf
-    from data.gowalla import to_csr
-
-    if ngcf._graph is None:
-        pytest.skip("models._graph is not built")
-    g = torch.Generator().manual_seed(0)
-    N, E = 3000, 50_000
-    edges = torch.randint(0, N - 100, (2, E), generator=g)  # the last 100 rows stay empty
-    A = to_csr(torch.cat([edges, edges.flip(0)], 1), torch.rand(E, generator=g).repeat(2), N)
-    keep = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for D in (16, 64, 128):
-            x = torch.randn(N, D, generator=g)
-            torch.testing.assert_close(ngcf._spmm(A, x), torch.sparse.mm(A, x), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(ngcf._spmm(A, x[:, :16]), torch.sparse.mm(A, x[:, :16].contiguous()),
-                                       rtol=1e-5, atol=1e-5)  # a strided x (float rounding: fused multiply-adds)
-        calls = []
-        mm = torch.sparse.mm
-        monkeypatch.setattr(torch.sparse, "mm", lambda *a: calls.append(1) or mm(*a))
-        ngcf._spmm(A, torch.randn(N, 32))
-        assert not calls  # the kernel's
-        x = torch.randn(N, 24)
-        assert torch.equal(ngcf._spmm(A, x), mm(A, x)) and calls  # torch's
-    finally:
-        torch.set_num_threads(keep)
-
-
 def test_node_dropout_drops_undirected_edges_and_an_asymmetric_matrix_is_refused():
     torch.manual_seed(0)
     m = model("ngcf", node_dropout=0.5)
@@ -142,74 +110,22 @@ def test_node_dropout_drops_undirected_edges_and_an_asymmetric_matrix_is_refused
                 U, I, bad)
 
 
-def test_message_dropout_drops_a_share_p_scales_the_rest_and_follows_torch_seed():
-    x = torch.rand(500, 64) + 1
+def test_message_dropout_follows_torchs_seed_is_fresh_each_step_and_is_off_in_eval():
+    torch.manual_seed(0)
+    m = model("ngcf", layers=2, dim=16, message_dropout=0.25)
+    e0 = torch.randn(U + I, 16)
+    m.train()
     torch.manual_seed(3)
-    a = message_dropout(x.requires_grad_(), 0.25, True)
+    a = m.propagate(e0)
     torch.manual_seed(3)
-    b = message_dropout(x, 0.25, True)
-    assert torch.equal(a, b) and not torch.equal(a, message_dropout(x, 0.25, True))  # seeded, fresh per call
-    dropped = a == 0
-    assert abs(dropped.float().mean().item() - 0.25) < 0.01
-    torch.testing.assert_close(a[~dropped], x[~dropped] / 0.75)
-    a.sum().backward()
-    torch.testing.assert_close(x.grad, (~dropped).float() / 0.75)  # the gradient goes through the kept values only
-    assert message_dropout(x, 0.25, False) is x and message_dropout(x, 0.0, True) is x
-
-
-@pytest.mark.parametrize("native", [True, False])
-@pytest.mark.parametrize("p", [0.0, 0.2])
-def test_the_ngcf_layer_as_one_op_gives_the_separate_ops_values_and_gradients(p, native, monkeypatch):
-    """_NGCFLayerFn (one GEMM on [side + e, side * e], LeakyReLU and dropout in one pass)
-    against LeakyReLU(W1 (side + e) + b1 + W2 (side e) + b2) and message_dropout with the
-    same seed: values and the gradients of side, e and the four parameters."""
-    from models import ngcf
-
-    if not native:
-        monkeypatch.setattr(ngcf, "_graph", None)
-    g = torch.Generator().manual_seed(1)
-    side, e = torch.randn(700, 16, generator=g), torch.randn(700, 16, generator=g)
-    ws = [torch.randn(24, 16, generator=g) / 4, torch.randn(24, generator=g), torch.randn(24, 16, generator=g) / 4,
-          torch.randn(24, generator=g)]
-    gout = torch.randn(700, 24, generator=g)
-    outs = []
-    for fused in (True, False):
-        xs = [t.clone().requires_grad_() for t in (side, e, *ws)]
-        s, x, W1, b1, W2, b2 = xs
-        torch.manual_seed(7)
-        if fused:
-            seed = int(torch.randint(0, 2**62, (1,))) if p else 0
-            y = ngcf._NGCFLayerFn.apply(s, x, W1, b1, W2, b2, p, seed)
-        else:
-            y = message_dropout(torch.nn.functional.leaky_relu((s + x) @ W1.T + b1 + (s * x) @ W2.T + b2, 0.2), p, True)
-        y.backward(gout)
-        outs.append([y.detach()] + [t.grad for t in xs])
-    assert (outs[0][0] == 0).any() == (p > 0)
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_message_dropout_draws_the_same_mask_in_c_and_numpy_for_any_thread_count(threads, monkeypatch):
-    """The mask is a hash of (seed, index): the compiled kernel, split over threads, and the
-    numpy fallback give the same kept elements and values; float64 takes the numpy path."""
-    from models import ngcf
-
-    x = torch.rand(300, 400) + 1  # 120k values: two parts on two threads
-    keep = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(5)
-        a = message_dropout(x, 0.3, True)
-    finally:
-        torch.set_num_threads(keep)
-    monkeypatch.setattr(ngcf, "_graph", None)
-    torch.manual_seed(5)
-    b = message_dropout(x, 0.3, True)
-    torch.manual_seed(5)
-    c = message_dropout(x.double(), 0.3, True)
-    assert torch.equal(a, b) and torch.equal(c == 0, a == 0) and torch.equal(c.float(), a)
-    assert abs((a == 0).float().mean().item() - 0.3) < 0.01
+    b, c = m.propagate(e0), m.propagate(e0)
+    assert torch.equal(a, b) and not torch.equal(b, c)  # seeded, fresh per call
+    assert (a[:, 16:] == 0).float().mean().item() > 0.1  # the layers' outputs lose about a quarter
+    m.eval()
+    m.message_dropout = 0.0
+    off = m.propagate(e0)
+    m.message_dropout = 0.25
+    assert torch.equal(m.propagate(e0), off)
 
 
 def test_recall_and_ndcg_by_hand_with_training_items_excluded():
