@@ -278,7 +278,7 @@ static PyObject *lookup(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"update", update, METH_VARARGS, "Fused sparse SGD, Adagrad, row-wise Adagrad, row-wise Adam on the rows read."},
-    {"lookup", lookup, METH_VARARGS, "Rows of one-id bags into TBE's output layout (else returns False)."},
+    {"lookup", lookup, METH_VARARGS, "Rows of bags of one id or none into TBE's output layout (else returns False)."},
     {NULL, NULL, 0, NULL},
 };
 

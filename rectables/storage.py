@@ -245,8 +245,7 @@ class FusedStorage(nn.Module):
             out = torch.empty(B, self._col[-1])
             if _rowupdate.lookup(self.tbe.weights_host.data_ptr(), indices.data_ptr(), offsets.data_ptr(),
                                  la[0].data_ptr(), la[1].data_ptr(), la[3].data_ptr(), self._lane_rows.data_ptr(), T,
-                                 B, out.shape[1],
-                                 out.data_ptr()):
+                                 B, out.shape[1], out.data_ptr()):
                 return out
         return self.tbe(indices, offsets, per_sample_weights=weights)
 
