@@ -97,8 +97,12 @@ class GraphCF(nn.Module):
         asym = (coo - coo.t()).coalesce().values()
         if asym.numel() and asym.abs().max() > 0:
             raise ValueError("the adjacency must be symmetric (user-item edges both ways)")
-        upper = coo.indices()[0] < coo.indices()[1]  # each undirected edge once: node dropout keeps both ways or none
-        self._edges, self._weights = coo.indices()[:, upper], coo.values()[upper]
+        # node dropout keeps an undirected edge both ways or not at all: the edge of each entry
+        # of the CSR arrays [nnz] (in their order), edges numbered by (min, max) of their nodes
+        r = torch.repeat_interleave(torch.arange(N), self.adj.crow_indices().diff().long())
+        key = torch.minimum(r, cols.long()) * N + torch.maximum(r, cols.long())
+        edges = key.unique()
+        self._edge_of, self._num_edges = torch.searchsorted(edges, key), len(edges)
         self._kjt = _all_ids(num_users, num_items)
 
     def ego(self) -> torch.Tensor:
@@ -107,13 +111,17 @@ class GraphCF(nn.Module):
         return torch.cat([out["user"].values(), out["item"].values()])
 
     def _adjacency(self) -> torch.Tensor:
+        """L, or in training with node dropout L with each undirected edge (both its entries)
+        dropped with probability node_dropout and the rest scaled by 1 / (1 - node_dropout):
+        masked straight from L's CSR arrays (~10 ms on Gowalla, where rebuilding a CSR from the
+        kept edges took ~200 ms)."""
         if not (self.training and self.node_dropout):
             return self.adj
-        from data.gowalla import to_csr
-
-        keep = torch.rand(self._weights.shape[0]) >= self.node_dropout
-        e, w = self._edges[:, keep], self._weights[keep] / (1 - self.node_dropout)
-        return to_csr(torch.cat([e, e.flip(0)], 1), torch.cat([w, w]), self.U + self.I)
+        keep = (torch.rand(self._num_edges) >= self.node_dropout).index_select(0, self._edge_of)
+        adj = self.adj
+        kept = torch.cat([keep.new_zeros(1, dtype=torch.int64), keep.cumsum(0)]).to(adj.crow_indices().dtype)
+        return torch.sparse_csr_tensor(kept.index_select(0, adj.crow_indices()), adj.col_indices()[keep],
+                                       adj.values()[keep] / (1 - self.node_dropout), adj.shape, check_invariants=False)
 
     def propagate(self, e0: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Final node embeddings [N, D'] from E0 [N, D], or only those of ``rows`` [R] (distinct

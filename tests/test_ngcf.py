@@ -102,6 +102,21 @@ def test_node_dropout_drops_undirected_edges_and_an_asymmetric_matrix_is_refused
         GraphCF(EmbeddingCollection(tables_for_budget(table_class("full"), 4, ["user", "item"], [U, I], 1.0, o), o),
                 U, I, bad.to_sparse_csr())
     good = normalized_adjacency(TRAIN, U, I)
+    # with self loops (L + I) and columns unsorted within rows (as a CSR may come): each entry
+    # is kept at L's value / (1 - p) or dropped, both entries of an edge together, self
+    # loops included; over many draws every entry is kept about half the time
+    loops = (good.to_dense() + torch.eye(U + I)).to_sparse_csr()
+    perm = torch.cat([torch.arange(a, b).flip(0) for a, b in zip(loops.crow_indices()[:-1], loops.crow_indices()[1:])])
+    loops = torch.sparse_csr_tensor(loops.crow_indices(), loops.col_indices()[perm], loops.values()[perm], loops.shape)
+    o = SparseOptimizer("sgd", lr=0.1)
+    m = GraphCF(EmbeddingCollection(tables_for_budget(table_class("full"), 4, ["user", "item"], [U, I], 1.0, o), o),
+                U, I, loops, node_dropout=0.5)
+    dense, seen = loops.to_dense(), torch.zeros(U + I, U + I)
+    for _ in range(200):
+        a = m._adjacency().to_dense()
+        assert torch.equal(a, a.T) and torch.equal(a[a != 0], 2 * dense[a != 0])
+        seen += a != 0
+    assert ((seen > 60) == (dense != 0)).all() and (seen < 140).all()
     cols = good.col_indices().clone()
     cols[-1] = U + I  # past the last node: the compiled product would read outside x
     bad = torch.sparse_csr_tensor(good.crow_indices(), cols, good.values(), (U + I, U + I), check_invariants=False)
