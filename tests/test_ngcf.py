@@ -163,6 +163,33 @@ def test_recall_and_ndcg_by_hand_with_training_items_excluded():
         == pytest.approx(1 / math.log2(5))
 
 
+def test_recall_and_ndcg_in_chunks_match_a_per_user_loop():
+    # chunks of 5 (the last shorter, some with users without test items, so chunks of other
+    # sizes reuse the score buffer), ties broken as topk breaks them: distinct scores
+    rng = np.random.default_rng(0)
+    U_, I_, k = 23, 17, 4
+
+    def split(p):
+        lists = [np.sort(rng.choice(I_, rng.integers(0, 5), replace=False)) if rng.random() < p else np.array([], int)
+                 for _ in range(U_)]
+        return lists, Interactions(np.r_[0, np.cumsum([len(x) for x in lists])], np.concatenate(lists).astype(np.int64))
+
+    (tr_lists, train), (te_lists, test) = split(1.0), split(0.7)
+    users, items = torch.randn(U_, 3, dtype=torch.float64), torch.randn(I_, 3, dtype=torch.float64)
+    recall = ndcg = n = 0
+    for u in range(U_):
+        want = set(te_lists[u].tolist())
+        if not want:
+            continue
+        ranked = [i for i in torch.argsort(items @ users[u], descending=True).tolist() if i not in set(tr_lists[u])][:k]
+        hits = [i in want for i in ranked]
+        recall += sum(hits) / len(want)
+        ndcg += sum(h / math.log2(r + 2) for r, h in enumerate(hits)) / sum(1 / math.log2(r + 2) for r in range(min(k, len(want))))
+        n += 1
+    r = recall_ndcg(users, items, train, test, k=k, chunk=5)
+    assert r["users"] == n and r["recall"] == pytest.approx(recall / n) and r["ndcg"] == pytest.approx(ndcg / n)
+
+
 @pytest.mark.parametrize("sampling", ["user", "interaction"])
 def test_bpr_triples_follow_their_sampling_and_never_draw_a_training_item(sampling):
     train = Interactions(np.array([0, 2, 2, 3, 5]), np.array([0, 1, 1, 2, 3]))  # u1 has no items
