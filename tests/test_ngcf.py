@@ -79,11 +79,13 @@ def test_the_loss_propagates_only_the_rows_it_reads_and_matches_full_propagation
     assert torch.allclose(g_part, g_full, atol=1e-6)
     # the loss on a batch with repeated users and items equals BPR on the full propagation
     users, pos, neg = torch.tensor([0, 0, 2]), torch.tensor([1, 0, 3]), torch.tensor([2, 3, 0])
-    m.ego = lambda: e0
+    m.ego, m.l2 = (lambda: e0), 0.5  # (an L2 large enough that its gradient counts below)
     f = m.propagate(e0)
     diff = (f[users] * (f[pos + U] - f[neg + U])).sum(1)
     reg = e0[torch.cat([users, pos + U, neg + U])].square().sum() / 6
-    assert torch.allclose(m.loss(users, pos, neg), torch.nn.functional.softplus(-diff).mean() + m.l2 * reg)
+    got, want = m.loss(users, pos, neg), torch.nn.functional.softplus(-diff).mean() + m.l2 * reg
+    assert torch.allclose(got, want)
+    assert torch.allclose(torch.autograd.grad(got, e0)[0], torch.autograd.grad(want, e0)[0], atol=1e-6)
 
 
 def test_node_dropout_drops_undirected_edges_and_an_asymmetric_matrix_is_refused():
