@@ -67,8 +67,9 @@ NGCF_LR = {"sparse_lr": 0.003, "dense_lr": 0.003, "lr_decay": 0.1, "lr_decay_at"
 NGCF_TRIED = ("NGCF variants tried against the `full` run's curve (same seed and rates; Recall@20 at the same epoch): "
               "node dropout 0.1 (each undirected edge dropped both ways) leads by ~0.002 at epochs 13-18 (0.1099 "
               "against 0.1080 at 18) and is level by epoch 28 (0.1250 / 0.1255, 31: 0.1274 / 0.1269), for 23 ms more "
-              "a step; propagation over D^-1 (A + I) with W1 on it alone (the form of the NGCF authors' released code) starts faster "
-              "(0.0604 against 0.0431 at epoch 5) and falls behind from epoch 13 (14: 0.0850 against 0.0903).")
+              "a step; propagation over D^-1 (A + I) with W1 on it alone (the form of the NGCF authors' released "
+              "code) starts faster (0.0604 against 0.0431 at epoch 5) and falls behind from epoch 13 (14: 0.0850 "
+              "against 0.0903).")
 
 
 def graph_section(epochs: int = 40, others: int = 5, ngcf: int = 130) -> str:

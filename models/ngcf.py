@@ -138,7 +138,7 @@ class GraphCF(nn.Module):
                 e = _SymmetricSpMM.apply(adj, e)
                 total = total + e
             return pick(total) / (self.layers + 1)
-        picked = pick(e0)  # the rows of the layer input e, each layer's picked once
+        picked = pick(e0)  # the R rows of the current layer input e
         outs = [picked]
         for layer in range(self.layers):
             side = _SymmetricSpMM.apply(adj, e)
@@ -219,8 +219,9 @@ class _NGCFLayerFn(torch.autograd.Function):
     """NGCF's transform of a layer [n, D] -> [n, H]: dropout_p(LeakyReLU_0.2(z)), z =
     [side + e, side * e] [W1 W2]^T + b1 + b2 (side = L e), with one GEMM on the [n, 2D] pair
     block, and LeakyReLU and the dropout (mask of ``seed``: :func:`_leaky_drop`, drawn again
-    in the backward, not stored) in one pass each way: fewer passes over [n, D] than the separate ops (an NGCF step on Gowalla
-    276-280 -> 249-259 ms, interleaved medians).  forward(side, e, W1, b1, W2, b2, p, seed)."""
+    in the backward, not stored) in one pass each way: fewer passes over [n, D] than the
+    separate ops (an NGCF step on Gowalla 276-280 -> 249-259 ms, interleaved medians).
+    forward(side, e, W1, b1, W2, b2, p, seed)."""
 
     @staticmethod
     def forward(ctx, side, e, W1, b1, W2, b2, p, seed):

@@ -29,11 +29,12 @@ def dense_adjacency():
     return inv[:, None] * A * inv[None, :]
 
 
-def model(kind, method="full", budget=1.0, dim=4, opt="sgd", lr=0.1, **kw):
+def model(kind, method="full", budget=1.0, dim=4, opt="sgd", lr=0.1, adjacency=None, **kw):
     o = SparseOptimizer(opt, lr=lr)
     tables = tables_for_budget(table_class(method), dim, ["user", "item"], [U, I], budget, o)
     kw.setdefault("message_dropout", 0.0)
-    return GraphCF(EmbeddingCollection(tables, o), U, I, normalized_adjacency(TRAIN, U, I), kind=kind, **kw)
+    adjacency = normalized_adjacency(TRAIN, U, I) if adjacency is None else adjacency
+    return GraphCF(EmbeddingCollection(tables, o), U, I, adjacency, kind=kind, **kw)
 
 
 def test_normalized_adjacency_is_d_half_a_d_half():
@@ -99,10 +100,8 @@ def test_node_dropout_drops_undirected_edges_and_an_asymmetric_matrix_is_refused
     assert torch.equal(m._adjacency().to_dense(), normalized_adjacency(TRAIN, U, I).to_dense())
     bad = normalized_adjacency(TRAIN, U, I).to_dense()
     bad[0, U] = 0
-    o = SparseOptimizer("sgd", lr=0.1)
     with pytest.raises(ValueError, match="symmetric"):
-        GraphCF(EmbeddingCollection(tables_for_budget(table_class("full"), 4, ["user", "item"], [U, I], 1.0, o), o),
-                U, I, bad.to_sparse_csr())
+        model("ngcf", adjacency=bad.to_sparse_csr())
     good = normalized_adjacency(TRAIN, U, I)
     # with self loops (L + I) and columns unsorted within rows (as a CSR may come): each entry
     # is kept at L's value / (1 - p) or dropped, both entries of an edge together, self
@@ -110,9 +109,7 @@ def test_node_dropout_drops_undirected_edges_and_an_asymmetric_matrix_is_refused
     loops = (good.to_dense() + torch.eye(U + I)).to_sparse_csr()
     perm = torch.cat([torch.arange(a, b).flip(0) for a, b in zip(loops.crow_indices()[:-1], loops.crow_indices()[1:])])
     loops = torch.sparse_csr_tensor(loops.crow_indices(), loops.col_indices()[perm], loops.values()[perm], loops.shape)
-    o = SparseOptimizer("sgd", lr=0.1)
-    m = GraphCF(EmbeddingCollection(tables_for_budget(table_class("full"), 4, ["user", "item"], [U, I], 1.0, o), o),
-                U, I, loops, node_dropout=0.5)
+    m = model("ngcf", adjacency=loops, node_dropout=0.5)
     dense, seen = loops.to_dense(), torch.zeros(U + I, U + I)
     for _ in range(200):
         a = m._adjacency().to_dense()
@@ -123,8 +120,7 @@ def test_node_dropout_drops_undirected_edges_and_an_asymmetric_matrix_is_refused
     cols[-1] = U + I  # past the last node: the compiled product would read outside x
     bad = torch.sparse_csr_tensor(good.crow_indices(), cols, good.values(), (U + I, U + I), check_invariants=False)
     with pytest.raises(ValueError, match="column indices"):
-        GraphCF(EmbeddingCollection(tables_for_budget(table_class("full"), 4, ["user", "item"], [U, I], 1.0, o), o),
-                U, I, bad)
+        model("ngcf", adjacency=bad)
 
 
 def test_message_dropout_follows_torchs_seed_is_fresh_each_step_and_is_off_in_eval():
@@ -186,7 +182,8 @@ def test_recall_and_ndcg_in_chunks_match_a_per_user_loop():
         ranked = [i for i in torch.argsort(items @ users[u], descending=True).tolist() if i not in set(tr_lists[u])][:k]
         hits = [i in want for i in ranked]
         recall += sum(hits) / len(want)
-        ndcg += sum(h / math.log2(r + 2) for r, h in enumerate(hits)) / sum(1 / math.log2(r + 2) for r in range(min(k, len(want))))
+        dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hits))
+        ndcg += dcg / sum(1 / math.log2(r + 2) for r in range(min(k, len(want))))
         n += 1
     r = recall_ndcg(users, items, train, test, k=k, chunk=5)
     assert r["users"] == n and r["recall"] == pytest.approx(recall / n) and r["ndcg"] == pytest.approx(ndcg / n)
