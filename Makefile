@@ -36,8 +36,8 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.lock
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/run.py --out BENCHMARKS.md
 
-# NGCF / LightGCN on Gowalla: about 105 minutes on 2 cores (LightGCN full 40 epochs, NGCF full 160 at
-# Adam 0.003 divided by 10 after epoch 40, three compressed LightGCN tables 5 each); replaces
+# NGCF / LightGCN on Gowalla: about 115 minutes on 2 cores (LightGCN full 40 epochs, NGCF full 160 at
+# Adam 0.003 divided by 10 after epoch 40, three compressed tables of each model 5 each); replaces
 # that section of BENCHMARKS.md
 bench-graph: $(BENCH_STAMP)
 	$(PY) benchmarks/run.py --only graph --out BENCHMARKS.md

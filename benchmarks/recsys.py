@@ -73,8 +73,8 @@ NGCF_TRIED = ("NGCF variants tried against the `full` run's curve (same seed and
 
 
 def graph_section(epochs: int = 40, others: int = 5, ngcf: int = 160) -> str:
-    """LightGCN `full` for ``epochs``, NGCF `full` for ``ngcf`` at NGCF_LR, and the compressed
-    LightGCN tables for ``others`` epochs each."""
+    """LightGCN `full` for ``epochs``, NGCF `full` for ``ngcf`` at NGCF_LR, and both models'
+    compressed tables at 1/4 of the bytes for ``others`` epochs each."""
     from rectables.graph import GRAPH_SPEC, run_graph
 
     lines = ["## NGCF and LightGCN", "",
@@ -89,7 +89,8 @@ def graph_section(epochs: int = 40, others: int = 5, ngcf: int = 160) -> str:
              "0.150 on this split at epoch 141; the run here starts from scratch. Published figures are after "
              "hundreds of epochs (Recall@20 / NDCG@20).", ""]
     runs = [("lightgcn", "full", "1", epochs, {}), ("ngcf", "full", "1", ngcf, NGCF_LR)]
-    runs += [("lightgcn", m, "1/4", others, {}) for m in ("hash", "unified", "compositional")]
+    runs += [(model, m, "1/4", others, lr) for model, lr in (("lightgcn", {}), ("ngcf", NGCF_LR))
+             for m in ("hash", "unified", "compositional")]
     from rectables.presets import parse_fraction
 
     table = ["| model | table | budget | Adam lr (tables / dense) | table MB | epochs | Recall@20 | NDCG@20 | "

@@ -329,7 +329,7 @@ def main() -> None:
                 "optembed", "graph"]
     if set(sections) != set(HEADINGS):  # a section without its heading would be dropped from the file
         raise RuntimeError(f"sections without a heading: {sorted(set(sections) ^ set(HEADINGS))}")
-    default = [x for x in sections if x != "graph"]  # the graph runs take ~1.75 h: make bench-graph
+    default = [x for x in sections if x != "graph"]  # the graph runs take ~2 h: make bench-graph
     p.add_argument("--only", default="", help="comma list of sections: " + ",".join(sections))
     args = p.parse_args()
     wanted = args.only.split(",") if args.only else default
