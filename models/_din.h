@@ -122,8 +122,7 @@ product(const float *a, int64_t ars, int64_t ats, int64_t rows, int64_t K, const
 /* y = s (al + p (1 - al)) */
 static inline float dice_y(float s, float p, float al) { return s * (al + p * (1.0f - al)); }
 
-/* pass 2 of Dice's backward (models/_din.c), g_s of len values; in the query layer's
- * backward (models/_din_query.c) too, where it runs on each sample's rows */
+/* pass 2 of Dice's backward (models/_din.c), g_s of len values */
 ALWAYS void dice_grad(const float *restrict s, const float *restrict pp, const float *restrict g, float go,
                       const float *restrict m, const float *restrict r, const float *restrict al,
                       const float *restrict v, const float *restrict mg, const float *restrict mg2,
@@ -133,6 +132,17 @@ ALWAYS void dice_grad(const float *restrict s, const float *restrict pp, const f
         const float g_z = gi * s[i] * (1.0f - al[i]) * p * (1.0f - p);
         out[i] = gi * (al[i] + p * (1.0f - al[i])) + r[i] * (g_z - mg[i] - z * mg2[i]);
     }
+}
+
+/* Dice's g_s split at its batch statistics (z = (s - mean) rstd, g_z as in dice_grad):
+ *   g_s = loc - rstd (mg + z mg2),  loc = g (alpha + p (1 - alpha)) + rstd g_z,
+ * loc made where g and p are at hand (the hidden layer's backward, models/_din_hidden.c,
+ * while it sums mg and mg2), finished here where only s is (the query layer's backward,
+ * models/_din_query.c): Dice's p and g are read once, not twice */
+ALWAYS void dice_finish(const float *restrict s, const float *restrict loc, const float *restrict m,
+                        const float *restrict r, const float *restrict mg, const float *restrict mg2,
+                        float *restrict out, int64_t len) {
+    for (int64_t i = 0; i < len; i++) out[i] = loc[i] - r[i] * (mg[i] + (s[i] - m[i]) * r[i] * mg2[i]);
 }
 
 PyObject *din_query_forward(PyObject *self, PyObject *args);

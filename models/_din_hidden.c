@@ -36,6 +36,7 @@ typedef struct {
     float *y, *gb;               /* scratch [RB, Hip], columns from Hi zero; [RB, Ho] (g_out's rows) */
     const float *hs, *hp, *hm, *hr, *hal, *hv, *hmg; /* backward, or NULL: the next Dice's s, p [N, Ho], mean,
                                                         rstd, alpha, the head's v [Ho], mg [2, Ho] */
+    int local;                   /* backward: g_y's rows hold Dice's local part of g_s instead */
     int64_t Hi, Ho, lo, hi;
 } Job;
 
@@ -66,6 +67,20 @@ DIN_CLONES static void forward_part(Job *j) {
     }
 }
 
+/* Dice's sums of g_y s (1 - p), g_z and g_z z over one row (len values); with local, g_y
+ * replaced by Dice's local part of g_s (loc: see dice_finish, models/_din.h) */
+ALWAYS void dice_sums(const float *restrict s, const float *restrict p, float *restrict gy, const float *restrict m,
+                      const float *restrict r, const float *restrict al, double *restrict ga, double *restrict gz,
+                      double *restrict gzz, int64_t len, const int local) {
+    for (int64_t h = 0; h < len; h++) {
+        const float gsp = gy[h] * s[h] * (1.0f - p[h]), g_z = gsp * (1.0f - al[h]) * p[h];
+        ga[h] += gsp;
+        gz[h] += g_z;
+        gzz[h] += (double)g_z * ((s[h] - m[h]) * r[h]);
+        if (local) gy[h] = gy[h] * (al[h] + p[h] * (1.0f - al[h])) + r[h] * g_z;
+    }
+}
+
 DIN_CLONES static void backward_part(Job *j) {
     const int64_t Hi = j->Hi, Ho = j->Ho, Hip = up16(Hi);
     double *restrict ga = j->sums, *restrict gz = j->sums + Hip, *restrict gzz = j->sums + 2 * Hip;
@@ -86,16 +101,11 @@ DIN_CLONES static void backward_part(Job *j) {
             for (int64_t h = 0; h < Ho; h++) gbias[h] += g[n * Ho + h];
         product(g, Ho, 1, R, Ho, j->W, Hip, NULL, 0, j->out + r0 * Hi, Hi, Hi); /* g_y = g_out W */
         product(g, 1, Ho, Ho, R, j->y, Hip, j->gW, Hip, j->gW, Hip, Hip);     /* g_W += g_out^T y */
-        for (int64_t n = 0; n < R; n++) {
-            const float *restrict s = j->s + (r0 + n) * Hi, *restrict p = j->p + (r0 + n) * Hi;
-            const float *restrict gy = j->out + (r0 + n) * Hi;
-            for (int64_t h = 0; h < Hi; h++) {
-                const float gsp = gy[h] * s[h] * (1.0f - p[h]), g_z = gsp * (1.0f - al[h]) * p[h];
-                ga[h] += gsp;
-                gz[h] += g_z;
-                gzz[h] += (double)g_z * ((s[h] - m[h]) * r[h]);
-            }
-        }
+        for (int64_t n = 0; n < R; n++)
+            if (j->local)
+                dice_sums(j->s + (r0 + n) * Hi, j->p + (r0 + n) * Hi, j->out + (r0 + n) * Hi, m, r, al, ga, gz, gzz, Hi, 1);
+            else
+                dice_sums(j->s + (r0 + n) * Hi, j->p + (r0 + n) * Hi, j->out + (r0 + n) * Hi, m, r, al, ga, gz, gzz, Hi, 0);
     }
 }
 
@@ -137,7 +147,8 @@ PyObject *din_hidden_forward(PyObject *self, PyObject *args) {
 }
 
 /* hidden_backward(g, s, p, N, Hi, mean, rstd, alpha, W, Ho, gy, gW, sums, hs, hp, hm, hr, hal,
- * hv, hmg): gy [N, Hi] written; W [Ho, Hip] (padded with 0); gW [2, Ho, Hip] and sums double
+ * hv, hmg, local): gy [N, Hi] written (with local, Dice's local part of g_s instead: see
+ * dice_finish in models/_din.h); W [Ho, Hip] (padded with 0); gW [2, Ho, Hip] and sums double
  * [2, 3 Hip + Hop], zeros: each part adds its g_W and its sums of g_alpha, g_z and g_z z [Hip]
  * and of g_out [Hop].  g is g_out [N, Ho]; or, with hs (else 0: all seven), the gradient [N]
  * of a head Linear(Ho, 1) (weights hv [Ho]) after a Dice with batch statistics on s_out =
@@ -145,13 +156,14 @@ PyObject *din_hidden_forward(PyObject *self, PyObject *args) {
 PyObject *din_hidden_backward(PyObject *self, PyObject *args) {
     unsigned long long pg, ps, pp, pm, pr, pal, pW, pgy, pgW, psums, hs, hp, hm, hr, hal, hv, hmg;
     long long N, Hi, Ho;
-    if (!PyArg_ParseTuple(args, "KKKLLKKKKLKKKKKKKKKK", &pg, &ps, &pp, &N, &Hi, &pm, &pr, &pal, &pW, &Ho, &pgy, &pgW,
-                          &psums, &hs, &hp, &hm, &hr, &hal, &hv, &hmg))
+    int local;
+    if (!PyArg_ParseTuple(args, "KKKLLKKKKLKKKKKKKKKKp", &pg, &ps, &pp, &N, &Hi, &pm, &pr, &pal, &pW, &Ho, &pgy, &pgW,
+                          &psums, &hs, &hp, &hm, &hr, &hal, &hv, &hmg, &local))
         return NULL;
     Job jobs[2] = {{.g = (const float *)pg, .s = (const float *)ps, .p = (float *)pp, .m = (const float *)pm,
                     .r = (const float *)pr, .al = (const float *)pal, .W = (const float *)pW, .out = (float *)pgy,
                     .gW = (float *)pgW, .sums = (double *)psums, .Hi = Hi, .Ho = Ho, .hs = (const float *)hs,
                     .hp = (const float *)hp, .hm = (const float *)hm, .hr = (const float *)hr,
-                    .hal = (const float *)hal, .hv = (const float *)hv, .hmg = (const float *)hmg}};
+                    .hal = (const float *)hal, .hv = (const float *)hv, .hmg = (const float *)hmg, .local = local}};
     return run(jobs, N, 3 * up16(Hi) + up16(Ho), backward_part);
 }

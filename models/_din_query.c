@@ -12,9 +12,10 @@
  * queries, then the N keys.  Samples are split over two threads as in _din.c; the weight
  * gradients are summed per thread, then added (deterministic for a thread count).
  * Where Dice follows in training (models/din_ops.py _AttentionFn), the forward also sums its batch
- * statistics while each sample's rows of s are in cache, and the backward takes Dice's
- * output gradient and makes the sample's g_s rows (Dice's second backward pass) into
- * scratch before the products: neither pass reads or writes [N, H] on its own. */
+ * statistics while each sample's rows of s are in cache, and the backward takes Dice's local
+ * part of g_s (from the next layer's backward) and finishes each sample's g_s rows into
+ * scratch before the products: neither pass reads or writes [N, H] on its own, and the
+ * backward reads neither Dice's p nor the gradient of its output. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <omp.h>
@@ -29,7 +30,7 @@ typedef struct {
     const int64_t *off;
     float *s, *ge, *gc, *gA, *gC; /* gA, gC: this part's [H, Dp] sums */
     double *sums;                 /* forward, or NULL: this part's column sums of s and s^2 [2, Hp] */
-    const float *ds, *dp, *dm, *dr, *dal, *dmg; /* backward through Dice, or NULL: its s, p, mean, rstd, alpha, mg */
+    const float *ds, *dm, *dr, *dmg; /* backward through Dice, or NULL: its s, mean, rstd, mg */
     float *scratch;               /* this part's (see forward_part, backward_part) */
     int64_t B, D, H, b0, b1, maxlen;
 } Job;
@@ -80,13 +81,13 @@ DIN_CLONES static void backward_part(Job *j) {
             const float *gs = j->gs + lo * H, *k = j->e + (j->B + lo) * D;
             if (j->ds) { /* g_s of the sample's rows, in cache for the products below */
                 for (int64_t n = 0; n < L; n++)
-                    dice_grad(j->ds + (lo + n) * H, j->dp + (lo + n) * H, gs + n * H, 0.0f, j->dm, j->dr, j->dal,
-                              NULL, j->dmg, j->dmg + H, gsb + n * H, H, 0);
+                    dice_finish(j->ds + (lo + n) * H, gs + n * H, j->dm, j->dr, j->dmg, j->dmg + H, gsb + n * H, H);
                 gs = gsb;
             }
             memcpy(qp, j->e + b * D, (size_t)D * sizeof(float));
-            for (int64_t i = 0; i < H * Dp; i += 16) /* M_b^T, [H, Dp] */
-                *(v16u *)(Mt + i) = *(const v16u *)(j->A + i) + *(const v16u *)(qp + i % Dp) * *(const v16u *)(j->C + i);
+            for (int64_t i = 0; i < H * Dp; i += Dp) /* M_b^T, [H, Dp] (no i % Dp: an idiv a vector) */
+                for (int64_t d = 0; d < Dp; d += 16)
+                    *(v16u *)(Mt + i + d) = *(const v16u *)(j->A + i + d) + *(const v16u *)(qp + d) * *(const v16u *)(j->C + i + d);
             product(gs, H, 1, L, H, Mt, Dp, NULL, 0, j->ge + (j->B + lo) * D, D, D); /* g_k = g_s M_b */
             if (D == Dp) {
                 product(gs, 1, H, H, L, k, D, NULL, 0, gM, Dp, Dp); /* g_M = g_s^T k */
@@ -94,12 +95,13 @@ DIN_CLONES static void backward_part(Job *j) {
                 for (int64_t n = 0; n < L; n++) memcpy(kp + n * Dp, k + n * D, (size_t)D * sizeof(float));
                 product(gs, 1, H, H, L, kp, Dp, NULL, 0, gM, Dp, Dp);
             }
-            for (int64_t i = 0; i < H * Dp; i += 16) { /* (vectors: in scalars GCC feared aliasing, 4x slower) */
-                const v16 g = *(const v16u *)(gM + i), q = *(const v16u *)(qp + i % Dp);
-                *(v16u *)(j->gA + i) += g;
-                *(v16u *)(j->gC + i) += g * q;
-                *(v16u *)(gq + i % Dp) += g * *(const v16u *)(j->C + i);
-            }
+            for (int64_t i = 0; i < H * Dp; i += Dp) /* (vectors: in scalars GCC feared aliasing, 4x slower) */
+                for (int64_t d = 0; d < Dp; d += 16) {
+                    const v16 g = *(const v16u *)(gM + i + d), q = *(const v16u *)(qp + d);
+                    *(v16u *)(j->gA + i + d) += g;
+                    *(v16u *)(j->gC + i + d) += g * q;
+                    *(v16u *)(gq + d) += g * *(const v16u *)(j->C + i + d);
+                }
             float *restrict gcr = gc;
             for (int64_t n = 0; n < L; n++)
                 for (int64_t h = 0; h < H; h++) gcr[h] += gs[n * H + h];
@@ -147,24 +149,24 @@ PyObject *din_query_forward(PyObject *self, PyObject *args) {
     return run(jobs, parts, D * up16(H) + up16(H), forward_part);
 }
 
-/* query_backward(gs, e, B, N, D, off, A, C, H, ge, gc, gA, gC, ds, dp, dm, dr, dal, dmg):
+/* query_backward(gs, e, B, N, D, off, A, C, H, ge, gc, gA, gC, ds, dm, dr, dmg):
  * ge [B + N, D], gc [B, H], gA and gC [2, H, Dp] (one block per part; the caller adds them)
  * written; A, C [H, Dp].  With ds (else 0) the layer is followed by Dice with batch
- * statistics: gs is then the gradient of Dice's output, and Dice's s and p [N, H], mean,
- * rstd and alpha [H] and mg [2, H] (dice_backward's) give the layer's g_s */
+ * statistics: gs is then that Dice's local part of g_s (dice_finish, models/_din.h: the
+ * hidden layer's backward makes it), and Dice's s [N, H], mean and rstd [H] and mg [2, H]
+ * finish it */
 PyObject *din_query_backward(PyObject *self, PyObject *args) {
-    unsigned long long pgs, pe, poff, pA, pC, pge, pgc, pgA, pgC, pds, pdp, pdm, pdr, pdal, pdmg;
+    unsigned long long pgs, pe, poff, pA, pC, pge, pgc, pgA, pgC, pds, pdm, pdr, pdmg;
     long long B, N, D, H;
-    if (!PyArg_ParseTuple(args, "KKLLLKKKLKKKKKKKKKK", &pgs, &pe, &B, &N, &D, &poff, &pA, &pC, &H, &pge, &pgc, &pgA,
-                          &pgC, &pds, &pdp, &pdm, &pdr, &pdal, &pdmg))
+    if (!PyArg_ParseTuple(args, "KKLLLKKKLKKKKKKKK", &pgs, &pe, &B, &N, &D, &poff, &pA, &pC, &H, &pge, &pgc, &pgA,
+                          &pgC, &pds, &pdm, &pdr, &pdmg))
         return NULL;
     const int64_t Dp = up16(D);
     const int64_t *off = (const int64_t *)poff;
     Job jobs[2] = {{.gs = (const float *)pgs, .e = (const float *)pe, .off = off, .A = (const float *)pA,
                     .C = (const float *)pC, .ge = (float *)pge, .gc = (float *)pgc, .gA = (float *)pgA,
-                    .gC = (float *)pgC, .ds = (const float *)pds, .dp = (const float *)pdp,
-                    .dm = (const float *)pdm, .dr = (const float *)pdr, .dal = (const float *)pdal,
-                    .dmg = (const float *)pdmg, .B = B, .D = D, .H = H}};
+                    .gC = (float *)pgC, .ds = (const float *)pds, .dm = (const float *)pdm,
+                    .dr = (const float *)pdr, .dmg = (const float *)pdmg, .B = B, .D = D, .H = H}};
     for (int64_t b = 0; b < B && (D < Dp || pds); b++)
         if (off[b + 1] - off[b] > jobs[0].maxlen) jobs[0].maxlen = off[b + 1] - off[b];
     const int parts = halves(jobs, N);

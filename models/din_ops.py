@@ -112,15 +112,15 @@ def _query_forward(e, offsets, A, C, Wq, bias, sums=None):
 
 
 def _query_backward(gs, gq, e, offsets, A, C, Wq, dice=()):
-    """(g_e, g_A, g_C, g_Wq, g_bias) from gs [N, H] and gq [B, De] (or None); with dice (s, p,
-    mean, rstd, alpha, mg: a Dice with batch statistics after the layer), gs is that Dice's
-    output gradient, and its g_s is made in the kernel."""
+    """(g_e, g_A, g_C, g_Wq, g_bias) from gs [N, H] and gq [B, De] (or None); with dice (s,
+    mean, rstd, mg: a Dice with batch statistics after the layer), gs is that Dice's local
+    part of g_s (the next layer's kernel makes it), finished in the kernel."""
     (H, D), B = A.shape, offsets.numel() - 1
     Ap, Cp = _padded(A, _up16(D)), _padded(C, _up16(D))
     ge, gc, gA, gC = torch.empty_like(e), e.new_empty(B, H), e.new_empty(2, H, _up16(D)), e.new_empty(2, H, _up16(D))
     _native.query_backward(gs.data_ptr(), e.data_ptr(), B, e.shape[0] - B, D, offsets.data_ptr(), Ap.data_ptr(),
                            Cp.data_ptr(), H, ge.data_ptr(), gc.data_ptr(), gA.data_ptr(), gC.data_ptr(),
-                           *([t.data_ptr() for t in dice] if dice else [0] * 6))
+                           *([t.data_ptr() for t in dice] if dice else [0] * 4))
     ge[:B].addmm_(gc, Wq.detach())  # through c
     if gq is not None:
         ge[:B] += gq
@@ -169,9 +169,11 @@ class _AttentionFn(torch.autograd.Function):
     - each hidden layer (models/_din_hidden.c): that Dice, then the Linear, a block of rows
       at a time (Dice's output never written), summing the next Dice's statistics;
     - the last Dice fused with the Linear(H, 1) head (as :class:`_DiceFn`).
-    Backward in the same steps, the other way: the first Dice's g_s is made per sample in the
-    first layer's backward, the last Dice's a block of rows at a time in the last hidden
-    layer's (any Dice between by its own kernel).  Default (80-40): 3 passes over
+    Backward in the same steps, the other way: the first Dice's g_s is split at its batch
+    statistics, the local part made in the first hidden layer's backward (where its p and
+    output gradient are read anyway) and finished per sample in the first layer's from s
+    alone; the last Dice's a block of rows at a time in the last hidden layer's (any Dice
+    between by its own kernel).  Default (80-40): 3 passes over
     [N, 80] or [N, 40] forward where the separate ops made 7, and no GEMM in torch's."""
 
     @staticmethod
@@ -231,14 +233,14 @@ class _AttentionFn(torch.autograd.Function):
             sums, Wp = torch.zeros(2, 3 * Hip + _up16(Ho), dtype=torch.float64), _padded(W, Hip)
             _native.hidden_backward(g.data_ptr(), s[i].data_ptr(), ps[i].data_ptr(), N, Hi, mean.data_ptr(),
                                     rstd.data_ptr(), alphas[i].data_ptr(), Wp.data_ptr(), Ho, gy.data_ptr(),
-                                    gW.data_ptr(), sums.data_ptr(), *([t.data_ptr() for t in head] or [0] * 7))
+                                    gW.data_ptr(), sums.data_ptr(), *([t.data_ptr() for t in head] or [0] * 7), i == 0)
             head, sums = [], sums.sum(0)
             g_hidden = [gW.sum(0)[:, :Hi], sums[3 * Hip : 3 * Hip + Ho].float()] + g_hidden
             sums = sums[: 3 * Hip].view(3, Hip)[:, :Hi]
             g_alphas.insert(0, sums[0].float())
             mg = (sums[1:] / N).float()  # (mean g_z, mean g_z z): what Dice's g_s needs
             if i == 0:  # made per sample in the first layer's backward
-                g, dice = gy, (s[0], ps[0], mean, rstd, alphas[0], mg)
+                g, dice = gy, (s[0], mean, rstd, mg)  # (gy: Dice's local part of g_s, i == 0)
             else:
                 g, unused = e.new_empty(N, Hi), e.new_empty(Hi)  # (g_alpha again)
                 _native.dice_backward(gy.data_ptr(), s[i].data_ptr(), ps[i].data_ptr(), N, Hi, alphas[i].data_ptr(),

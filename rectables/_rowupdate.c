@@ -37,6 +37,7 @@
 #include <string.h>
 
 enum { SGD = 0, ADAGRAD = 1, ROWWISE = 2, ADAM = 3 };
+enum { AHEAD = 16 }; /* ids ahead whose probe slot is fetched */
 
 typedef struct {
     float *w, *m, *m2;
@@ -162,14 +163,17 @@ static void *run(void *arg) {
         while (cap < 2 * n) cap <<= 1;
         memset(keys, 0xff, cap * sizeof(int64_t)); /* -1: empty */
         const int64_t P = a->lane_p[l0], wo = a->lane_w[l0], mo = a->lane_m[l0];
-        const int64_t mstep = a->kind == ADAGRAD ? P : 1;
+        const int64_t mstep = a->kind == ADAGRAD ? P : 1, jend = a->off[l1 * a->B];
+        const int64_t split = a->parts - 1; /* 1: the top bit of a row's hash picks its part */
         for (int64_t l = l0; l < l1; l++) {
             for (int64_t b = 0; b < a->B; b++) {
                 const float *gb = a->g + b * a->C + a->lane_c[l];
                 for (int64_t j = a->off[l * a->B + b]; j < a->off[l * a->B + b + 1]; j++) {
+                    if (j + AHEAD < jend) /* the probe's slot of a later id: its miss overlaps this work */
+                        __builtin_prefetch(keys + (mix((uint64_t)a->idx[j + AHEAD]) & (uint64_t)(cap - 1)));
                     const int64_t key = a->idx[j];
                     const uint64_t h = mix((uint64_t)key);
-                    if ((int)(h >> 63) % a->parts != a->part) continue;
+                    if (((int64_t)(h >> 63) ^ a->part) & split) continue; /* (a % here cost an idiv an id) */
                     int64_t pos = (int64_t)(h & (uint64_t)(cap - 1));
                     while (keys[pos] != key && keys[pos] != -1) pos = (pos + 1) & (cap - 1);
                     float *r;
