@@ -60,6 +60,7 @@ static inline uint64_t mix(uint64_t k) {
 typedef struct {
     pthread_mutex_t lock;
     int64_t *keys, *slot_key, *slot_m;
+    int64_t *mine; /* [2 n]: this part's ids of a run, as (id position j, its gradient row's offset in g) */
     int32_t *slot_of;
     float *acc;
     int64_t cap, n, width;
@@ -79,11 +80,13 @@ static int reserve(Scratch *s, int64_t cap, int64_t n, int64_t width) {
     if (n > s->n || n * width > s->n * s->width) {
         free(s->slot_key);
         free(s->slot_m);
+        free(s->mine);
         free(s->acc);
         s->slot_key = malloc(n * sizeof(int64_t));
         s->slot_m = malloc(n * sizeof(int64_t));
+        s->mine = malloc(2 * n * sizeof(int64_t));
         s->acc = malloc(n * width * sizeof(float));
-        s->n = s->slot_key && s->slot_m && s->acc ? n : 0;
+        s->n = s->slot_key && s->slot_m && s->mine && s->acc ? n : 0;
         s->width = width;
         if (!s->n) return 0;
     }
@@ -163,34 +166,36 @@ static void *run(void *arg) {
         while (cap < 2 * n) cap <<= 1;
         memset(keys, 0xff, cap * sizeof(int64_t)); /* -1: empty */
         const int64_t P = a->lane_p[l0], wo = a->lane_w[l0], mo = a->lane_m[l0];
-        const int64_t mstep = a->kind == ADAGRAD ? P : 1, jend = a->off[l1 * a->B];
+        const int64_t mstep = a->kind == ADAGRAD ? P : 1;
         const int64_t split = a->parts - 1; /* 1: the top bit of a row's hash picks its part */
-        for (int64_t l = l0; l < l1; l++) {
-            for (int64_t b = 0; b < a->B; b++) {
-                const float *gb = a->g + b * a->C + a->lane_c[l];
+        /* pass 1: this part's ids, without a branch on the part (half of them mispredicted) */
+        int64_t *mine = sc->mine, cnt = 0;
+        for (int64_t l = l0; l < l1; l++)
+            for (int64_t b = 0; b < a->B; b++)
                 for (int64_t j = a->off[l * a->B + b]; j < a->off[l * a->B + b + 1]; j++) {
-                    if (j + AHEAD < jend) /* the probe's slot of a later id: its miss overlaps this work */
-                        __builtin_prefetch(keys + (mix((uint64_t)a->idx[j + AHEAD]) & (uint64_t)(cap - 1)));
-                    const int64_t key = a->idx[j];
-                    const uint64_t h = mix((uint64_t)key);
-                    if (((int64_t)(h >> 63) ^ a->part) & split) continue; /* (a % here cost an idiv an id) */
-                    int64_t pos = (int64_t)(h & (uint64_t)(cap - 1));
-                    while (keys[pos] != key && keys[pos] != -1) pos = (pos + 1) & (cap - 1);
-                    float *r;
-                    if (keys[pos] == -1) {
-                        keys[pos] = key;
-                        slot_of[pos] = (int32_t)used;
-                        sc->slot_key[used] = wo + key * P;
-                        sc->slot_m[used] = mo + key * mstep;
-                        r = sc->acc + used * a->pmax;
-                        memset(r, 0, P * sizeof(float));
-                        used++;
-                    } else {
-                        r = sc->acc + (int64_t)slot_of[pos] * a->pmax;
-                    }
-                    const float s = a->psw ? a->psw[j] : 1.0f;
-                    for (int64_t d = 0; d < P; d++) r[d] += s * gb[d];
+                    mine[2 * cnt] = j;
+                    mine[2 * cnt + 1] = b * a->C + a->lane_c[l];
+                    cnt += !((((int64_t)(mix((uint64_t)a->idx[j]) >> 63)) ^ a->part) & split);
                 }
+        /* pass 2: sum each row's gradients, the probe's slot of an id AHEAD on fetched early */
+        for (int64_t i = 0; i < cnt; i++) {
+            if (i + AHEAD < cnt)
+                __builtin_prefetch(keys + (mix((uint64_t)a->idx[mine[2 * (i + AHEAD)]]) & (uint64_t)(cap - 1)));
+            const int64_t j = mine[2 * i], key = a->idx[j];
+            const float *gb = a->g + mine[2 * i + 1], s = a->psw ? a->psw[j] : 1.0f;
+            int64_t pos = (int64_t)(mix((uint64_t)key) & (uint64_t)(cap - 1));
+            while (keys[pos] != key && keys[pos] != -1) pos = (pos + 1) & (cap - 1);
+            if (keys[pos] == -1) { /* the row's first id: its sum starts here */
+                keys[pos] = key;
+                slot_of[pos] = (int32_t)used;
+                sc->slot_key[used] = wo + key * P;
+                sc->slot_m[used] = mo + key * mstep;
+                float *r = sc->acc + used * a->pmax;
+                for (int64_t d = 0; d < P; d++) r[d] = s * gb[d];
+                used++;
+            } else {
+                float *r = sc->acc + (int64_t)slot_of[pos] * a->pmax;
+                for (int64_t d = 0; d < P; d++) r[d] += s * gb[d];
             }
         }
         apply(a, sc, used, P);
