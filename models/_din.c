@@ -149,22 +149,21 @@ DIN_CLONES static void pool_fwd(Job *j) {
     }
 }
 
-/* pool backward (g = gp, gs = de, gw) */
+/* pool backward (g = gp, gs = de or NULL, gw) */
 DIN_CLONES static void pool_bwd(Job *j) {
     const int64_t D = j->H;
     for (int64_t b = j->b0; b < j->b1; b++) {
         const float *restrict gp = j->g + b * D;
-        memset(j->gs + b * D, 0, D * sizeof(float));
+        if (j->gs) memset(j->gs + b * D, 0, D * sizeof(float));
         for (int64_t n = j->off[b]; n < j->off[b + 1]; n++) {
             const float *restrict k = j->src + (j->nq + n) * D;
-            float *restrict gk = j->gs + (j->nq + n) * D;
-            const float w = j->w[n];
             float dot = 0.0f;
-            for (int64_t d = 0; d < D; d++) {
-                gk[d] = w * gp[d];
-                dot += gp[d] * k[d];
-            }
+            for (int64_t d = 0; d < D; d++) dot += gp[d] * k[d];
             j->gw[n] = dot;
+            if (j->gs) {
+                float *restrict gk = j->gs + (j->nq + n) * D;
+                for (int64_t d = 0; d < D; d++) gk[d] = j->w[n] * gp[d];
+            }
         }
     }
 }
@@ -318,7 +317,7 @@ static PyObject *backward(PyObject *self, PyObject *args) {
 /* The pooling kernels, one argument list: (in, in2, e, B, N, D, off, out, out2), 0 for what a
  * kernel does not read; e [B + N, D], off [B + 1].
  *   pool_forward:   in2 = w [N], out = p [B, D]
- *   pool_backward:  in = gp [B, D], in2 = w, out = de, out2 = gw [N] */
+ *   pool_backward:  in = gp [B, D], in2 = w, out = de (or 0: gw only), out2 = gw [N] */
 static PyObject *segments(PyObject *args, void (*fn)(Job *)) {
     unsigned long long pin, pin2, pe, poff, pout, pout2;
     long long B, N, D;

@@ -31,6 +31,7 @@ typedef struct {
     float *s, *ge, *gc, *gA, *gC; /* gA, gC: this part's [H, Dp] sums */
     double *sums;                 /* forward, or NULL: this part's column sums of s and s^2 [2, Hp] */
     const float *ds, *dm, *dr, *dmg; /* backward through Dice, or NULL: its s, mean, rstd, mg */
+    const float *pw, *pgp;           /* backward, or NULL: the keys' pooling weights [N] and g_pooled [B, D] */
     float *scratch;               /* this part's (see forward_part, backward_part) */
     int64_t B, D, H, b0, b1, maxlen;
 } Job;
@@ -89,6 +90,11 @@ DIN_CLONES static void backward_part(Job *j) {
                 for (int64_t d = 0; d < Dp; d += 16)
                     *(v16u *)(Mt + i + d) = *(const v16u *)(j->A + i + d) + *(const v16u *)(qp + d) * *(const v16u *)(j->C + i + d);
             product(gs, H, 1, L, H, Mt, Dp, NULL, 0, j->ge + (j->B + lo) * D, D, D); /* g_k = g_s M_b */
+            for (int64_t n = 0; j->pw && n < L; n++) { /* + the pooling's w_n g_p_b, the rows in cache */
+                float *restrict gk = j->ge + (j->B + lo + n) * D;
+                const float *restrict gp = j->pgp + b * D;
+                for (int64_t d = 0; d < D; d++) gk[d] += j->pw[lo + n] * gp[d];
+            }
             if (D == Dp) {
                 product(gs, 1, H, H, L, k, D, NULL, 0, gM, Dp, Dp); /* g_M = g_s^T k */
             } else { /* k's rows padded, so that the tile reads whole vectors */
@@ -149,24 +155,26 @@ PyObject *din_query_forward(PyObject *self, PyObject *args) {
     return run(jobs, parts, D * up16(H) + up16(H), forward_part);
 }
 
-/* query_backward(gs, e, B, N, D, off, A, C, H, ge, gc, gA, gC, ds, dm, dr, dmg):
+/* query_backward(gs, e, B, N, D, off, A, C, H, ge, gc, gA, gC, ds, dm, dr, dmg, pw, pgp):
  * ge [B + N, D], gc [B, H], gA and gC [2, H, Dp] (one block per part; the caller adds them)
  * written; A, C [H, Dp].  With ds (else 0) the layer is followed by Dice with batch
  * statistics: gs is then that Dice's local part of g_s (dice_finish, models/_din.h: the
  * hidden layer's backward makes it), and Dice's s [N, H], mean and rstd [H] and mg [2, H]
- * finish it */
+ * finish it.  With pw (else 0) the keys are also pooled, p_b = sum of w_n k_n (pw = w [N]):
+ * g_k then includes w_n g_p_b (pgp = g_p [B, D]) */
 PyObject *din_query_backward(PyObject *self, PyObject *args) {
-    unsigned long long pgs, pe, poff, pA, pC, pge, pgc, pgA, pgC, pds, pdm, pdr, pdmg;
+    unsigned long long pgs, pe, poff, pA, pC, pge, pgc, pgA, pgC, pds, pdm, pdr, pdmg, ppw, ppgp;
     long long B, N, D, H;
-    if (!PyArg_ParseTuple(args, "KKLLLKKKLKKKKKKKK", &pgs, &pe, &B, &N, &D, &poff, &pA, &pC, &H, &pge, &pgc, &pgA,
-                          &pgC, &pds, &pdm, &pdr, &pdmg))
+    if (!PyArg_ParseTuple(args, "KKLLLKKKLKKKKKKKKKK", &pgs, &pe, &B, &N, &D, &poff, &pA, &pC, &H, &pge, &pgc, &pgA,
+                          &pgC, &pds, &pdm, &pdr, &pdmg, &ppw, &ppgp))
         return NULL;
     const int64_t Dp = up16(D);
     const int64_t *off = (const int64_t *)poff;
     Job jobs[2] = {{.gs = (const float *)pgs, .e = (const float *)pe, .off = off, .A = (const float *)pA,
                     .C = (const float *)pC, .ge = (float *)pge, .gc = (float *)pgc, .gA = (float *)pgA,
                     .gC = (float *)pgC, .ds = (const float *)pds, .dm = (const float *)pdm,
-                    .dr = (const float *)pdr, .dmg = (const float *)pdmg, .B = B, .D = D, .H = H}};
+                    .dr = (const float *)pdr, .dmg = (const float *)pdmg, .pw = (const float *)ppw,
+                    .pgp = (const float *)ppgp, .B = B, .D = D, .H = H}};
     for (int64_t b = 0; b < B && (D < Dp || pds); b++)
         if (off[b + 1] - off[b] > jobs[0].maxlen) jobs[0].maxlen = off[b + 1] - off[b];
     const int parts = halves(jobs, N);

@@ -101,32 +101,39 @@ class DIN(nn.Module):
             q, keys = e[:B], e[B:]
             pooled = torch.zeros_like(q).index_add(0, _segments(offsets, len(keys)), keys)
             return self.mlp(torch.cat([q, pooled], 1)).squeeze(1)
-        q, w = self._scores(e, offsets)  # [B, De], [N]
-        if self.softmax:
-            w = segment_softmax(w, _segments(offsets, len(w)), B)
-        return self.mlp(torch.cat([q, _PoolFn.apply(e, w, offsets)], 1)).squeeze(1)
+        q, pooled = self._attend(e, offsets)  # [B, De], [B, De]
+        return self.mlp(torch.cat([q, pooled], 1)).squeeze(1)
 
-    def _scores(self, e: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the queries [B, De], the attention MLP's scores [N]) on [q, k, q - k, q * k] [N, 4 De]
-        without building it: in training with Dice, the whole MLP as one op
-        (:class:`~models.din_ops._AttentionFn`); else the first layer in
+    def _attend(self, e: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the queries [B, De], each history pooled by the attention MLP's scores [B, De]), the
+        scores on [q, k, q - k, q * k] [N, 4 De] without building it: in training with Dice,
+        the whole MLP as one op (:class:`~models.din_ops._AttentionFn`, which also pools where
+        the scores are not normalised); else the first layer in
         :class:`~models.din_ops._QueryLayerFn`, the last with the Dice before it
         (``Dice(h, head)``)."""
         first, *rest = self.attention
-        N, acts, lins = e.shape[0] - offsets.numel() + 1, rest[::2], rest[1::2]
+        B, acts, lins = offsets.numel() - 1, rest[::2], rest[1::2]
+        N = e.shape[0] - B
         if all(isinstance(a, Dice) and a.training for a in acts) and acts and N > 1 and ops._native is not None and \
                 all(t.dtype == torch.float32 for t in (e, *self.attention.parameters())):  # as one op
             hidden = [t for lin in lins[:-1] for t in (lin.weight, lin.bias)]
-            h, q, *stats = ops._AttentionFn.apply(tuple(a.eps for a in acts), e, offsets, first.weight, first.bias,
-                                                 lins[-1].weight, lins[-1].bias, *(a.alpha for a in acts), *hidden)
+            out, q, *stats = ops._AttentionFn.apply(tuple(a.eps for a in acts), not self.softmax, e, offsets,
+                                                   first.weight, first.bias, lins[-1].weight, lins[-1].bias,
+                                                   *(a.alpha for a in acts), *hidden)
             for a, mean, var in zip(acts, stats[::2], stats[1::2]):
                 a.track(mean, var, N)
-            return q, h
-        W1, W2, W3, W4 = first.weight.split(e.shape[1], 1)
-        h, q = _query_layer(e, offsets, W2 - W3, W4, W1 + W3, first.bias)
-        for act, lin in zip(rest[::2], rest[1::2]):
-            h = act(h, lin) if lin is rest[-1] and isinstance(act, Dice) else lin(act(h))
-        return q, h.squeeze(1)
+            if not self.softmax:
+                return q, out
+            w = out
+        else:
+            W1, W2, W3, W4 = first.weight.split(e.shape[1], 1)
+            w, q = _query_layer(e, offsets, W2 - W3, W4, W1 + W3, first.bias)
+            for act, lin in zip(rest[::2], rest[1::2]):
+                w = act(w, lin) if lin is rest[-1] and isinstance(act, Dice) else lin(act(w))
+            w = w.squeeze(1)
+        if self.softmax:
+            w = segment_softmax(w, _segments(offsets, len(w)), B)
+        return q, _PoolFn.apply(e, w, offsets)
 
 
 def _side_by_side(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -111,16 +111,18 @@ def _query_forward(e, offsets, A, C, Wq, bias, sums=None):
     return s
 
 
-def _query_backward(gs, gq, e, offsets, A, C, Wq, dice=()):
+def _query_backward(gs, gq, e, offsets, A, C, Wq, dice=(), pool=()):
     """(g_e, g_A, g_C, g_Wq, g_bias) from gs [N, H] and gq [B, De] (or None); with dice (s,
     mean, rstd, mg: a Dice with batch statistics after the layer), gs is that Dice's local
-    part of g_s (the next layer's kernel makes it), finished in the kernel."""
+    part of g_s (the next layer's kernel makes it), finished in the kernel; with pool (w [N],
+    g_p [B, De]: the keys also pooled, p_b = sum of w_n k_n), g_e's key rows include w_n g_p_b."""
     (H, D), B = A.shape, offsets.numel() - 1
     Ap, Cp = _padded(A, _up16(D)), _padded(C, _up16(D))
     ge, gc, gA, gC = torch.empty_like(e), e.new_empty(B, H), e.new_empty(2, H, _up16(D)), e.new_empty(2, H, _up16(D))
     _native.query_backward(gs.data_ptr(), e.data_ptr(), B, e.shape[0] - B, D, offsets.data_ptr(), Ap.data_ptr(),
                            Cp.data_ptr(), H, ge.data_ptr(), gc.data_ptr(), gA.data_ptr(), gC.data_ptr(),
-                           *([t.data_ptr() for t in dice] if dice else [0] * 4))
+                           *([t.data_ptr() for t in dice] if dice else [0] * 4),
+                           *([t.data_ptr() for t in pool] if pool else [0] * 2))
     ge[:B].addmm_(gc, Wq.detach())  # through c
     if gq is not None:
         ge[:B] += gq
@@ -159,8 +161,11 @@ def _batch_stats(sums: torch.Tensor, N: int, H: int, eps: float):
 
 class _AttentionFn(torch.autograd.Function):
     """DIN's attention MLP in training with Dice on every hidden layer, as one op:
-    forward(eps, e, offsets, W [H, 4 De], bias, head v [1, H], c [1], *alphas, *hidden) ->
-    (scores [N], q = e[:B], then each Dice's batch mean and biased var [H] (no grad)), where
+    forward(eps, pool, e, offsets, W [H, 4 De], bias, head v [1, H], c [1], *alphas, *hidden)
+    -> (scores [N], or with pool the keys pooled by them, p_b = sum of w_n k_n [B, De] (as
+    :class:`_PoolFn`, whose key gradients then join the first layer's in its kernel: no
+    second [B + N, De] gradient to add); q = e[:B]; then each Dice's batch mean and biased
+    var [H] (no grad)), where
     the first layer (W, bias) is computed as :class:`_QueryLayerFn`'s (A, C and Wq formed
     from W's blocks here: no autograd ops for them), ``alphas`` and ``eps`` (a tuple) are the
     k + 1 Dice layers', ``hidden`` the weights and biases of the k Linear layers between
@@ -177,7 +182,7 @@ class _AttentionFn(torch.autograd.Function):
     [N, 80] or [N, 40] forward where the separate ops made 7, and no GEMM in torch's."""
 
     @staticmethod
-    def forward(ctx, eps, e, offsets, W1, bias, v, c, *rest):
+    def forward(ctx, eps, pool, e, offsets, W1, bias, v, c, *rest):
         k = (len(rest) - 1) // 3
         alphas, hidden = rest[: k + 1], rest[k + 1 :]
         B, e = offsets.numel() - 1, e.contiguous()
@@ -204,18 +209,29 @@ class _AttentionFn(torch.autograd.Function):
         _native.dice_forward(s[-1].data_ptr(), N, Hl, alphas[-1].data_ptr(), mean.data_ptr(), rstd.data_ptr(), 0,
                              scores.data_ptr(), p.data_ptr(), vd.data_ptr(), c.detach().data_ptr(), eps[-1], False)
         ps.append(p)
+        if pool:
+            pooled = e.new_empty(B, e.shape[1])
+            _native.pool_forward(0, scores.data_ptr(), e.data_ptr(), B, N, e.shape[1], offsets.data_ptr(),
+                                 pooled.data_ptr(), 0)
+        ctx.pool = scores if pool else None
         ctx.save_for_backward(e, offsets, A, C, Wq, *hidden[::2])  # (A, C, Wq: made here, no grad)
         ctx.s, ctx.ps, ctx.stats, ctx.alphas, ctx.v, ctx.c_shape = s, ps, stats, alphas, vd, c.shape
         out = [t for mean, var, _ in stats for t in (mean, var)]
         ctx.mark_non_differentiable(*out)
-        return (scores, e[:B].clone(), *out)
+        return (pooled if pool else scores, e[:B].clone(), *out)
 
     @staticmethod
-    def backward(ctx, g_scores, gq, *_):
+    def backward(ctx, g_out, gq, *_):
         e, offsets, A, C, Wq, *Ws = ctx.saved_tensors
         s, ps, stats, alphas = ctx.s, ctx.ps, ctx.stats, ctx.alphas
         N, Hl = s[-1].shape
-        g_scores = g_scores.contiguous()
+        B, pool = offsets.numel() - 1, ()
+        if ctx.pool is not None:  # g_scores_n = <g_p_b, k_n>; the keys' w_n g_p_b in the first layer's kernel
+            pool, g_scores = (ctx.pool, g_out.contiguous()), e.new_empty(N)
+            _native.pool_backward(pool[1].data_ptr(), pool[0].data_ptr(), e.data_ptr(), B, N, e.shape[1],
+                                  offsets.data_ptr(), 0, g_scores.data_ptr())
+        else:
+            g_scores = g_out.contiguous()
         g_alpha, gv, mg, (mean, _, rstd) = e.new_empty(Hl), e.new_empty(Hl), e.new_empty(2, Hl), stats[-1]
         if Ws:  # the last Dice's first pass here; its g_s is made in the last hidden layer's backward
             g, head = g_scores, [s[-1], ps[-1], mean, rstd, alphas[-1], ctx.v, mg]
@@ -245,10 +261,10 @@ class _AttentionFn(torch.autograd.Function):
                 g, unused = e.new_empty(N, Hi), e.new_empty(Hi)  # (g_alpha again)
                 _native.dice_backward(gy.data_ptr(), s[i].data_ptr(), ps[i].data_ptr(), N, Hi, alphas[i].data_ptr(),
                                       mean.data_ptr(), rstd.data_ptr(), True, g.data_ptr(), unused.data_ptr(), 0, 0, 0)
-        ge, gA, gC, gWq, gb = _query_backward(g, gq, e, offsets, A, C, Wq, dice)
+        ge, gA, gC, gWq, gb = _query_backward(g, gq, e, offsets, A, C, Wq, dice, pool)
         gc = g_scores.sum().reshape(ctx.c_shape)
         gW1 = torch.cat([gWq, gA, gWq - gA, gC], 1)  # W1 + W3 = Wq, W2 - W3 = A, W4 = C
-        return None, ge, None, gW1, gb, gv.reshape(1, Hl), gc, *g_alphas, *g_hidden
+        return None, None, ge, None, gW1, gb, gv.reshape(1, Hl), gc, *g_alphas, *g_hidden
 
 
 def _query_layer(e, offsets, A, C, Wq, bias):

@@ -260,7 +260,7 @@ def test_attention_as_one_op_gives_the_torch_values_and_gradients(rows, dim, wid
         ei = e.clone().requires_grad_()
         ws = [t.clone().requires_grad_() for t in first + head + alphas + hidden]
         if native:
-            scores, q, *stats = din_ops._AttentionFn.apply(eps, ei, offsets, *ws)
+            scores, q, *stats = din_ops._AttentionFn.apply(eps, False, ei, offsets, *ws)
         else:
             keep, din_ops._native = din_ops._native, None
             try:
@@ -280,6 +280,38 @@ def test_attention_as_one_op_gives_the_torch_values_and_gradients(rows, dim, wid
     assert len(outs[0]) == 2 + 2 * len(widths) + 1 + 4 + len(widths) + 2 * (len(widths) - 1)
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", [30, 9000])  # one thread; two
+@pytest.mark.parametrize("dim, widths", [(32, (80, 40)), (8, (24,))])
+def test_attention_op_that_pools_gives_the_values_and_gradients_of_pooling_after_it(rows, dim, widths):
+    """With pool, the attention op returns the histories pooled by its scores, and the keys'
+    pooling gradients join the first layer's in its kernel: the same values and gradients as
+    the op's scores pooled by :class:`_PoolFn` (empty histories included)."""
+    from models import din_ops
+
+    g = torch.Generator().manual_seed(5)
+    lengths = [int(n) for n in torch.randint(0, 9, (rows,), generator=g)]
+    lengths = [n for n, c in zip(lengths, torch.tensor(lengths).cumsum(0)) if c <= rows] + [0, 0]
+    lengths[-2] = rows - sum(lengths)
+    offsets = _offsets(lengths)
+    e = torch.randn(len(lengths) + rows, dim, generator=g)
+    ws = [torch.randn(widths[0], 4 * dim, generator=g) * 0.3, torch.randn(widths[0], generator=g),
+          torch.randn(1, widths[-1], generator=g), torch.randn(1, generator=g)] + \
+        [torch.rand(w, generator=g) - 0.5 for w in widths] + \
+        [t for a, b in zip(widths, widths[1:]) for t in (torch.randn(b, a, generator=g) / a**0.5, torch.randn(b))]
+    gp, gq = torch.randn(len(lengths), dim, generator=g), torch.randn(len(lengths), dim, generator=g)
+    eps = tuple(1e-8 for _ in widths)
+    outs = []
+    for fused in (True, False):
+        ei, wi = e.clone().requires_grad_(), [t.clone().requires_grad_() for t in ws]
+        out, q, *_ = din_ops._AttentionFn.apply(eps, fused, ei, offsets, *wi)
+        pooled = out if fused else din_ops._PoolFn.apply(ei, out, offsets)
+        torch.autograd.backward([pooled, q], [gp, gq])
+        outs.append([pooled.detach(), ei.grad] + [t.grad for t in wi])
+    assert outs[0][0].shape == (len(lengths), dim) and not outs[0][0][-1].any()  # (the empty history)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
 def test_din_trains_through_the_attention_op_as_through_the_separate_ops():
