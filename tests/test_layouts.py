@@ -148,3 +148,15 @@ def test_summed_lanes_of_one_table_are_one_lane(layout):
     assert [len(st.lane_tables) for st in ebc.storages.values()] == [len(FEATS)]  # not K per feature
     seq = rectables.EmbeddingCollection(LAYOUTS[layout]())  # one row per id: K lanes, summed after
     assert [len(st.lane_tables) for st in seq.storages.values()] == [2 * len(FEATS)]
+
+
+@pytest.mark.parametrize("lane_ids", [[3, 3], [4, 4, 4], [5], [0, 0], [2, 3], [3, 0, 1], [0]])
+def test_one_id_per_bag_gives_each_id_a_bag_and_pads_short_lanes_with_empty_bags(lane_ids):
+    """Lane j's ids get bags j B' .. j B' + n_j - 1 of one id each, B' = max n_j, then empty
+    bags; equal lanes (the fast path) and unequal ones alike."""
+    from rectables.lanes import one_id_per_bag
+
+    offsets, width = one_id_per_bag(lane_ids).tolist(), max(max(lane_ids), 1)
+    assert len(offsets) == len(lane_ids) * width + 1 and offsets[0] == 0 and offsets[-1] == sum(lane_ids)
+    sizes = [b - a for a, b in zip(offsets, offsets[1:])]
+    assert sizes == [int(i < n) for n in lane_ids for i in range(width)]
