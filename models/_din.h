@@ -3,6 +3,7 @@
 #ifndef DIN_H
 #define DIN_H
 #include <Python.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -143,6 +144,19 @@ ALWAYS void dice_finish(const float *restrict s, const float *restrict loc, cons
                         const float *restrict r, const float *restrict mg, const float *restrict mg2,
                         float *restrict out, int64_t len) {
     for (int64_t i = 0; i < len; i++) out[i] = loc[i] - r[i] * (mg[i] + (s[i] - m[i]) * r[i] * mg2[i]);
+}
+
+/* Dice's batch statistics [3, H] (mean, biased var, rstd = 1 / sqrt(var + eps)) over N rows
+ * from two parts' column sums of s and s^2 (double [2, Hp] each, `part` apart): summed and
+ * divided in double, then float (a NaN stays NaN) */
+static inline void batch_stats(const double *sums, int64_t part, int64_t Hp, int64_t H, int64_t N, float eps,
+                               float *stats) {
+    for (int64_t h = 0; h < H; h++) {
+        const double t = (sums[h] + sums[part + h]) / N, v = (sums[Hp + h] + sums[part + Hp + h]) / N - t * t;
+        stats[h] = (float)t;
+        stats[H + h] = (float)(v < 0 ? 0 : v);
+        stats[2 * H + h] = 1.0f / sqrtf(stats[H + h] + eps);
+    }
 }
 
 PyObject *din_query_forward(PyObject *self, PyObject *args);

@@ -12,7 +12,7 @@
  *             gradient [N] (that Dice's second backward pass: no [N, Ho] g_out).
  * In place of Dice's two passes over [N, Hi] and torch's three GEMMs, one pass each way.
  * Rows are split in halves over two threads as in _din.c; sums per thread, in double (g_W in
- * float), added by the caller: deterministic for a thread count. */
+ * float), added once both are done: deterministic for a thread count. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <omp.h>
@@ -111,12 +111,21 @@ DIN_CLONES static void backward_part(Job *j) {
 
 
 /* fn over rows [0, N / 2) and [N / 2, N) (or all in one part), each part with its scratch and
- * its blocks of sums (`each` doubles) and of g_W */
-static PyObject *run(Job *jobs, int64_t N, int64_t each, void (*fn)(Job *)) {
+ * its blocks of sums (`each` doubles) and, backward (jobs[0].gW set: the output), of g_W
+ * ([Ho, Hip] floats), zeroed, at jobs[0].sums and jobs[0].gW, which the caller folds and
+ * frees; 0, or -1 with a MemoryError set. */
+static int run(Job *jobs, int64_t N, int64_t each, void (*fn)(Job *)) {
     const int parts = N * jobs[0].Hi >= 65536 && omp_get_max_threads() > 1 ? 2 : 1;
     const int64_t Hip = up16(jobs[0].Hi), part = RB * (Hip + up16(jobs[0].Ho)); /* whole cache lines */
     float *y = aligned_alloc(64, (size_t)(2 * part) * sizeof(float));
-    if (!y) return PyErr_NoMemory();
+    const int backward = jobs[0].gW != NULL;
+    jobs[0].sums = calloc((size_t)(2 * each), sizeof(double));
+    if (backward) jobs[0].gW = calloc((size_t)(2 * jobs[0].Ho * Hip), sizeof(float));
+    if (!y || !jobs[0].sums || (backward && !jobs[0].gW)) {
+        free(y), free(jobs[0].sums), free(jobs[0].gW);
+        PyErr_NoMemory();
+        return -1;
+    }
     memset(y, 0, (size_t)(2 * part) * sizeof(float));
     jobs[1] = jobs[0];
     jobs[0].lo = 0, jobs[0].hi = parts == 2 ? N / 2 : N;
@@ -129,41 +138,61 @@ static PyObject *run(Job *jobs, int64_t N, int64_t each, void (*fn)(Job *)) {
     DIN_RUN(fn, jobs, parts);
     Py_END_ALLOW_THREADS
     free(y);
-    Py_RETURN_NONE;
+    return 0;
 }
 
-/* hidden_forward(s, N, Hi, mean, rstd, alpha, Wt, bias, Ho, p, out, sums): p [N, Hi] and
- * s_out [N, Ho] written; mean, rstd, alpha [Hi], Wt [Hi, Hop] and bias [Hop] (padded with 0);
- * sums double [2, 2, Hop], zeros: each part adds its column sums of s_out and s_out^2 */
+/* hidden_forward(s, N, Hi, mean, rstd, alpha, Wt, bias, Ho, p, out, stats, eps): p [N, Hi]
+ * and s_out [N, Ho] written; mean, rstd, alpha [Hi], Wt [Hi, Hop] and bias [Hop] (padded with
+ * 0); stats float [3, Ho] written with the batch statistics of s_out (batch_stats, _din.h) */
 PyObject *din_hidden_forward(PyObject *self, PyObject *args) {
-    unsigned long long ps, pm, pr, pal, pW, pb, pp, pout, psums;
+    unsigned long long ps, pm, pr, pal, pW, pb, pp, pout, pstats;
     long long N, Hi, Ho;
-    if (!PyArg_ParseTuple(args, "KLLKKKKKLKKK", &ps, &N, &Hi, &pm, &pr, &pal, &pW, &pb, &Ho, &pp, &pout, &psums))
+    float eps;
+    if (!PyArg_ParseTuple(args, "KLLKKKKKLKKKf", &ps, &N, &Hi, &pm, &pr, &pal, &pW, &pb, &Ho, &pp, &pout, &pstats,
+                          &eps))
         return NULL;
     Job jobs[2] = {{.s = (const float *)ps, .m = (const float *)pm, .r = (const float *)pr, .al = (const float *)pal,
                     .W = (const float *)pW, .bias = (const float *)pb, .p = (float *)pp, .out = (float *)pout,
-                    .sums = (double *)psums, .Hi = Hi, .Ho = Ho}};
-    return run(jobs, N, 2 * up16(Ho), forward_part);
+                    .Hi = Hi, .Ho = Ho}};
+    const int64_t Hop = up16(Ho);
+    if (run(jobs, N, 2 * Hop, forward_part)) return NULL;
+    batch_stats(jobs[0].sums, 2 * Hop, Hop, Ho, N, eps, (float *)pstats);
+    free(jobs[0].sums);
+    Py_RETURN_NONE;
 }
 
-/* hidden_backward(g, s, p, N, Hi, mean, rstd, alpha, W, Ho, gy, gW, sums, hs, hp, hm, hr, hal,
- * hv, hmg, local): gy [N, Hi] written (with local, Dice's local part of g_s instead: see
- * dice_finish in models/_din.h); W [Ho, Hip] (padded with 0); gW [2, Ho, Hip] and sums double
- * [2, 3 Hip + Hop], zeros: each part adds its g_W and its sums of g_alpha, g_z and g_z z [Hip]
- * and of g_out [Hop].  g is g_out [N, Ho]; or, with hs (else 0: all seven), the gradient [N]
+/* hidden_backward(g, s, p, N, Hi, mean, rstd, alpha, W, Ho, gy, gW, galpha, mg, gbias, hs, hp,
+ * hm, hr, hal, hv, hmg, local): gy [N, Hi] written (with local, Dice's local part of g_s
+ * instead: see dice_finish in models/_din.h), and gW [Ho, Hi], Dice's g_alpha [Hi], its mg
+ * [2, Hi] (mean g_z, mean g_z z: what its g_s needs) and the bias's gradient [Ho]; W [Ho, Hip]
+ * (padded with 0).  g is g_out [N, Ho]; or, with hs (else 0: all seven), the gradient [N]
  * of a head Linear(Ho, 1) (weights hv [Ho]) after a Dice with batch statistics on s_out =
  * hs: hp its p [N, Ho], hm, hr, hal its mean, rstd, alpha [Ho], hmg [2, Ho] (dice_backward's mg) */
 PyObject *din_hidden_backward(PyObject *self, PyObject *args) {
-    unsigned long long pg, ps, pp, pm, pr, pal, pW, pgy, pgW, psums, hs, hp, hm, hr, hal, hv, hmg;
+    unsigned long long pg, ps, pp, pm, pr, pal, pW, pgy, pgW, pga, pmg, pgb, hs, hp, hm, hr, hal, hv, hmg;
     long long N, Hi, Ho;
     int local;
-    if (!PyArg_ParseTuple(args, "KKKLLKKKKLKKKKKKKKKKp", &pg, &ps, &pp, &N, &Hi, &pm, &pr, &pal, &pW, &Ho, &pgy, &pgW,
-                          &psums, &hs, &hp, &hm, &hr, &hal, &hv, &hmg, &local))
+    if (!PyArg_ParseTuple(args, "KKKLLKKKKLKKKKKKKKKKKKp", &pg, &ps, &pp, &N, &Hi, &pm, &pr, &pal, &pW, &Ho, &pgy,
+                          &pgW, &pga, &pmg, &pgb, &hs, &hp, &hm, &hr, &hal, &hv, &hmg, &local))
         return NULL;
     Job jobs[2] = {{.g = (const float *)pg, .s = (const float *)ps, .p = (float *)pp, .m = (const float *)pm,
                     .r = (const float *)pr, .al = (const float *)pal, .W = (const float *)pW, .out = (float *)pgy,
-                    .gW = (float *)pgW, .sums = (double *)psums, .Hi = Hi, .Ho = Ho, .hs = (const float *)hs,
+                    .gW = (float *)pgW, .Hi = Hi, .Ho = Ho, .hs = (const float *)hs,
                     .hp = (const float *)hp, .hm = (const float *)hm, .hr = (const float *)hr,
                     .hal = (const float *)hal, .hv = (const float *)hv, .hmg = (const float *)hmg, .local = local}};
-    return run(jobs, N, 3 * up16(Hi) + up16(Ho), backward_part);
+    const int64_t Hip = up16(Hi), each = 3 * Hip + up16(Ho);
+    if (run(jobs, N, each, backward_part)) return NULL;
+    const double *a = jobs[0].sums, *b = jobs[0].sums + each; /* the parts' sums, in double */
+    float *gW = (float *)pgW, *ga = (float *)pga, *mg = (float *)pmg, *gb = (float *)pgb;
+    for (int64_t h = 0; h < Hi; h++) {
+        ga[h] = (float)(a[h] + b[h]);
+        mg[h] = (float)((a[Hip + h] + b[Hip + h]) / N);
+        mg[Hi + h] = (float)((a[2 * Hip + h] + b[2 * Hip + h]) / N);
+    }
+    for (int64_t h = 0; h < Ho; h++) gb[h] = (float)(a[3 * Hip + h] + b[3 * Hip + h]);
+    for (int64_t o = 0; o < Ho; o++) /* g_W: both parts' blocks (in float, as before) */
+        for (int64_t h = 0; h < Hi; h++) gW[o * Hi + h] = jobs[0].gW[o * Hip + h] + jobs[0].gW[(Ho + o) * Hip + h];
+    free(jobs[0].sums);
+    free(jobs[0].gW);
+    Py_RETURN_NONE;
 }

@@ -71,8 +71,6 @@ DIN_CLONES static void backward_part(Job *j) {
     float *gsb = kp + (D < Dp ? j->maxlen * Dp : 0);
     memset(qp, 0, (size_t)Dp * sizeof(float));
     if (D < Dp) memset(kp, 0, (size_t)(j->maxlen * Dp) * sizeof(float));
-    memset(j->gA, 0, (size_t)(H * Dp) * sizeof(float));
-    memset(j->gC, 0, (size_t)(H * Dp) * sizeof(float));
     for (int64_t b = j->b0; b < j->b1; b++) {
         const int64_t lo = j->off[b], hi = j->off[b + 1], L = hi - lo;
         float *gc = j->gc + b * H;
@@ -127,37 +125,47 @@ static int halves(Job *jobs, int64_t N) {
     return parts;
 }
 
-/* fn on the parts, each with `each` floats of scratch */
-static PyObject *run(Job *jobs, int parts, int64_t each, void (*fn)(Job *)) {
+/* fn on the parts, each with `each` floats of scratch; 0, or -1 with a MemoryError set */
+static int run(Job *jobs, int parts, int64_t each, void (*fn)(Job *)) {
     float *sc = malloc((size_t)(2 * each) * sizeof(float));
-    if (!sc) return PyErr_NoMemory();
+    if (!sc) {
+        PyErr_NoMemory();
+        return -1;
+    }
     jobs[0].scratch = sc, jobs[1].scratch = sc + each;
     Py_BEGIN_ALLOW_THREADS
     DIN_RUN(fn, jobs, parts);
     Py_END_ALLOW_THREADS
     free(sc);
+    return 0;
+}
+
+/* query_forward(e, B, N, D, off, At, Ct, c, H, s, stats, eps): s [N, H] written; At, Ct
+ * [D, Hp] (A and C transposed, rows padded with 0 to Hp = H rounded up to 16), c [B, H];
+ * stats (or 0): float [3, H], written with the batch statistics of s (batch_stats, _din.h) */
+PyObject *din_query_forward(PyObject *self, PyObject *args) {
+    unsigned long long pe, poff, pA, pC, pc, ps, pstats;
+    long long B, N, D, H;
+    float eps;
+    if (!PyArg_ParseTuple(args, "KLLLKKKKLKKf", &pe, &B, &N, &D, &poff, &pA, &pC, &pc, &H, &ps, &pstats, &eps))
+        return NULL;
+    const int64_t Hp = up16(H);
+    double *sums = pstats ? calloc((size_t)(4 * Hp), sizeof(double)) : NULL; /* [2 parts, 2, Hp] */
+    if (pstats && !sums) return PyErr_NoMemory();
+    Job jobs[2] = {{.e = (const float *)pe, .off = (const int64_t *)poff, .A = (const float *)pA,
+                    .C = (const float *)pC, .c = (const float *)pc, .s = (float *)ps, .sums = sums,
+                    .B = B, .D = D, .H = H}};
+    const int parts = halves(jobs, N);
+    if (sums) jobs[1].sums += 2 * Hp;
+    const int rc = run(jobs, parts, D * Hp + Hp, forward_part);
+    if (!rc && sums) batch_stats(sums, 2 * Hp, Hp, H, N, eps, (float *)pstats);
+    free(sums);
+    if (rc) return NULL;
     Py_RETURN_NONE;
 }
 
-/* query_forward(e, B, N, D, off, At, Ct, c, H, s, sums): s [N, H] written; At, Ct [D, Hp]
- * (A and C transposed, rows padded with 0 to Hp = H rounded up to 16), c [B, H]; sums
- * (or 0): double [2, 2, Hp], zeros, to which each part adds the column sums of its rows of
- * s and s^2 */
-PyObject *din_query_forward(PyObject *self, PyObject *args) {
-    unsigned long long pe, poff, pA, pC, pc, ps, psums;
-    long long B, N, D, H;
-    if (!PyArg_ParseTuple(args, "KLLLKKKKLKK", &pe, &B, &N, &D, &poff, &pA, &pC, &pc, &H, &ps, &psums)) return NULL;
-    Job jobs[2] = {{.e = (const float *)pe, .off = (const int64_t *)poff, .A = (const float *)pA,
-                    .C = (const float *)pC, .c = (const float *)pc, .s = (float *)ps, .sums = (double *)psums,
-                    .B = B, .D = D, .H = H}};
-    const int parts = halves(jobs, N);
-    if (psums) jobs[1].sums += 2 * up16(H);
-    return run(jobs, parts, D * up16(H) + up16(H), forward_part);
-}
-
 /* query_backward(gs, e, B, N, D, off, A, C, H, ge, gc, gA, gC, ds, dm, dr, dmg, pw, pgp):
- * ge [B + N, D], gc [B, H], gA and gC [2, H, Dp] (one block per part; the caller adds them)
- * written; A, C [H, Dp].  With ds (else 0) the layer is followed by Dice with batch
+ * ge [B + N, D], gc [B, H], gA and gC [H, D] written; A, C [H, Dp].  With ds (else 0) the layer is followed by Dice with batch
  * statistics: gs is then that Dice's local part of g_s (dice_finish, models/_din.h: the
  * hidden layer's backward makes it), and Dice's s [N, H], mean and rstd [H] and mg [2, H]
  * finish it.  With pw (else 0) the keys are also pooled, p_b = sum of w_n k_n (pw = w [N]):
@@ -178,10 +186,20 @@ PyObject *din_query_backward(PyObject *self, PyObject *args) {
     for (int64_t b = 0; b < B && (D < Dp || pds); b++)
         if (off[b + 1] - off[b] > jobs[0].maxlen) jobs[0].maxlen = off[b + 1] - off[b];
     const int parts = halves(jobs, N);
-    jobs[1].gA += H * Dp, jobs[1].gC += H * Dp;
-    if (parts < 2) { /* the caller adds both blocks: zero the second */
-        memset(jobs[1].gA, 0, (size_t)(H * Dp) * sizeof(float));
-        memset(jobs[1].gC, 0, (size_t)(H * Dp) * sizeof(float));
+    float *blocks = calloc((size_t)(4 * H * Dp), sizeof(float)); /* g_A, g_C of each part: added below */
+    if (!blocks) return PyErr_NoMemory();
+    jobs[0].gA = blocks, jobs[0].gC = blocks + H * Dp, jobs[1].gA = blocks + 2 * H * Dp, jobs[1].gC = blocks + 3 * H * Dp;
+    if (run(jobs, parts, 2 * H * Dp + 2 * Dp + jobs[0].maxlen * (Dp + H), backward_part)) {
+        free(blocks);
+        return NULL;
     }
-    return run(jobs, parts, 2 * H * Dp + 2 * Dp + jobs[0].maxlen * (Dp + H), backward_part);
+    float *gA = (float *)pgA, *gC = (float *)pgC;
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t d = 0; d < D; d++) {
+            const int64_t i = h * Dp + d;
+            gA[h * D + d] = blocks[i] + blocks[2 * H * Dp + i];
+            gC[h * D + d] = blocks[H * Dp + i] + blocks[3 * H * Dp + i];
+        }
+    free(blocks);
+    Py_RETURN_NONE;
 }

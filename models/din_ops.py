@@ -99,15 +99,16 @@ def _padded(m: torch.Tensor, cols: int) -> torch.Tensor:
     return torch.nn.functional.pad(m.detach(), (0, cols - m.shape[1])).contiguous()
 
 
-def _query_forward(e, offsets, A, C, Wq, bias, sums=None):
-    """s [N, H] of the first layer (see :class:`_QueryLayerFn`); with sums (double [2, 2, Hp],
-    zeros), the column sums of s and s^2 are added to it."""
+def _query_forward(e, offsets, A, C, Wq, bias, stats=None, eps=0.0):
+    """s [N, H] of the first layer (see :class:`_QueryLayerFn`); with stats ([3, H]), the
+    kernel also writes the batch statistics of s there: mean, biased var and 1 / sqrt(var +
+    eps), summed in double as it writes the rows."""
     (H, D), B = A.shape, offsets.numel() - 1
     c = torch.addmm(bias.detach(), e[:B], Wq.detach().T)
     At, Ct = _padded(A.T, _up16(H)), _padded(C.T, _up16(H))
     s = e.new_empty(e.shape[0] - B, H)
     _native.query_forward(e.data_ptr(), B, s.shape[0], D, offsets.data_ptr(), At.data_ptr(), Ct.data_ptr(), c.data_ptr(),
-                          H, s.data_ptr(), 0 if sums is None else sums.data_ptr())
+                          H, s.data_ptr(), 0 if stats is None else stats.data_ptr(), eps)
     return s
 
 
@@ -118,7 +119,7 @@ def _query_backward(gs, gq, e, offsets, A, C, Wq, dice=(), pool=()):
     g_p [B, De]: the keys also pooled, p_b = sum of w_n k_n), g_e's key rows include w_n g_p_b."""
     (H, D), B = A.shape, offsets.numel() - 1
     Ap, Cp = _padded(A, _up16(D)), _padded(C, _up16(D))
-    ge, gc, gA, gC = torch.empty_like(e), e.new_empty(B, H), e.new_empty(2, H, _up16(D)), e.new_empty(2, H, _up16(D))
+    ge, gc, gA, gC = torch.empty_like(e), e.new_empty(B, H), e.new_empty(H, D), e.new_empty(H, D)
     _native.query_backward(gs.data_ptr(), e.data_ptr(), B, e.shape[0] - B, D, offsets.data_ptr(), Ap.data_ptr(),
                            Cp.data_ptr(), H, ge.data_ptr(), gc.data_ptr(), gA.data_ptr(), gC.data_ptr(),
                            *([t.data_ptr() for t in dice] if dice else [0] * 4),
@@ -126,7 +127,7 @@ def _query_backward(gs, gq, e, offsets, A, C, Wq, dice=(), pool=()):
     ge[:B].addmm_(gc, Wq.detach())  # through c
     if gq is not None:
         ge[:B] += gq
-    return ge, gA.sum(0)[:, :D], gC.sum(0)[:, :D], gc.T @ e[:B], gc.sum(0)
+    return ge, gA, gC, gc.T @ e[:B], gc.sum(0)
 
 
 class _QueryLayerFn(torch.autograd.Function):
@@ -149,14 +150,6 @@ class _QueryLayerFn(torch.autograd.Function):
     def backward(ctx, gs, gq):
         ge, gA, gC, gWq, gb = _query_backward(gs.contiguous(), gq, *ctx.saved_tensors)
         return ge, None, gA, gC, gWq, gb
-
-
-def _batch_stats(sums: torch.Tensor, N: int, H: int, eps: float):
-    """(mean, biased var, rstd) [H] from a kernel's column sums of s and s^2 (double [parts,
-    2, Hp]), as Dice's kernel makes them: in double, then float."""
-    total, sq = sums.sum(0)[:, :H] / N
-    mean, var = total.float(), (sq - total * total).clamp_(min=0).float()
-    return mean, var, (var + eps).rsqrt()
 
 
 class _AttentionFn(torch.autograd.Function):
@@ -190,19 +183,20 @@ class _AttentionFn(torch.autograd.Function):
         H = W1.shape[0]
         Wa, Wb, Wc, Wd = W1.detach().split(e.shape[1], 1)  # on [q, k, q - k, q k]
         A, C, Wq = Wb - Wc, Wd, Wa + Wc
-        sums = torch.zeros(2, 2, _up16(H), dtype=torch.float64)
-        s = [_query_forward(e, offsets, A, C, Wq, bias, sums)]
-        stats, ps = [_batch_stats(sums, N, H, eps[0])], []
+        st = e.new_empty(3, H)  # each Dice's batch mean, biased var, rstd: made in the kernels
+        s = [_query_forward(e, offsets, A, C, Wq, bias, st, eps[0])]
+        stats, ps = [st.unbind(0)], []
         alphas = [a.detach().contiguous() for a in alphas]
         for W, b, a, (mean, _, rstd) in zip(hidden[::2], hidden[1::2], alphas, stats):
             Hi, Ho = W.shape[1], W.shape[0]
-            p, out, sums = e.new_empty(N, Hi), e.new_empty(N, Ho), torch.zeros(2, 2, _up16(Ho), dtype=torch.float64)
+            p, out, st = e.new_empty(N, Hi), e.new_empty(N, Ho), e.new_empty(3, Ho)
             Wt, bp = _padded(W.T, _up16(Ho)), _padded(b.reshape(1, Ho), _up16(Ho))
             _native.hidden_forward(s[-1].data_ptr(), N, Hi, mean.data_ptr(), rstd.data_ptr(), a.data_ptr(),
-                                   Wt.data_ptr(), bp.data_ptr(), Ho, p.data_ptr(), out.data_ptr(), sums.data_ptr())
+                                   Wt.data_ptr(), bp.data_ptr(), Ho, p.data_ptr(), out.data_ptr(), st.data_ptr(),
+                                   eps[len(stats)])
             s.append(out)
             ps.append(p)
-            stats.append(_batch_stats(sums, N, Ho, eps[len(stats)]))
+            stats.append(st.unbind(0))
         (mean, _, rstd), Hl = stats[-1], s[-1].shape[1]
         scores, p = e.new_empty(N), e.new_empty(N, Hl)
         vd = v.detach().reshape(Hl).contiguous()
@@ -244,17 +238,14 @@ class _AttentionFn(torch.autograd.Function):
         for i in reversed(range(len(Ws))):  # hidden layer i: Dice i on s[i], then Linear Ws[i]
             W, (mean, _, rstd) = Ws[i], stats[i]
             Ho, Hi = W.shape
-            Hip = _up16(Hi)
-            gy, gW = e.new_empty(N, Hi), e.new_zeros(2, Ho, Hip)
-            sums, Wp = torch.zeros(2, 3 * Hip + _up16(Ho), dtype=torch.float64), _padded(W, Hip)
+            gy, gW, ga, mg, gb = e.new_empty(N, Hi), e.new_empty(Ho, Hi), e.new_empty(Hi), e.new_empty(2, Hi), e.new_empty(Ho)
+            Wp = _padded(W, _up16(Hi))
             _native.hidden_backward(g.data_ptr(), s[i].data_ptr(), ps[i].data_ptr(), N, Hi, mean.data_ptr(),
                                     rstd.data_ptr(), alphas[i].data_ptr(), Wp.data_ptr(), Ho, gy.data_ptr(),
-                                    gW.data_ptr(), sums.data_ptr(), *([t.data_ptr() for t in head] or [0] * 7), i == 0)
-            head, sums = [], sums.sum(0)
-            g_hidden = [gW.sum(0)[:, :Hi], sums[3 * Hip : 3 * Hip + Ho].float()] + g_hidden
-            sums = sums[: 3 * Hip].view(3, Hip)[:, :Hi]
-            g_alphas.insert(0, sums[0].float())
-            mg = (sums[1:] / N).float()  # (mean g_z, mean g_z z): what Dice's g_s needs
+                                    gW.data_ptr(), ga.data_ptr(), mg.data_ptr(), gb.data_ptr(),
+                                    *([t.data_ptr() for t in head] or [0] * 7), i == 0)
+            head, g_hidden = [], [gW, gb] + g_hidden
+            g_alphas.insert(0, ga)  # (mg: mean g_z, mean g_z z, what Dice's g_s needs)
             if i == 0:  # made per sample in the first layer's backward
                 g, dice = gy, (s[0], mean, rstd, mg)  # (gy: Dice's local part of g_s, i == 0)
             else:
