@@ -216,7 +216,7 @@ static int scratch(Scratch *sc, int64_t H) {
 }
 
 static void tile_columns(float *out, const float *v, int64_t H, int64_t W) {
-    for (int64_t i = 0; i < W; i++) out[i] = v[i % H];
+    for (int64_t i = 0; i < W; i += H) memcpy(out + i, v, (size_t)H * sizeof(float)); /* (W = k H) */
 }
 
 /* the tiles' sums of column d, both parts (block `which` of each part's sums) */
