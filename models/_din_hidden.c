@@ -101,11 +101,13 @@ DIN_CLONES static void backward_part(Job *j) {
             for (int64_t h = 0; h < Ho; h++) gbias[h] += g[n * Ho + h];
         product(g, Ho, 1, R, Ho, j->W, Hip, NULL, 0, j->out + r0 * Hi, Hi, Hi); /* g_y = g_out W */
         product(g, 1, Ho, Ho, R, j->y, Hip, j->gW, Hip, j->gW, Hip, Hip);     /* g_W += g_out^T y */
-        for (int64_t n = 0; n < R; n++)
-            if (j->local)
-                dice_sums(j->s + (r0 + n) * Hi, j->p + (r0 + n) * Hi, j->out + (r0 + n) * Hi, m, r, al, ga, gz, gzz, Hi, 1);
+        for (int64_t n = 0; n < R; n++) {
+            const float *s = j->s + (r0 + n) * Hi, *p = j->p + (r0 + n) * Hi;
+            if (j->local) /* (two calls: a flag tested in the loop kept it from vectorising) */
+                dice_sums(s, p, j->out + (r0 + n) * Hi, m, r, al, ga, gz, gzz, Hi, 1);
             else
-                dice_sums(j->s + (r0 + n) * Hi, j->p + (r0 + n) * Hi, j->out + (r0 + n) * Hi, m, r, al, ga, gz, gzz, Hi, 0);
+                dice_sums(s, p, j->out + (r0 + n) * Hi, m, r, al, ga, gz, gzz, Hi, 0);
+        }
     }
 }
 

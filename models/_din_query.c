@@ -86,7 +86,8 @@ DIN_CLONES static void backward_part(Job *j) {
             memcpy(qp, j->e + b * D, (size_t)D * sizeof(float));
             for (int64_t i = 0; i < H * Dp; i += Dp) /* M_b^T, [H, Dp] (no i % Dp: an idiv a vector) */
                 for (int64_t d = 0; d < Dp; d += 16)
-                    *(v16u *)(Mt + i + d) = *(const v16u *)(j->A + i + d) + *(const v16u *)(qp + d) * *(const v16u *)(j->C + i + d);
+                    *(v16u *)(Mt + i + d) =
+                        *(const v16u *)(j->A + i + d) + *(const v16u *)(qp + d) * *(const v16u *)(j->C + i + d);
             product(gs, H, 1, L, H, Mt, Dp, NULL, 0, j->ge + (j->B + lo) * D, D, D); /* g_k = g_s M_b */
             for (int64_t n = 0; j->pw && n < L; n++) { /* + the pooling's w_n g_p_b, the rows in cache */
                 float *restrict gk = j->ge + (j->B + lo + n) * D;
@@ -165,11 +166,11 @@ PyObject *din_query_forward(PyObject *self, PyObject *args) {
 }
 
 /* query_backward(gs, e, B, N, D, off, A, C, H, ge, gc, gA, gC, ds, dm, dr, dmg, pw, pgp):
- * ge [B + N, D], gc [B, H], gA and gC [H, D] written; A, C [H, Dp].  With ds (else 0) the layer is followed by Dice with batch
- * statistics: gs is then that Dice's local part of g_s (dice_finish, models/_din.h: the
- * hidden layer's backward makes it), and Dice's s [N, H], mean and rstd [H] and mg [2, H]
- * finish it.  With pw (else 0) the keys are also pooled, p_b = sum of w_n k_n (pw = w [N]):
- * g_k then includes w_n g_p_b (pgp = g_p [B, D]) */
+ * ge [B + N, D], gc [B, H], gA and gC [H, D] written; A, C [H, Dp].  With ds (else 0) the
+ * layer is followed by Dice with batch statistics: gs is then that Dice's local part of g_s
+ * (dice_finish, models/_din.h: the hidden layer's backward makes it), and Dice's s [N, H],
+ * mean and rstd [H] and mg [2, H] finish it.  With pw (else 0) the keys are also pooled,
+ * p_b = sum of w_n k_n (pw = w [N]): g_k then includes w_n g_p_b (pgp = g_p [B, D]) */
 PyObject *din_query_backward(PyObject *self, PyObject *args) {
     unsigned long long pgs, pe, poff, pA, pC, pge, pgc, pgA, pgC, pds, pdm, pdr, pdmg, ppw, ppgp;
     long long B, N, D, H;
@@ -188,7 +189,8 @@ PyObject *din_query_backward(PyObject *self, PyObject *args) {
     const int parts = halves(jobs, N);
     float *blocks = calloc((size_t)(4 * H * Dp), sizeof(float)); /* g_A, g_C of each part: added below */
     if (!blocks) return PyErr_NoMemory();
-    jobs[0].gA = blocks, jobs[0].gC = blocks + H * Dp, jobs[1].gA = blocks + 2 * H * Dp, jobs[1].gC = blocks + 3 * H * Dp;
+    jobs[0].gA = blocks, jobs[0].gC = blocks + H * Dp;
+    jobs[1].gA = blocks + 2 * H * Dp, jobs[1].gC = blocks + 3 * H * Dp;
     if (run(jobs, parts, 2 * H * Dp + 2 * Dp + jobs[0].maxlen * (Dp + H), backward_part)) {
         free(blocks);
         return NULL;

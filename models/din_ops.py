@@ -238,7 +238,8 @@ class _AttentionFn(torch.autograd.Function):
         for i in reversed(range(len(Ws))):  # hidden layer i: Dice i on s[i], then Linear Ws[i]
             W, (mean, _, rstd) = Ws[i], stats[i]
             Ho, Hi = W.shape
-            gy, gW, ga, mg, gb = e.new_empty(N, Hi), e.new_empty(Ho, Hi), e.new_empty(Hi), e.new_empty(2, Hi), e.new_empty(Ho)
+            gy, gW, ga, mg, gb = (e.new_empty(N, Hi), e.new_empty(Ho, Hi), e.new_empty(Hi), e.new_empty(2, Hi),
+                                  e.new_empty(Ho))
             Wp = _padded(W, _up16(Hi))
             _native.hidden_backward(g.data_ptr(), s[i].data_ptr(), ps[i].data_ptr(), N, Hi, mean.data_ptr(),
                                     rstd.data_ptr(), alphas[i].data_ptr(), Wp.data_ptr(), Ho, gy.data_ptr(),
