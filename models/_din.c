@@ -253,12 +253,8 @@ static PyObject *forward(PyObject *self, PyObject *args) {
     int parts = split(jobs, N, 0, NULL);
     if (stats) {
         DIN_RUN(fwd_stats, jobs, parts);
-        for (int64_t d = 0; d < H; d++) {
-            const double m = fold(&sc, d, H, 0) / N, v = fold(&sc, d, H, 1) / N - m * m;
-            mean[d] = (float)m;
-            var[d] = (float)(v > 0 ? v : 0);
-            rstd[d] = 1.0f / sqrtf(var[d] + eps);
-        }
+        for (int64_t d = 0; d < H; d++)
+            column_stats(fold(&sc, d, H, 0), fold(&sc, d, H, 1), N, eps, mean + d, var + d, rstd + d);
     }
     tile_columns(sc.tiles, mean, H, W);
     tile_columns(sc.tiles + W, rstd, H, W);

@@ -107,7 +107,7 @@ ALWAYS void tile(const int R, const int CG, const float *a, int64_t ars, int64_t
  * columns are left, one tile of 80 by 4 (DIN's 80-wide layers: 64 + 16 ran the last 16 at
  * 8 multiply-adds to 9 loads; 97 against 85 GFLOP/s for the first layer's product, 127
  * against 101 for the hidden layer's g_y, one core).  Compiled
- * once a file and vector width, not inlined: its 24 tiles inlined at each call took gcc
+ * once a file and vector width, not inlined: its tiles (24 then) inlined at each call took gcc
  * 2.5 min (no step time measurably lost) */
 DIN_CLONES __attribute__((unused)) static void
 product(const float *a, int64_t ars, int64_t ats, int64_t rows, int64_t K, const float *Bm, int64_t ldb,
@@ -151,17 +151,22 @@ ALWAYS void dice_finish(const float *restrict s, const float *restrict loc, cons
     for (int64_t i = 0; i < len; i++) out[i] = loc[i] - r[i] * (mg[i] + (s[i] - m[i]) * r[i] * mg2[i]);
 }
 
-/* Dice's batch statistics [3, H] (mean, biased var, rstd = 1 / sqrt(var + eps)) over N rows
- * from two parts' column sums of s and s^2 (double [2, Hp] each, `part` apart): summed and
- * divided in double, then float (a NaN stays NaN) */
+/* Dice's batch statistics of a column from its sum and sum of squares over N rows: mean,
+ * biased var and rstd = 1 / sqrt(var + eps), in double, then float (a NaN stays NaN) */
+static inline void column_stats(double sum, double sq, int64_t N, float eps, float *mean, float *var, float *rstd) {
+    const double t = sum / N, v = sq / N - t * t;
+    *mean = (float)t;
+    *var = (float)(v < 0 ? 0 : v);
+    *rstd = 1.0f / sqrtf(*var + eps);
+}
+
+/* Dice's batch statistics [3, H] (mean, biased var, rstd) over N rows from two parts' column
+ * sums of s and s^2 (double [2, Hp] each, `part` apart) */
 static inline void batch_stats(const double *sums, int64_t part, int64_t Hp, int64_t H, int64_t N, float eps,
                                float *stats) {
-    for (int64_t h = 0; h < H; h++) {
-        const double t = (sums[h] + sums[part + h]) / N, v = (sums[Hp + h] + sums[part + Hp + h]) / N - t * t;
-        stats[h] = (float)t;
-        stats[H + h] = (float)(v < 0 ? 0 : v);
-        stats[2 * H + h] = 1.0f / sqrtf(stats[H + h] + eps);
-    }
+    for (int64_t h = 0; h < H; h++)
+        column_stats(sums[h] + sums[part + h], sums[Hp + h] + sums[part + Hp + h], N, eps, stats + h, stats + H + h,
+                     stats + 2 * H + h);
 }
 
 PyObject *din_query_forward(PyObject *self, PyObject *args);

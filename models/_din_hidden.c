@@ -32,7 +32,7 @@ typedef struct {
     float *out;                  /* forward: s_out [N, Ho]; backward: g_y [N, Hi] */
     double *sums;                /* forward: [2, Hop] of s_out; backward: [3 Hip + Hop] (g_alpha, g_z,
                                     g_z z; g_out's column sums) */
-    float *gW;                   /* backward: this part's [Ho, Hip], zeroed by the caller */
+    float *gW;                   /* backward: this part's [Ho, Hip] block (run's, zeroed) */
     float *y, *gb;               /* scratch [RB, Hip], columns from Hi zero; [RB, Ho] (g_out's rows) */
     const float *hs, *hp, *hm, *hr, *hal, *hv, *hmg; /* backward, or NULL: the next Dice's s, p [N, Ho], mean,
                                                         rstd, alpha, the head's v [Ho], mg [2, Ho] */
@@ -113,17 +113,15 @@ DIN_CLONES static void backward_part(Job *j) {
 
 
 /* fn over rows [0, N / 2) and [N / 2, N) (or all in one part), each part with its scratch and
- * its blocks of sums (`each` doubles) and, backward (jobs[0].gW set: the output), of g_W
- * ([Ho, Hip] floats), zeroed, at jobs[0].sums and jobs[0].gW, which the caller folds and
- * frees; 0, or -1 with a MemoryError set. */
-static int run(Job *jobs, int64_t N, int64_t each, void (*fn)(Job *)) {
+ * its blocks, zeroed, of sums (`each` doubles, at jobs[0].sums) and of g_W (`gw` floats, at
+ * jobs[0].gW; 0: none), which the caller folds and frees; 0, or -1 with a MemoryError set. */
+static int run(Job *jobs, int64_t N, int64_t each, int64_t gw, void (*fn)(Job *)) {
     const int parts = N * jobs[0].Hi >= 65536 && omp_get_max_threads() > 1 ? 2 : 1;
     const int64_t Hip = up16(jobs[0].Hi), part = RB * (Hip + up16(jobs[0].Ho)); /* whole cache lines */
     float *y = aligned_alloc(64, (size_t)(2 * part) * sizeof(float));
-    const int backward = jobs[0].gW != NULL;
     jobs[0].sums = calloc((size_t)(2 * each), sizeof(double));
-    if (backward) jobs[0].gW = calloc((size_t)(2 * jobs[0].Ho * Hip), sizeof(float));
-    if (!y || !jobs[0].sums || (backward && !jobs[0].gW)) {
+    jobs[0].gW = gw ? calloc((size_t)(2 * gw), sizeof(float)) : NULL;
+    if (!y || !jobs[0].sums || (gw && !jobs[0].gW)) {
         free(y), free(jobs[0].sums), free(jobs[0].gW);
         PyErr_NoMemory();
         return -1;
@@ -135,7 +133,7 @@ static int run(Job *jobs, int64_t N, int64_t each, void (*fn)(Job *)) {
     jobs[0].y = y, jobs[1].y = y + part;
     jobs[0].gb = y + RB * Hip, jobs[1].gb = jobs[1].y + RB * Hip;
     jobs[1].sums += each;
-    if (jobs[0].gW) jobs[1].gW += jobs[0].Ho * Hip;
+    if (gw) jobs[1].gW += gw;
     Py_BEGIN_ALLOW_THREADS
     DIN_RUN(fn, jobs, parts);
     Py_END_ALLOW_THREADS
@@ -157,7 +155,7 @@ PyObject *din_hidden_forward(PyObject *self, PyObject *args) {
                     .W = (const float *)pW, .bias = (const float *)pb, .p = (float *)pp, .out = (float *)pout,
                     .Hi = Hi, .Ho = Ho}};
     const int64_t Hop = up16(Ho);
-    if (run(jobs, N, 2 * Hop, forward_part)) return NULL;
+    if (run(jobs, N, 2 * Hop, 0, forward_part)) return NULL;
     batch_stats(jobs[0].sums, 2 * Hop, Hop, Ho, N, eps, (float *)pstats);
     free(jobs[0].sums);
     Py_RETURN_NONE;
@@ -179,11 +177,11 @@ PyObject *din_hidden_backward(PyObject *self, PyObject *args) {
         return NULL;
     Job jobs[2] = {{.g = (const float *)pg, .s = (const float *)ps, .p = (float *)pp, .m = (const float *)pm,
                     .r = (const float *)pr, .al = (const float *)pal, .W = (const float *)pW, .out = (float *)pgy,
-                    .gW = (float *)pgW, .Hi = Hi, .Ho = Ho, .hs = (const float *)hs,
+                    .Hi = Hi, .Ho = Ho, .hs = (const float *)hs,
                     .hp = (const float *)hp, .hm = (const float *)hm, .hr = (const float *)hr,
                     .hal = (const float *)hal, .hv = (const float *)hv, .hmg = (const float *)hmg, .local = local}};
     const int64_t Hip = up16(Hi), each = 3 * Hip + up16(Ho);
-    if (run(jobs, N, each, backward_part)) return NULL;
+    if (run(jobs, N, each, Ho * Hip, backward_part)) return NULL;
     const double *a = jobs[0].sums, *b = jobs[0].sums + each; /* the parts' sums, in double */
     float *gW = (float *)pgW, *ga = (float *)pga, *mg = (float *)pmg, *gb = (float *)pgb;
     for (int64_t h = 0; h < Hi; h++) {
