@@ -11,7 +11,7 @@ setup(ext_modules=[
               extra_link_args=["-fopenmp"]),  # torch's OpenMP runtime: see run_threads
     Extension("rectables._masks", ["rectables/_masks.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"]),
-    Extension("models._din", ["models/_din.c", "models/_din_query.c", "models/_din_hidden.c"], depends=["models/_din.h"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
+    Extension("models._din", ["models/_din.c", "models/_din_query.c", "models/_din_hidden.c", "models/_din_weights.c"], depends=["models/_din.h"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"]),
     Extension("models._graph", ["models/_graph.c"], optional=True, extra_compile_args=["-O3", "-fopenmp"],
               extra_link_args=["-fopenmp"]),

@@ -339,6 +339,9 @@ static PyMethodDef methods[] = {
     {"query_backward", din_query_backward, METH_VARARGS, "The gradient of query_forward."},
     {"hidden_forward", din_hidden_forward, METH_VARARGS, "Dice, then a linear layer, over [N, Hi] rows."},
     {"hidden_backward", din_hidden_backward, METH_VARARGS, "The gradient of hidden_forward."},
+    {"query_prep", din_query_prep, METH_VARARGS, "The first attention layer's weight blocks and query part."},
+    {"query_finish", din_query_finish, METH_VARARGS, "The first attention layer's weight and query gradients."},
+    {"pad_matrix", din_pad_matrix, METH_VARARGS, "A matrix (or its transpose) in zero-padded rows."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -173,4 +173,7 @@ PyObject *din_query_forward(PyObject *self, PyObject *args);
 PyObject *din_query_backward(PyObject *self, PyObject *args);
 PyObject *din_hidden_forward(PyObject *self, PyObject *args);
 PyObject *din_hidden_backward(PyObject *self, PyObject *args);
+PyObject *din_query_prep(PyObject *self, PyObject *args);
+PyObject *din_query_finish(PyObject *self, PyObject *args);
+PyObject *din_pad_matrix(PyObject *self, PyObject *args);
 #endif

@@ -152,17 +152,36 @@ class _QueryLayerFn(torch.autograd.Function):
         return ge, None, gA, gC, gWq, gb
 
 
+class _Arena:
+    """Float buffers carved from one tensor, 64-byte aligned: `take` them all first (offsets),
+    then `alloc` once, then `ptr` gives each one's address for the kernels."""
+
+    def __init__(self):
+        self.total = 0
+
+    def take(self, n: int) -> int:
+        at, self.total = self.total, self.total + _up16(n)
+        return at
+
+    def alloc(self, like: torch.Tensor) -> "_Arena":
+        self.tensor = like.new_empty(self.total + 16)  # (+16: room to align the base)
+        self.base = -(-self.tensor.data_ptr() // 64) * 64
+        return self
+
+    def ptr(self, at: int) -> int:
+        return self.base + 4 * at
+
+
 class _AttentionFn(torch.autograd.Function):
     """DIN's attention MLP in training with Dice on every hidden layer, as one op:
     forward(eps, pool, e, offsets, W [H, 4 De], bias, head v [1, H], c [1], *alphas, *hidden)
     -> (scores [N], or with pool the keys pooled by them, p_b = sum of w_n k_n [B, De] (as
     :class:`_PoolFn`, whose key gradients then join the first layer's in its kernel: no
     second [B + N, De] gradient to add); q = e[:B]; then each Dice's batch mean and biased
-    var [H] (no grad)), where
-    the first layer (W, bias) is computed as :class:`_QueryLayerFn`'s (A, C and Wq formed
-    from W's blocks here: no autograd ops for them), ``alphas`` and ``eps`` (a tuple) are the
-    k + 1 Dice layers', ``hidden`` the weights and biases of the k Linear layers between
-    them (W, b, W, b ...).
+    var [H] (no grad)), where the first layer (W, bias) is computed as
+    :class:`_QueryLayerFn`'s (A, C and Wq formed from W's blocks in C: no autograd ops for
+    them), ``alphas`` and ``eps`` (a tuple) are the k + 1 Dice layers', ``hidden`` the
+    weights and biases of the k Linear layers between them (W, b, W, b ...).
     - first layer: its kernel also sums the first Dice's statistics as it writes s;
     - each hidden layer (models/_din_hidden.c): that Dice, then the Linear, a block of rows
       at a time (Dice's output never written), summing the next Dice's statistics;
@@ -171,92 +190,109 @@ class _AttentionFn(torch.autograd.Function):
     statistics, the local part made in the first hidden layer's backward (where its p and
     output gradient are read anyway) and finished per sample in the first layer's from s
     alone; the last Dice's a block of rows at a time in the last hidden layer's (any Dice
-    between by its own kernel).  Default (80-40): 3 passes over
-    [N, 80] or [N, 40] forward where the separate ops made 7, and no GEMM in torch's."""
+    between by its own kernel).  Default (80-40): 3 passes over [N, 80] or [N, 40] forward
+    where the separate ops made 7, and no GEMM in torch's.  The buffers between the kernels
+    are carved from one tensor each way (:class:`_Arena`) and the weight blocks made in
+    models/_din_weights.c: a dozen torch calls each way where a call per buffer and block
+    made ~70 (DIN's step 24.26 -> 23.72, 24.85 -> 24.43 and 24.56 -> 24.40 ms, interleaved
+    A/B of 600, 600 and 300 steps)."""
 
     @staticmethod
     def forward(ctx, eps, pool, e, offsets, W1, bias, v, c, *rest):
         k = (len(rest) - 1) // 3
-        alphas, hidden = rest[: k + 1], rest[k + 1 :]
+        alphas, hidden = [a.detach().contiguous() for a in rest[: k + 1]], [t.detach().contiguous() for t in rest[k + 1 :]]
         B, e = offsets.numel() - 1, e.contiguous()
-        N = e.shape[0] - B
-        H = W1.shape[0]
-        Wa, Wb, Wc, Wd = W1.detach().split(e.shape[1], 1)  # on [q, k, q - k, q k]
-        A, C, Wq = Wb - Wc, Wd, Wa + Wc
-        st = e.new_empty(3, H)  # each Dice's batch mean, biased var, rstd: made in the kernels
-        s = [_query_forward(e, offsets, A, C, Wq, bias, st, eps[0])]
-        stats, ps = [st.unbind(0)], []
-        alphas = [a.detach().contiguous() for a in alphas]
-        for W, b, a, (mean, _, rstd) in zip(hidden[::2], hidden[1::2], alphas, stats):
-            Hi, Ho = W.shape[1], W.shape[0]
-            p, out, st = e.new_empty(N, Hi), e.new_empty(N, Ho), e.new_empty(3, Ho)
-            Wt, bp = _padded(W.T, _up16(Ho)), _padded(b.reshape(1, Ho), _up16(Ho))
-            _native.hidden_forward(s[-1].data_ptr(), N, Hi, mean.data_ptr(), rstd.data_ptr(), a.data_ptr(),
-                                   Wt.data_ptr(), bp.data_ptr(), Ho, p.data_ptr(), out.data_ptr(), st.data_ptr(),
-                                   eps[len(stats)])
-            s.append(out)
-            ps.append(p)
-            stats.append(st.unbind(0))
-        (mean, _, rstd), Hl = stats[-1], s[-1].shape[1]
-        scores, p = e.new_empty(N), e.new_empty(N, Hl)
-        vd = v.detach().reshape(Hl).contiguous()
-        _native.dice_forward(s[-1].data_ptr(), N, Hl, alphas[-1].data_ptr(), mean.data_ptr(), rstd.data_ptr(), 0,
-                             scores.data_ptr(), p.data_ptr(), vd.data_ptr(), c.detach().data_ptr(), eps[-1], False)
-        ps.append(p)
+        N, De = e.shape[0] - B, e.shape[1]
+        H = [W1.shape[0]] + [W.shape[0] for W in hidden[::2]]
+        W1, bias, vd, cd = (t.detach().contiguous() for t in (W1, bias, v, c))
+        ar, Dp = _Arena(), _up16(De)
+        At, Ct = ar.take(De * _up16(H[0])), ar.take(De * _up16(H[0]))  # A, C transposed: the forward's
+        Ap, Cp, Wq = ar.take(H[0] * Dp), ar.take(H[0] * Dp), ar.take(H[0] * Dp)  # padded: the backward's
+        cq = ar.take(B * H[0])
+        s = [ar.take(N * h) for h in H]
+        p = [ar.take(N * h) for h in H]
+        Wt = [ar.take(Hi * _up16(Ho)) for Hi, Ho in zip(H, H[1:])]
+        bp = [ar.take(_up16(Ho)) for Ho in H[1:]]
+        st = e.new_empty(3 * sum(H))  # each Dice's mean, biased var, rstd [3, H]: made in the kernels
+        ar.alloc(e)
+        P, sp = ar.ptr, [st.data_ptr() + 4 * 3 * sum(H[:i]) for i in range(len(H))]
+        _native.query_prep(W1.data_ptr(), bias.data_ptr(), e.data_ptr(), B, De, H[0], *map(P, (At, Ct, Ap, Cp, Wq, cq)))
+        _native.query_forward(e.data_ptr(), B, N, De, offsets.data_ptr(), P(At), P(Ct), P(cq), H[0], P(s[0]),
+                              sp[0], eps[0])
+        for i, (W, b) in enumerate(zip(hidden[::2], hidden[1::2])):
+            Hi, Ho = H[i], H[i + 1]
+            _native.pad_matrix(W.data_ptr(), Ho, Hi, True, P(Wt[i]), _up16(Ho))
+            _native.pad_matrix(b.data_ptr(), 1, Ho, False, P(bp[i]), _up16(Ho))
+            _native.hidden_forward(P(s[i]), N, Hi, sp[i], sp[i] + 8 * Hi, alphas[i].data_ptr(), P(Wt[i]), P(bp[i]), Ho,
+                                   P(p[i]), P(s[i + 1]), sp[i + 1], eps[i + 1])
+        scores = e.new_empty(N)
+        _native.dice_forward(P(s[-1]), N, H[-1], alphas[-1].data_ptr(), sp[-1], sp[-1] + 8 * H[-1], 0,
+                             scores.data_ptr(), P(p[-1]), vd.data_ptr(), cd.data_ptr(), eps[-1], False)
         if pool:
-            pooled = e.new_empty(B, e.shape[1])
-            _native.pool_forward(0, scores.data_ptr(), e.data_ptr(), B, N, e.shape[1], offsets.data_ptr(),
-                                 pooled.data_ptr(), 0)
-        ctx.pool = scores if pool else None
-        ctx.save_for_backward(e, offsets, A, C, Wq, *hidden[::2])  # (A, C, Wq: made here, no grad)
-        ctx.s, ctx.ps, ctx.stats, ctx.alphas, ctx.v, ctx.c_shape = s, ps, stats, alphas, vd, c.shape
-        out = [t for mean, var, _ in stats for t in (mean, var)]
+            pooled = e.new_empty(B, De)
+            _native.pool_forward(0, scores.data_ptr(), e.data_ptr(), B, N, De, offsets.data_ptr(), pooled.data_ptr(), 0)
+        ctx.save_for_backward(e, offsets)
+        ctx.arena, ctx.st, ctx.scores, ctx.pool = ar, st, scores, pool
+        ctx.at = (Ap, Cp, Wq, s, p, sp, H, alphas, hidden, vd, c.shape)
+        stats = st.split([h for h in H for _ in range(3)])
+        out = [t for i in range(len(H)) for t in stats[3 * i : 3 * i + 2]]
         ctx.mark_non_differentiable(*out)
         return (pooled if pool else scores, e[:B].clone(), *out)
 
     @staticmethod
     def backward(ctx, g_out, gq, *_):
-        e, offsets, A, C, Wq, *Ws = ctx.saved_tensors
-        s, ps, stats, alphas = ctx.s, ctx.ps, ctx.stats, ctx.alphas
-        N, Hl = s[-1].shape
-        B, pool = offsets.numel() - 1, ()
-        if ctx.pool is not None:  # g_scores_n = <g_p_b, k_n>; the keys' w_n g_p_b in the first layer's kernel
-            pool, g_scores = (ctx.pool, g_out.contiguous()), e.new_empty(N)
-            _native.pool_backward(pool[1].data_ptr(), pool[0].data_ptr(), e.data_ptr(), B, N, e.shape[1],
-                                  offsets.data_ptr(), 0, g_scores.data_ptr())
+        e, offsets = ctx.saved_tensors
+        Ap, Cp, Wq, s, p, sp, H, alphas, hidden, vd, c_shape = ctx.at
+        P, Ws, L = ctx.arena.ptr, hidden[::2], len(H)
+        B, De = offsets.numel() - 1, e.shape[1]
+        N, Hl = e.shape[0] - B, H[-1]
+        ga = _Arena()  # intermediates: the last Dice's mg; per hidden layer g_y, mg, W padded; g_c
+        mgl, gy, mg, Wp = ga.take(2 * Hl), [ga.take(N * h) for h in H[:-1]], [ga.take(2 * h) for h in H[:-1]], \
+            [ga.take(Ho * _up16(Hi)) for Hi, Ho in zip(H, H[1:])]
+        gfull, unused, gcq = ga.take(N * max(H)), ga.take(max(H)), ga.take(B * H[0])
+        gA, gC = ga.take(H[0] * De), ga.take(H[0] * De)
+        ga.alloc(e)
+        Q = ga.ptr
+        # the parameters' gradients, views of one tensor: W1, bias, v, c, alphas, then hidden's W, b
+        sizes = [H[0] * 4 * De, H[0], Hl, 0, *H, *(n for Hi, Ho in zip(H, H[1:]) for n in (Ho * Hi, Ho))]
+        grads = list(e.new_empty(sum(sizes)).split(sizes))
+        gW1, gb1, gv, g_alphas, g_hidden = grads[0], grads[1], grads[2], grads[4 : 4 + L], grads[4 + L :]
+        ge = torch.empty_like(e)
+        if ctx.pool:  # g_scores_n = <g_p_b, k_n>; the keys' w_n g_p_b in the first layer's kernel
+            gp, gst = g_out.contiguous(), e.new_empty(N)
+            pool = (ctx.scores.data_ptr(), gp.data_ptr())
+            _native.pool_backward(gp.data_ptr(), ctx.scores.data_ptr(), e.data_ptr(), B, N, De, offsets.data_ptr(), 0,
+                                  gst.data_ptr())
         else:
-            g_scores = g_out.contiguous()
-        g_alpha, gv, mg, (mean, _, rstd) = e.new_empty(Hl), e.new_empty(Hl), e.new_empty(2, Hl), stats[-1]
-        if Ws:  # the last Dice's first pass here; its g_s is made in the last hidden layer's backward
-            g, head = g_scores, [s[-1], ps[-1], mean, rstd, alphas[-1], ctx.v, mg]
-        else:
-            g, head = e.new_empty(N, Hl), []
-        _native.dice_backward(g_scores.data_ptr(), s[-1].data_ptr(), ps[-1].data_ptr(), N, Hl, alphas[-1].data_ptr(),
-                              mean.data_ptr(), rstd.data_ptr(), True, 0 if Ws else g.data_ptr(), g_alpha.data_ptr(),
-                              ctx.v.data_ptr(), gv.data_ptr(), mg.data_ptr() if Ws else 0)
-        g_alphas, g_hidden, dice = [g_alpha], [], ()
+            gst, pool = g_out.contiguous(), (0, 0)
+        g_scores = gst.data_ptr()
+        mean, rstd = sp[-1], sp[-1] + 8 * Hl
+        head = [P(s[-1]), P(p[-1]), mean, rstd, alphas[-1].data_ptr(), vd.data_ptr(), Q(mgl)] if Ws else [0] * 7
+        _native.dice_backward(g_scores, P(s[-1]), P(p[-1]), N, Hl, alphas[-1].data_ptr(), mean, rstd, True,
+                              0 if Ws else Q(gfull), g_alphas[-1].data_ptr(), vd.data_ptr(), gv.data_ptr(),
+                              Q(mgl) if Ws else 0)
+        g, dice = (g_scores if Ws else Q(gfull)), [0] * 4
         for i in reversed(range(len(Ws))):  # hidden layer i: Dice i on s[i], then Linear Ws[i]
-            W, (mean, _, rstd) = Ws[i], stats[i]
-            Ho, Hi = W.shape
-            gy, gW, ga, mg, gb = (e.new_empty(N, Hi), e.new_empty(Ho, Hi), e.new_empty(Hi), e.new_empty(2, Hi),
-                                  e.new_empty(Ho))
-            Wp = _padded(W, _up16(Hi))
-            _native.hidden_backward(g.data_ptr(), s[i].data_ptr(), ps[i].data_ptr(), N, Hi, mean.data_ptr(),
-                                    rstd.data_ptr(), alphas[i].data_ptr(), Wp.data_ptr(), Ho, gy.data_ptr(),
-                                    gW.data_ptr(), ga.data_ptr(), mg.data_ptr(), gb.data_ptr(),
-                                    *([t.data_ptr() for t in head] or [0] * 7), i == 0)
-            head, g_hidden = [], [gW, gb] + g_hidden
-            g_alphas.insert(0, ga)  # (mg: mean g_z, mean g_z z, what Dice's g_s needs)
-            if i == 0:  # made per sample in the first layer's backward
-                g, dice = gy, (s[0], mean, rstd, mg)  # (gy: Dice's local part of g_s, i == 0)
+            Ho, Hi = H[i + 1], H[i]
+            mean, rstd = sp[i], sp[i] + 8 * Hi
+            _native.pad_matrix(Ws[i].data_ptr(), Ho, Hi, False, Q(Wp[i]), _up16(Hi))
+            _native.hidden_backward(g, P(s[i]), P(p[i]), N, Hi, mean, rstd, alphas[i].data_ptr(), Q(Wp[i]), Ho,
+                                    Q(gy[i]), g_hidden[2 * i].data_ptr(), g_alphas[i].data_ptr(), Q(mg[i]),
+                                    g_hidden[2 * i + 1].data_ptr(), *head, i == 0)
+            head = [0] * 7  # (mg: mean g_z, mean g_z z, what Dice's g_s needs)
+            if i == 0:  # made per sample in the first layer's backward (gy: Dice's local part of g_s)
+                g, dice = Q(gy[0]), [P(s[0]), mean, rstd, Q(mg[0])]
             else:
-                g, unused = e.new_empty(N, Hi), e.new_empty(Hi)  # (g_alpha again)
-                _native.dice_backward(gy.data_ptr(), s[i].data_ptr(), ps[i].data_ptr(), N, Hi, alphas[i].data_ptr(),
-                                      mean.data_ptr(), rstd.data_ptr(), True, g.data_ptr(), unused.data_ptr(), 0, 0, 0)
-        ge, gA, gC, gWq, gb = _query_backward(g, gq, e, offsets, A, C, Wq, dice, pool)
-        gc = g_scores.sum().reshape(ctx.c_shape)
-        gW1 = torch.cat([gWq, gA, gWq - gA, gC], 1)  # W1 + W3 = Wq, W2 - W3 = A, W4 = C
-        return None, None, ge, None, gW1, gb, gv.reshape(1, Hl), gc, *g_alphas, *g_hidden
+                g = Q(gfull)
+                _native.dice_backward(Q(gy[i]), P(s[i]), P(p[i]), N, Hi, alphas[i].data_ptr(), mean, rstd, True, g,
+                                      Q(unused), 0, 0, 0)
+        _native.query_backward(g, e.data_ptr(), B, N, De, offsets.data_ptr(), P(Ap), P(Cp), H[0], ge.data_ptr(), Q(gcq),
+                               Q(gA), Q(gC), *dice, *pool)
+        _native.query_finish(Q(gcq), e.data_ptr(), B, De, H[0], P(Wq), 0 if gq is None else gq.contiguous().data_ptr(),
+                             ge.data_ptr(), Q(gA), Q(gC), gW1.data_ptr(), gb1.data_ptr())
+        shapes = [s for Hi, Ho in zip(H, H[1:]) for s in ((Ho, Hi), (Ho,))]
+        return (None, None, ge, None, gW1.view(H[0], 4 * De), gb1, gv.view(1, Hl), gst.sum().reshape(c_shape),
+                *g_alphas, *(t.view(shape) for t, shape in zip(g_hidden, shapes)))
 
 
 def _query_layer(e, offsets, A, C, Wq, bias):
