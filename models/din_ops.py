@@ -200,7 +200,8 @@ class _AttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, eps, pool, e, offsets, W1, bias, v, c, *rest):
         k = (len(rest) - 1) // 3
-        alphas, hidden = [a.detach().contiguous() for a in rest[: k + 1]], [t.detach().contiguous() for t in rest[k + 1 :]]
+        alphas = [a.detach().contiguous() for a in rest[: k + 1]]
+        hidden = [t.detach().contiguous() for t in rest[k + 1 :]]
         B, e = offsets.numel() - 1, e.contiguous()
         N, De = e.shape[0] - B, e.shape[1]
         H = [W1.shape[0]] + [W.shape[0] for W in hidden[::2]]
@@ -232,7 +233,7 @@ class _AttentionFn(torch.autograd.Function):
             pooled = e.new_empty(B, De)
             _native.pool_forward(0, scores.data_ptr(), e.data_ptr(), B, N, De, offsets.data_ptr(), pooled.data_ptr(), 0)
         ctx.save_for_backward(e, offsets)
-        ctx.arena, ctx.st, ctx.scores, ctx.pool = ar, st, scores, pool
+        ctx.arena, ctx.st, ctx.scores, ctx.pool = ar, st, scores, pool  # (kept: the backward reads them by address)
         ctx.at = (Ap, Cp, Wq, s, p, sp, H, alphas, hidden, vd, c.shape)
         stats = st.split([h for h in H for _ in range(3)])
         out = [t for i in range(len(H)) for t in stats[3 * i : 3 * i + 2]]
