@@ -289,7 +289,8 @@ class _AttentionFn(torch.autograd.Function):
                                       Q(unused), 0, 0, 0)
         _native.query_backward(g, e.data_ptr(), B, N, De, offsets.data_ptr(), P(Ap), P(Cp), H[0], ge.data_ptr(), Q(gcq),
                                Q(gA), Q(gC), *dice, *pool)
-        _native.query_finish(Q(gcq), e.data_ptr(), B, De, H[0], P(Wq), 0 if gq is None else gq.contiguous().data_ptr(),
+        gq = None if gq is None else gq.contiguous()  # (named: a temporary's memory would be freed before the read)
+        _native.query_finish(Q(gcq), e.data_ptr(), B, De, H[0], P(Wq), 0 if gq is None else gq.data_ptr(),
                              ge.data_ptr(), Q(gA), Q(gC), gW1.data_ptr(), gb1.data_ptr())
         shapes = [s for Hi, Ho in zip(H, H[1:]) for s in ((Ho, Hi), (Ho,))]
         return (None, None, ge, None, gW1.view(H[0], 4 * De), gb1, gv.view(1, Hl), gst.sum().reshape(c_shape),

@@ -216,3 +216,29 @@ def test_attention_op_that_pools_gives_the_values_and_gradients_of_pooling_after
     assert outs[0][0].shape == (len(lengths), dim) and not outs[0][0][-1].any()  # (the empty history)
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_attention_op_keeps_the_contiguous_copy_of_a_strided_query_gradient():
+    """The queries' gradient arrives strided in DIN (q is concatenated with the pooled
+    histories; the concatenation's backward hands out a view): the op makes it contiguous
+    and must hold that copy while its kernel reads it.  The copy here is 37 MB, so a copy
+    dropped at once is unmapped before the read (read that way, these gradients differed,
+    and DIN's MovieLens loss moved from run to run).  Strided and contiguous must give the
+    same gradients."""
+    from models import din_ops
+
+    g = torch.Generator().manual_seed(6)
+    B, D, H = 36_000, 256, 8  # (B D floats > glibc's 32 MiB: always mapped, unmapped when freed)
+    offsets = _offsets([3] * 50 + [0] * (B - 50))
+    e = torch.randn(B + 150, D, generator=g)
+    ws = [torch.randn(H, 4 * D, generator=g) * 0.1, torch.randn(H, generator=g), torch.randn(1, H, generator=g),
+          torch.randn(1, generator=g), torch.rand(H, generator=g) - 0.5]
+    wide = torch.randn(B, 2 * D, generator=g)
+    grads = []
+    for gq in (wide[:, :D], wide[:, :D].contiguous()):
+        ei = e.clone().requires_grad_()
+        pooled, q, *_ = din_ops._AttentionFn.apply((1e-8,), True, ei, offsets, *ws)
+        assert not gq.is_contiguous() or len(grads)
+        torch.autograd.backward([pooled, q], [torch.ones_like(pooled), gq])
+        grads.append(ei.grad)
+    assert torch.equal(grads[0], grads[1])
