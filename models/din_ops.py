@@ -193,9 +193,9 @@ class _AttentionFn(torch.autograd.Function):
     between by its own kernel).  Default (80-40): 3 passes over [N, 80] or [N, 40] forward
     where the separate ops made 7, and no GEMM in torch's.  The buffers between the kernels
     are carved from one tensor each way (:class:`_Arena`) and the weight blocks made in
-    models/_din_weights.c: a dozen torch calls each way where a call per buffer and block
-    made ~70 (DIN's step 24.26 -> 23.72, 24.85 -> 24.43 and 24.56 -> 24.40 ms, interleaved
-    A/B of 600, 600 and 300 steps)."""
+    models/_din_weights.c: 15 torch calls forward and 16 backward where a call per buffer and
+    block made 40 and 39 (outermost ops, torch's profiler; DIN's step 24.26 -> 23.72, 24.85
+    -> 24.43 and 24.56 -> 24.40 ms, interleaved A/B of 600, 600 and 300 steps)."""
 
     @staticmethod
     def forward(ctx, eps, pool, e, offsets, W1, bias, v, c, *rest):
@@ -247,17 +247,19 @@ class _AttentionFn(torch.autograd.Function):
         P, Ws, L = ctx.arena.ptr, hidden[::2], len(H)
         B, De = offsets.numel() - 1, e.shape[1]
         N, Hl = e.shape[0] - B, H[-1]
-        ga = _Arena()  # intermediates: the last Dice's mg; per hidden layer g_y, mg, W padded; g_c
+        ga = _Arena()  # intermediates: the last Dice's mg; per hidden layer g_y, mg, W padded; g_c, g_A, g_C
         mgl, gy, mg, Wp = ga.take(2 * Hl), [ga.take(N * h) for h in H[:-1]], [ga.take(2 * h) for h in H[:-1]], \
             [ga.take(Ho * _up16(Hi)) for Hi, Ho in zip(H, H[1:])]
-        gfull, unused, gcq = ga.take(N * max(H)), ga.take(max(H)), ga.take(B * H[0])
-        gA, gC = ga.take(H[0] * De), ga.take(H[0] * De)
+        gcq, gA, gC = ga.take(B * H[0]), ga.take(H[0] * De), ga.take(H[0] * De)
+        if len(Ws) != 1:  # a Dice's whole g_s [N, H] (no hidden layer: the only one's; else those between)
+            gfull, unused = ga.take(N * max(H)), ga.take(max(H))
         ga.alloc(e)
         Q = ga.ptr
-        # the parameters' gradients, views of one tensor: W1, bias, v, c, alphas, then hidden's W, b
-        sizes = [H[0] * 4 * De, H[0], Hl, 0, *H, *(n for Hi, Ho in zip(H, H[1:]) for n in (Ho * Hi, Ho))]
-        grads = list(e.new_empty(sum(sizes)).split(sizes))
-        gW1, gb1, gv, g_alphas, g_hidden = grads[0], grads[1], grads[2], grads[4 : 4 + L], grads[4 + L :]
+        # the parameters' gradients (c's: the sum of g_scores, below), views of one tensor: W1, bias, v,
+        # the alphas, then the hidden layers' W, b
+        sizes = [H[0] * 4 * De, H[0], Hl, *H, *(n for Hi, Ho in zip(H, H[1:]) for n in (Ho * Hi, Ho))]
+        gW1, gb1, gv, *grads = e.new_empty(sum(sizes)).split(sizes)
+        g_alphas, g_hidden = grads[:L], grads[L:]
         ge = torch.empty_like(e)
         if ctx.pool:  # g_scores_n = <g_p_b, k_n>; the keys' w_n g_p_b in the first layer's kernel
             gp, gst = g_out.contiguous(), e.new_empty(N)
